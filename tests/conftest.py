@@ -1,0 +1,47 @@
+"""Shared fixtures: every test runs offline, on the CPU, with runs written under tmp_path."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose(overrides=()):
+    """The config train.py would see for these command-line overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    with initialize_config_dir(config_dir=os.path.join(REPO, "config"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+# Small, fast settings shared by the training tests.
+FAST = ["wandb.enabled=false", "progress_bar=false", "do_first_eval=false", "n_eval_examples=32",
+        "eval_batch_size=16", "batch_size=8", "warmup_steps=2"]
+
+
+def train_run(tmp_path, overrides):
+    """Run train.run() in-process; returns (run_dir, list of metric records)."""
+    import json
+    import train
+    cfg = compose(list(FAST) + [f"runs_dir={tmp_path}"] + list(overrides))
+    run_dir = train.run(cfg, overrides)
+    return run_dir, read_metrics(run_dir)
+
+
+def read_metrics(run_dir):
+    import json
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(autouse=True)
+def _offline_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))

@@ -1,0 +1,515 @@
+"""The training loop: BasicTrainer (one process), FSDPTrainer (FSDP2, one process per device)
+and TensorParallelTrainer (the `tensor_parallel` package's generic wrapper).
+
+The trainer knows nothing about individual losses. It reads the loss's ``LossSpec``
+(losses.py): whether the loss trains on pairs or single targets, what it needs of the
+frozen reference (per-token log-probs or full logits) and whether it needs a teacher,
+whose logits it reduces with the spec's ``teacher_features`` right after the teacher's
+forward pass. Everything else (the loop, evaluation, sampling, checkpoints, resume,
+logging) is shared.
+
+Checkpoints. ``<run>/step-XXXXXXXX/`` is a Hugging Face directory (config.json,
+model.safetensors, tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` loads
+with no code of ours, plus ``optimizer.pt``, ``trainer_state.json`` and one RNG file per
+rank. It is written under a temporary name and renamed once complete; ``<run>/LATEST`` is
+then replaced atomically. A crash mid-save leaves LATEST pointing at the previous one.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+import losses as losses_lib
+import preference_datasets as data
+import utils
+from utils import rank0_print
+
+
+# ------------------------------------------------------------------ models
+
+def load_tokenizer(model_cfg):
+    return data.get_tokenizer(model_cfg.tokenizer)
+
+
+def build_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str] = None, seed: int = 0):
+    """Instantiate a causal LM: from `archive` (a checkpoint of ours) if given, else from
+    `name_or_path`, else randomly initialised from `init_config` (seeded, so every rank builds
+    the same weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if archive:
+        return AutoModelForCausalLM.from_pretrained(utils.resolve_checkpoint(archive), dtype=dtype)
+    if model_cfg.name_or_path:
+        return AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
+    init = OmegaConf.to_container(model_cfg.init_config, resolve=True)
+    model_type = init.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **init)
+    with utils_fork_rng(seed):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+@contextlib.contextmanager
+def utils_fork_rng(seed: int):
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+def check_same_tokenizer(student_tok, teacher_tok, probe: str = "The quick brown fox: 12+34=46.\n"):
+    """Teacher and student must share one vocabulary; a mismatch would silently misalign logits."""
+    s_ids = student_tok(probe, add_special_tokens=False).input_ids
+    t_ids = teacher_tok(probe, add_special_tokens=False).input_ids
+    if len(student_tok) != len(teacher_tok) or s_ids != t_ids:
+        raise ValueError(
+            f"teacher and student tokenizers differ (vocabulary {len(teacher_tok)} vs {len(student_tok)}; "
+            f"probe ids {t_ids[:8]}... vs {s_ids[:8]}...): set teacher.tokenizer to the student's tokenizer "
+            f"(model.tokenizer) or choose a teacher of the same family")
+
+
+# ------------------------------------------------------------------ batches
+
+def concatenated_inputs(batch: Dict, pairwise: bool) -> Dict[str, torch.Tensor]:
+    """Stack chosen and rejected into one [2B, L] batch so each model runs one forward pass."""
+    if not pairwise:
+        return {k: batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels")}
+    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    pads = {"input_ids": 0, "attention_mask": 0, "labels": losses_lib.IGNORE_INDEX}
+    return {k: torch.cat([utils.pad_to_length(batch[f"chosen_{k}"], length, p),
+                          utils.pad_to_length(batch[f"rejected_{k}"], length, p)], dim=0)
+            for k, p in pads.items()}
+
+
+def split_batch(batch: Dict, n: int) -> List[Dict]:
+    """Split a local batch into n micro-batches (gradient accumulation)."""
+    size = len(batch["prompt"])
+    step = size // n
+    return [{k: v[i * step:(i + 1) * step] for k, v in batch.items()} for i in range(n)]
+
+
+# ------------------------------------------------------------------ the basic trainer
+
+class BasicTrainer:
+    """Single process; also the base of the distributed trainers."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str, rank: int = 0, world_size: int = 1):
+        self.cfg, self.run_dir, self.rank, self.world_size = cfg, run_dir, rank, world_size
+        self.device = self.pick_device()
+        self.spec = losses_lib.get_loss(cfg.loss.name)
+        self.pairwise = self.spec.pairwise
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.teacher = self.reference = None
+        self.examples_seen, self.step = 0, 0
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.setup_models()
+        self.optimizer = getattr(torch.optim, cfg.optimizer)(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        if cfg.resume and os.path.exists(os.path.join(run_dir, "LATEST")):
+            self.load_training_state(utils.resolve_checkpoint(os.path.join(run_dir, "LATEST")))
+
+    # -- set-up ---------------------------------------------------------------
+    def pick_device(self) -> torch.device:
+        want = self.cfg.trainer.get("device", "auto")
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", self.rank % max(1, torch.cuda.device_count())))
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+
+    def setup_models(self):
+        cfg = self.cfg
+        t_tok = None
+        if self.spec.teacher_need(cfg.loss):
+            # Tokenizers are cheap: check them before any model is loaded.
+            t_tok = load_tokenizer(cfg.teacher)
+            check_same_tokenizer(self.tokenizer, t_tok)
+        resume_ckpt = None
+        if cfg.resume and os.path.exists(os.path.join(self.run_dir, "LATEST")):
+            resume_ckpt = utils.resolve_checkpoint(os.path.join(self.run_dir, "LATEST"))
+        policy_dtype = utils.get_dtype(cfg.model.policy_dtype)
+        policy = build_model(cfg.model, self.tokenizer, policy_dtype, resume_ckpt or cfg.model.archive, cfg.seed)
+        need_ref = self.spec.reference_need(cfg.loss)
+        reference = None
+        if need_ref:
+            ref_dtype = utils.get_dtype(cfg.model.reference_dtype)
+            # The reference is the *starting* policy (never the resumed one): build it from the
+            # same archive / seed the policy started from.
+            reference = build_model(cfg.model, self.tokenizer, ref_dtype, cfg.model.archive, cfg.seed)
+            freeze(reference)
+        teacher = None
+        if self.spec.teacher_need(cfg.loss):
+            teacher = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
+                                  cfg.teacher.archive, cfg.seed + 1)
+            freeze(teacher)
+        if cfg.activation_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = self.wrap(policy, cfg.model, trainable=True)
+        self.reference = self.wrap(reference, cfg.model, trainable=False) if reference is not None else None
+        self.teacher = self.wrap(teacher, cfg.teacher, trainable=False) if teacher is not None else None
+        n = sum(p.numel() for p in policy.parameters())
+        rank0_print(f"policy: {n / 1e6:.2f} M parameters; reference: {need_ref or 'none'}; "
+                    f"teacher: {cfg.teacher.name if teacher is not None else 'none'}; device {self.device}")
+
+    def wrap(self, model, model_cfg, trainable: bool):
+        return model.to(self.device)
+
+    # -- forward / loss -------------------------------------------------------
+    def compute_loss(self, batch: Dict, train: bool):
+        """One (micro-)batch -> (loss, {metric: per-example tensor})."""
+        inputs = utils.move_batch(concatenated_inputs(batch, self.pairwise), self.device)
+        model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        labels = inputs["labels"]
+        extra = {}
+        with torch.no_grad():
+            if self.teacher is not None:
+                t_logits = self.teacher(**model_in, use_cache=False).logits
+                extra["teacher"] = self.spec.teacher_features(t_logits, labels, self.cfg.loss)
+                del t_logits
+            need = self.spec.reference_need(self.cfg.loss)
+            if need:
+                r_logits = self.reference(**model_in, use_cache=False).logits
+                if need == "logps":
+                    extra["reference_logps"] = losses_lib.token_logps(r_logits, labels)
+                    del r_logits
+                else:
+                    extra["reference_logits"] = r_logits
+        with contextlib.nullcontext() if train else torch.no_grad():
+            logits = self.policy(**model_in, use_cache=False).logits
+            inp = losses_lib.LossInputs(policy_logits=logits, labels=labels,
+                                        n_pairs=len(batch["prompt"]), **extra)
+            loss, metrics = self.spec.compute(inp, self.cfg.loss)
+        return loss, metrics
+
+    # -- the loop -------------------------------------------------------------
+    def batch_iterator(self, split: str, skip_batches: int = 0) -> Iterator[Dict]:
+        cfg = self.cfg
+        train = split == "train"
+        return data.get_batch_iterator(
+            list(cfg.datasets), self.tokenizer, split=split,
+            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+            sft_mode=not self.pairwise, n_epochs=cfg.n_epochs if train else 1,
+            n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
+            rank=self.rank, world_size=self.world_size, truncation_mode=cfg.truncation_mode,
+            skip_batches=skip_batches)
+
+    def train(self):
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        batches = self.batch_iterator("train", skip_batches=self.step)
+        total = cfg.n_examples or None
+        bar = None
+        if cfg.progress_bar and self.rank == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=self.examples_seen, unit="ex", dynamic_ncols=True)
+        if cfg.do_first_eval and self.step == 0:
+            self.evaluate()
+        last_saved = self.examples_seen
+        evaluated_last = False
+        t0 = time.time()
+        for batch in batches:
+            self.policy.train()
+            step_metrics: Dict[str, List[torch.Tensor]] = {}
+            micro = split_batch(batch, accum)
+            for i, mb in enumerate(micro):
+                with self.sync_context(last=i == accum - 1):
+                    loss, metrics = self.compute_loss(mb, train=True)
+                    (loss / accum).backward()
+                metrics["loss"] = loss.detach().reshape(1)
+                for k, v in metrics.items():
+                    step_metrics.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+            grad_norm = self.clip_gradients()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.examples_seen += cfg.batch_size
+            logged = self.reduce_metrics(step_metrics, "train")
+            logged["grad_norm"] = grad_norm
+            logged["lr"] = self.scheduler.get_last_lr()[0]
+            logged["examples_per_second"] = cfg.batch_size / max(1e-9, time.time() - t0)
+            t0 = time.time()
+            self.log(logged)
+            if bar is not None:
+                bar.update(cfg.batch_size)
+                bar.set_postfix(loss=f"{logged['loss/train']:.4f}", ex_s=f"{logged['examples_per_second']:.1f}")
+            if cfg.eval_every and self.examples_seen // cfg.eval_every > (self.examples_seen - cfg.batch_size) // cfg.eval_every:
+                self.evaluate()
+                evaluated_last = True
+            else:
+                evaluated_last = False
+            if cfg.save_every and self.examples_seen - last_saved >= cfg.save_every:
+                self.save()
+                last_saved = self.examples_seen
+        if bar is not None:
+            bar.close()
+        if not evaluated_last:
+            self.evaluate()
+        self.save()
+        if self.rank == 0:
+            # DONE marks a run that reached its end: `resume=true` on it is then a no-op.
+            utils.atomic_write_json(os.path.join(self.run_dir, "DONE"),
+                                    {"step": self.step, "examples_seen": self.examples_seen,
+                                     "n_examples": self.cfg.n_examples, "n_epochs": self.cfg.n_epochs})
+
+    def sync_context(self, last: bool):
+        return contextlib.nullcontext()
+
+    def clip_gradients(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def reduce_metrics(self, metrics: Dict[str, List[torch.Tensor]], split: str) -> Dict[str, float]:
+        """Concatenate per-example metrics over micro-batches and ranks; return their means,
+        keyed as in LOSSES.md (`rewards/chosen` -> `rewards_{split}/chosen`)."""
+        out = {}
+        for k in sorted(metrics):
+            v = utils.all_gather_cat(torch.cat(metrics[k]).to(self.device if self.dist_on_device else "cpu"))
+            head, _, tail = k.partition("/")
+            out[f"{head}/{split}" if not tail else f"{head}_{split}/{tail}"] = float(v.float().mean())
+        return out
+
+    @property
+    def dist_on_device(self) -> bool:
+        return self.device.type == "cuda"
+
+    def evaluate(self) -> Dict[str, float]:
+        self.policy.eval()
+        collected: Dict[str, List[torch.Tensor]] = {}
+        samples = []
+        for batch in self.batch_iterator("test"):
+            loss, metrics = self.compute_loss(batch, train=False)
+            metrics["loss"] = loss.detach().reshape(1)
+            for k, v in metrics.items():
+                collected.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+        if self.cfg.sample_during_eval:
+            task = self.sample_and_score()
+            for k, v in task.items():
+                collected.setdefault(k, []).append(v)
+            samples = getattr(self, "_last_samples", [])
+        result = self.reduce_metrics(collected, "eval")
+        self.log(result, eval_samples=samples)
+        rank0_print(f"eval @ {self.examples_seen} examples: " +
+                    ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.policy.generate(input_ids=prompt_ids, attention_mask=attention_mask, do_sample=False,
+                                    max_new_tokens=self.cfg.max_new_tokens,
+                                    pad_token_id=self.tokenizer.pad_token_id, **self.generate_kwargs())
+
+    def generate_kwargs(self) -> Dict:
+        return {}
+
+    @torch.no_grad()
+    def sample_and_score(self) -> Dict[str, torch.Tensor]:
+        """Greedy generations for held-out prompts, scored by the task where it has verifiable answers."""
+        scores = {"task/exact": [], "task/partial": []}
+        self._last_samples = []
+        n_wanted = self.cfg.n_eval_samples
+        seen = 0
+        for batch in self.batch_iterator("test"):
+            if seen >= n_wanted:
+                break
+            ids = batch["prompt_input_ids"].to(self.device)
+            mask = batch["prompt_attention_mask"].to(self.device)
+            out = self.generate(ids, mask)
+            for prompt, row in zip(batch["prompt"], out[:, ids.shape[1]:]):
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                self._last_samples.append((prompt, text))
+                score = data.task_score(self.cfg.datasets[0], prompt, text) if len(self.cfg.datasets) == 1 else None
+                if score is not None:
+                    scores["task/exact"].append(score["exact"])
+                    scores["task/partial"].append(score["partial"])
+            seen += len(batch["prompt"]) * self.world_size
+        return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items() if v}
+
+    # -- logging ---------------------------------------------------------------
+    def log(self, metrics: Dict[str, float], eval_samples=None):
+        if self.rank != 0:
+            return
+        record = {"step": self.step, "examples": self.examples_seen, **metrics}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        run = getattr(self, "wandb_run", None)
+        if run is not None:
+            payload = dict(metrics)
+            if eval_samples:
+                import wandb
+                payload["samples"] = wandb.Table(columns=["prompt", "completion"], data=[list(s) for s in eval_samples])
+            run.log(payload, step=self.examples_seen)
+
+    # -- checkpoints -------------------------------------------------------------
+    def full_state_dicts(self):
+        """(model state dict, optimizer state dict), full and on the CPU, on rank 0."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.policy, options=opts),
+                get_optimizer_state_dict(self.policy, self.optimizer, options=opts))
+
+    def save(self):
+        """Write <run>/step-N atomically, then point LATEST at it and prune old checkpoints."""
+        from safetensors.torch import save_file
+        name = f"step-{self.step:08d}"
+        final = os.path.join(self.run_dir, name)
+        tmp = os.path.join(self.run_dir, f".{name}.tmp")
+        model_sd, optim_sd = self.full_state_dicts()
+        if self.rank == 0:
+            utils.remove_tree(tmp)
+            os.makedirs(tmp)
+        utils.barrier()
+        torch.save(utils.get_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0:
+            config = unwrap_config(self.policy)
+            if getattr(config, "tie_word_embeddings", False):
+                model_sd.pop("lm_head.weight", None)
+            save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"),
+                      metadata={"format": "pt"})
+            config.save_pretrained(tmp)
+            gen = getattr(self.policy, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
+                       os.path.join(tmp, "optimizer.pt"))
+            utils.atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
+                "step": self.step, "examples_seen": self.examples_seen, "world_size": self.world_size,
+                "config": OmegaConf.to_container(self.cfg, resolve=True)})
+        utils.barrier()
+        if self.rank == 0:
+            open(os.path.join(tmp, "COMPLETE"), "w").close()
+            utils.remove_tree(final)
+            os.replace(tmp, final)
+            utils.atomic_write_text(os.path.join(self.run_dir, "LATEST"), name + "\n")
+            self.prune_checkpoints(keep=name)
+            rank0_print(f"saved {final}")
+        utils.barrier()
+
+    def prune_checkpoints(self, keep: str):
+        ckpts = sorted(d for d in os.listdir(self.run_dir) if d.startswith("step-"))
+        n_keep = max(1, self.cfg.keep_checkpoints or 1)
+        for d in ckpts[:-n_keep]:
+            if d != keep:
+                utils.remove_tree(os.path.join(self.run_dir, d))
+
+    def load_training_state(self, ckpt: str):
+        """Restore optimizer, scheduler, counters and RNG from a checkpoint (the weights were
+        loaded when the policy was built)."""
+        with open(os.path.join(ckpt, "trainer_state.json")) as f:
+            state = json.load(f)
+        if state["world_size"] != self.world_size:
+            rank0_print(f"note: resuming a {state['world_size']}-process run with {self.world_size} processes; "
+                        "the data order is global, so the losses stay those of the same global batches")
+        blob = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=False)
+        self.load_optimizer_state(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        self.step, self.examples_seen = state["step"], state["examples_seen"]
+        rng = os.path.join(ckpt, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng):
+            utils.set_rng_state(torch.load(rng, weights_only=False))
+        rank0_print(f"resumed from {ckpt} at step {self.step} ({self.examples_seen} examples)")
+
+
+    def load_optimizer_state(self, optim_sd):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.policy, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def unwrap_config(model):
+    return model.config if hasattr(model, "config") else model.module.config
+
+
+# ------------------------------------------------------------------ FSDP
+
+class FSDPTrainer(BasicTrainer):
+    """FSDP2: ``fully_shard`` on every decoder block, then on the root, for the policy, the
+    reference and the teacher alike. bf16 mixed precision with fp32 gradient reduction when
+    ``model.fsdp_policy_mp=bfloat16``."""
+
+    def pick_device(self):
+        device = super().pick_device()
+        from torch.distributed.device_mesh import init_device_mesh
+        self.mesh = init_device_mesh(device.type, (self.world_size,))
+        return device
+
+    def wrap(self, model, model_cfg, trainable: bool):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # No model.to(device) first: fully_shard moves each rank's shard to the mesh's device,
+        # so a GPU never holds the whole model.
+        mp_dtype = utils.get_dtype(model_cfg.fsdp_policy_mp)
+        mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
+        block = model_cfg.block_name
+        n_blocks = 0
+        for module in model.modules():
+            if type(module).__name__ == block:
+                fully_shard(module, mesh=self.mesh, mp_policy=mp)
+                n_blocks += 1
+        if n_blocks == 0:
+            raise ValueError(f"{model_cfg.name}: block_name={block!r} matches no module of {type(model).__name__}: "
+                             "set it to the model's decoder layer class")
+        fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        return model
+
+    def sync_context(self, last: bool):
+        # Accumulate unreduced gradients locally and reduce-scatter once, on the last micro-batch.
+        self.policy.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def generate_kwargs(self):
+        # Every rank must run the same number of forward passes: sharded blocks all-gather.
+        return {"synced_gpus": True}
+
+
+# ------------------------------------------------------------------ tensor parallel
+
+class TensorParallelTrainer(BasicTrainer):
+    """One process; the policy split over several devices by ``tensor_parallel.TensorParallel``.
+    Its ``tensor_parallel()`` entry point cannot shard HF Llama on transformers 5 (see README),
+    so the generic module wrapper is used. The reference and teacher stay unsharded."""
+
+    def wrap(self, model, model_cfg, trainable: bool):
+        model = model.to(self.device)
+        if not trainable:
+            return model
+        import tensor_parallel as tp
+        devices = ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if self.device.type == "cuda"
+                   else ["cpu"] * self.cfg.trainer.cpu_devices)
+        wrapped = tp.TensorParallel(model, devices)
+        wrapped.config = model.config
+        wrapped.generation_config = getattr(model, "generation_config", None)
+        return wrapped
+
+    def full_state_dicts(self):
+        # The wrapper's own state dict holds per-shard names; this context gathers the shards
+        # back under the underlying model's names. The optimizer state stays per-shard: a
+        # TensorParallel run resumes on the same number of devices.
+        import tensor_parallel as tp
+        with tp.save_tensor_parallel(self.policy):
+            model_sd = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        return model_sd, self.optimizer.state_dict()
+
+    def load_optimizer_state(self, optim_sd):
+        self.optimizer.load_state_dict(optim_sd)
+
+
+TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer, "TensorParallelTrainer": TensorParallelTrainer}
