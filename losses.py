@@ -158,7 +158,10 @@ Need = Union[None, str, Callable[[object], Optional[str]]]
 class LossSpec:
     name: str
     compute: ComputeFn
+    # True: chosen and rejected rows (N = 2B); False: one row per example (N = B), the chosen
+    # response, or the data set's SFT target when sft_targets is True.
     pairwise: bool = True
+    sft_targets: bool = False
     # What the loss needs of the frozen reference: None, "logps" ([N, L-1] per-token log-probs)
     # or "logits" (the full [N, L, V] logits); or a function of the loss config returning one.
     reference: Need = None
@@ -234,7 +237,7 @@ def pair_logps(inp: LossInputs, average: bool = False):
 
 # ------------------------------------------------------------------ sft / dpo / ipo
 
-@register("sft", pairwise=False)
+@register("sft", pairwise=False, sft_targets=True)
 def _sft(inp: LossInputs, cfg):
     losses = sft_loss(inp.policy_logps, inp.mask)
     return losses.mean(), {"logps/chosen": sequence_logps(inp.policy_logps, inp.mask).detach()}
@@ -262,3 +265,382 @@ def _ipo(inp: LossInputs, cfg):
     losses = ipo_loss(pc, pr, rc, rr, cfg.beta)
     pcs, prs, rcs, rrs = pair_logps(inp)
     return losses.mean(), preference_metrics(cfg.beta * (pcs - rcs), cfg.beta * (prs - rrs), pcs, prs)
+
+
+# ================================================================== teacher-based losses
+#
+# Vocabulary-sized work (log-softmax, KL, logsumexp, top-k) runs in chunks along the
+# sequence, sized so that a chunk holds about CHUNK_ELEMENTS floats: with a 128k vocabulary
+# the [2B, L, V] fp32 temporaries are what run out of memory first. Where the chunk needs
+# the policy's gradient it is recomputed in backward (activation checkpointing), so autograd
+# does not keep a full-size log-softmax alive either.
+
+CHUNK_ELEMENTS = 1 << 25
+
+
+def chunk_positions(n_rows: int, vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, n_rows * vocab))
+
+
+def chunked(fn: Callable, *tensors: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Apply ``fn`` to slices [:, i:i+c] of every tensor (dim 1 = sequence) and concatenate
+    the results along dim 1. ``grad=True`` recomputes each chunk in backward."""
+    n, length, vocab = tensors[0].shape[0], tensors[0].shape[1], tensors[0].shape[-1]
+    c = chunk_positions(n, vocab)
+    outs = []
+    for i in range(0, length, c):
+        parts = [t[:, i:i + c] for t in tensors]
+        if grad and torch.is_grad_enabled():
+            outs.append(torch.utils.checkpoint.checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outs.append(fn(*parts))
+    return torch.cat(outs, dim=1)
+
+
+def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] response mask -> [N, T] one-hot of each row's last response token."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1, keepdim=True).values
+    return (idx == last).float() * mask
+
+
+def gather_next(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[N, L] per-position values -> (V(s_t), V(s_{t+1})) in shifted indexing, [N, L-1] each.
+
+    The state s_t of token j (shifted) is logits position j; s_{t+1} is position j+1. For the
+    last response token, position j+1 is the EOS position: its value is V(s_{T+1})."""
+    return values[:, :-1], values[:, 1:]
+
+
+# ------------------------------------------------------------------ potentials (teacher values)
+
+STATE_POTENTIALS = ("logsumexp", "max", "margin", "expectation")
+ACTION_POTENTIALS = ("logit", "logprob")
+
+
+def state_potential(z: torch.Tensor, kind: str, tau: float = 1.0) -> torch.Tensor:
+    """A state-only potential from teacher logits.
+
+    Args:
+        z: [..., V] teacher logits at a state.
+        kind: logsumexp -- V(s) = tau logsumexp(z / tau), the soft value of a DPO-trained
+              policy whose logits are its Q-values (TVKD Lemma 1);
+              max -- max_a p_T(a|s); margin -- top-1 minus top-2 probability;
+              expectation -- sum_a p_T(a|s) z(a)   (the paper's Table 5 ablations).
+        tau: value temperature (logsumexp only).
+    Returns: [...] potentials.
+    """
+    z = z.float()
+    if kind == "logsumexp":
+        return tau * torch.logsumexp(z / tau, dim=-1)
+    logp = torch.log_softmax(z, dim=-1)
+    if kind == "max":
+        return logp.max(dim=-1).values.exp()
+    if kind == "margin":
+        top2 = logp.topk(2, dim=-1).values.exp()
+        return top2[..., 0] - top2[..., 1]
+    if kind == "expectation":
+        return (logp.exp() * z).sum(-1)
+    raise ValueError(f"unknown state potential {kind!r}; use one of {STATE_POTENTIALS}")
+
+
+def action_potential(z: torch.Tensor, actions: torch.LongTensor, kind: str) -> torch.Tensor:
+    """An action-dependent shaping term psi(s, a), used as psi_t directly: `logit` = z(a),
+    `logprob` = log p_T(a|s). The paper's Corollary 2.1: these break policy invariance.
+
+    Args: z [..., V] teacher logits; actions [...] token ids. Returns [...]."""
+    z = z.float()
+    picked = torch.gather(z, -1, actions.unsqueeze(-1)).squeeze(-1)
+    if kind == "logit":
+        return picked
+    if kind == "logprob":
+        return picked - torch.logsumexp(z, dim=-1)
+    raise ValueError(f"unknown action potential {kind!r}; use one of {ACTION_POTENTIALS}")
+
+
+def collapse_topk(logits: torch.Tensor, ids: torch.LongTensor) -> torch.Tensor:
+    """Log-probs of a distribution collapsed onto K given tokens plus one "rest" slot.
+
+    Args: logits [..., V]; ids [..., K] (the teacher's top-K tokens at that state).
+    Returns: [..., K+1] log-probs: the K tokens', then log(1 - their total) (the rest)."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    top = torch.gather(logits, -1, ids) - lse
+    top_total = torch.logsumexp(top, dim=-1, keepdim=True).clamp(max=0.0)
+    # log(1 - exp(x)) for x <= 0, finite even when the top-K hold (almost) all the mass
+    rest = torch.log((-torch.expm1(top_total)).clamp(min=0.0) + 1e-30)
+    return torch.cat([top, rest], dim=-1)
+
+
+def collapsed_token_logp(collapsed: torch.Tensor, ids: torch.LongTensor, tokens: torch.LongTensor) -> torch.Tensor:
+    """log pi~(y|s): the slot of token y in a collapsed distribution (its own slot if y is
+    among the K ids, else the rest slot). collapsed [..., K+1], ids [..., K], tokens [...]."""
+    hit = ids == tokens.unsqueeze(-1)
+    slot = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(tokens, ids.shape[-1]))
+    return torch.gather(collapsed, -1, slot.unsqueeze(-1)).squeeze(-1)
+
+
+def forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_T || pi_theta) = sum_a p_T(a) (log p_T(a) - log pi_theta(a)), over the last dim."""
+    p = teacher_logp.exp()
+    return (p * (teacher_logp - student_logp)).sum(-1)
+
+
+def shifted_targets(labels: torch.LongTensor) -> torch.LongTensor:
+    """[N, L] labels -> [N, L-1] token ids in shifted indexing (0 off the response)."""
+    t = labels[:, 1:].clone()
+    t[t == IGNORE_INDEX] = 0
+    return t
+
+
+# ------------------------------------------------------------------ tdpo
+
+def sequence_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SeqKL(y) = sum_t m_t KL(pi_ref(.|s_t) || pi_theta(.|s_t)) over the full vocabulary.
+
+    Args: *_logits [N, L, V] unshifted; mask [N, L-1] (shifted). Returns [N].
+    Computed from log-softmax of both models, chunk by chunk along the sequence."""
+    def kl(ref, pol):
+        return forward_kl(torch.log_softmax(ref.float(), -1), torch.log_softmax(pol.float(), -1))
+    per_token = chunked(kl, reference_logits[:, :-1], policy_logits[:, :-1], grad=True)
+    return (per_token * mask).sum(-1)
+
+
+def tdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+              chosen_kl, rejected_kl, beta: float, alpha: float, if_tdpo2: bool = True):
+    """TDPO (Zeng et al. 2024, Eq. 12 / TDPO repo `tdpo_loss`).
+
+        h     = [L_theta(y_w) - L_ref(y_w)] - [L_theta(y_l) - L_ref(y_l)]
+        TDPO1: u = h - (SeqKL(y_l) - SeqKL(y_w))
+        TDPO2: u = h - alpha (SeqKL(y_l) - stopgrad(SeqKL(y_w)))
+        loss  = -log sigma(beta u)
+
+    Args: [B] summed log-probs and [B] sequence KLs. Returns losses [B], chosen_rewards [B],
+    rejected_rewards [B] (beta (L_theta - L_ref), detached)."""
+    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    if if_tdpo2:
+        u = h - alpha * (rejected_kl - chosen_kl.detach())
+    else:
+        u = h - (rejected_kl - chosen_kl)
+    losses = -F.logsigmoid(beta * u)
+    return (losses, beta * (policy_chosen_logps - reference_chosen_logps).detach(),
+            beta * (policy_rejected_logps - reference_rejected_logps).detach())
+
+
+def _validate_tdpo(cfg):
+    require(cfg, "beta", positive=True)
+    require(cfg, "alpha", nonnegative=True)
+
+
+@register("tdpo", reference="logits", validate=_validate_tdpo)
+def _tdpo(inp: LossInputs, cfg):
+    ref_logps = token_logps(inp.reference_logits, inp.labels)
+    pol = sequence_logps(inp.policy_logps, inp.mask)
+    ref = sequence_logps(ref_logps, inp.mask)
+    kl = sequence_kl(inp.reference_logits, inp.policy_logits, inp.mask)
+    (pc, pr), (rc, rr), (kc, kr) = (split_pairs(t, inp.n_pairs) for t in (pol, ref, kl))
+    losses, cr, rj = tdpo_loss(pc, pr, rc, rr, kc, kr, cfg.beta, cfg.alpha, cfg.get("if_tdpo2", True))
+    metrics = preference_metrics(cr, rj, pc, pr)
+    metrics.update({"kl/chosen": kc.detach(), "kl/rejected": kr.detach(), "kl/margin": (kr - kc).detach()})
+    return losses.mean(), metrics
+
+
+# ------------------------------------------------------------------ tvkd
+
+TVKD_VARIANTS = ("paper", "released", "released_teacher_value")
+TERMINAL_VALUES = ("teacher", "zero")
+
+
+def tvkd_tau(cfg) -> float:
+    tau = cfg.get("value_temperature")
+    return float(cfg.beta if tau is None else tau)
+
+
+def tvkd_shaping(values_cur: torch.Tensor, values_next: torch.Tensor, mask: torch.Tensor, gamma: float,
+                 terminal_value: str = "teacher") -> torch.Tensor:
+    """Per-token potential-based shaping psi_t = gamma V(s_{t+1}) - V(s_t) (Ng et al. 1999).
+
+    Args: values_cur, values_next [N, T] (shifted: V(s_t), V(s_{t+1})); mask [N, T];
+    terminal_value: "teacher" keeps the teacher's V(s_{T+1}), "zero" sets it to 0
+    (the terminal potential of episodic shaping). Returns [N, T] psi, zero off the response."""
+    if terminal_value == "zero":
+        values_next = values_next * (1.0 - last_token_mask(mask))
+    return (gamma * values_next - values_cur) * mask
+
+
+def tvkd_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor,
+              n_pairs: int, beta: float, alpha: float):
+    """TVKD (Kwon et al., NeurIPS 2025, Eq. for L_TVKD): DPO with the reward shaped by alpha psi.
+
+        g(y) = beta sum_t m_t (l_theta,t - l_ref,t) - alpha sum_t m_t psi_t
+        loss = -log sigma( g(y_w) - g(y_l) )
+
+    Args: policy_logps, reference_logps, psi, mask: [2B, T] (chosen rows first).
+    Returns losses [B], shaping [2B] (alpha sum_t m_t psi_t)."""
+    g_dpo = beta * ((policy_logps - reference_logps) * mask).sum(-1)
+    shaping = alpha * (psi * mask).sum(-1)
+    g = g_dpo - shaping
+    g_w, g_l = split_pairs(g, n_pairs)
+    return -F.logsigmoid(g_w - g_l), shaping
+
+
+def released_rewards(student_collapsed: torch.Tensor, teacher_collapsed: torch.Tensor, ids: torch.LongTensor,
+                     labels: torch.LongTensor, gamma: float, next_term: str,
+                     a0: float = 0.7, a1: float = 0.0, a_tilde: float = 1.0) -> torch.Tensor:
+    """The authors' released recipe (run_tvkd.sh + TVKD.yaml), which differs from the paper's
+    equation: no beta, no reference, distributions collapsed onto the teacher's top-k + rest.
+
+        R(y) = sum_t m_t [ log pi~_theta(y_t|s_t) - gamma * X(s_{t+1}) ],  X = 0 after the last token
+        entropy branch:       X(s) = H(pi~_theta(.|s))                 over the k+1 slots
+        teacher-value branch: X(s) = a~ logsumexp( (a1 log pi~_theta(.|s) + a0 log p~_T(.|s)) / a~ )
+
+    Args: student_collapsed, teacher_collapsed [N, L, k+1] log-probs at every position;
+    ids [N, L, k]; labels [N, L]. Returns [N] R(y)."""
+    mask = response_mask(labels)
+    tokens = shifted_targets(labels)
+    tok_logp = collapsed_token_logp(student_collapsed[:, :-1], ids[:, :-1], tokens)
+    if next_term == "entropy":
+        x = -(student_collapsed.exp() * student_collapsed).sum(-1)
+    else:
+        x = a_tilde * torch.logsumexp((a1 * student_collapsed + a0 * teacher_collapsed) / a_tilde, dim=-1)
+    x_next = x[:, 1:] * (1.0 - last_token_mask(mask))
+    return ((tok_logp - gamma * x_next) * mask).sum(-1)
+
+
+def _tvkd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTensor, cfg) -> Dict[str, torch.Tensor]:
+    """Reduce the teacher's [N, L, V] logits to what TVKD reads:
+    paper variant -- `values` [N, L] (the chosen state potential at every position; for the
+    action potentials, the logsumexp value, for the metrics) and, for logit/logprob, `psi`
+    [N, L-1] per token; released variants -- `topk_ids` [N, L, k] and `teacher_collapsed`
+    [N, L, k+1]."""
+    variant = cfg.get("variant", "paper")
+    if variant != "paper":
+        k = int(cfg.get("top_k", 50))
+        ids = chunked(lambda z: z.topk(k, dim=-1).indices, teacher_logits)
+        return {"topk_ids": ids, "teacher_collapsed": chunked(collapse_topk, teacher_logits, ids)}
+    potential, tau = cfg.get("potential", "logsumexp"), tvkd_tau(cfg)
+    state_kind = potential if potential in STATE_POTENTIALS else "logsumexp"
+    out = {"values": chunked(lambda z: state_potential(z, state_kind, tau).unsqueeze(-1), teacher_logits).squeeze(-1)}
+    if potential in ACTION_POTENTIALS:
+        tokens = shifted_targets(labels).unsqueeze(-1)
+        out["psi"] = chunked(lambda z, a: action_potential(z, a.squeeze(-1), potential).unsqueeze(-1),
+                             teacher_logits[:, :-1], tokens).squeeze(-1)
+    return out
+
+
+def _validate_tvkd(cfg):
+    require(cfg, "alpha", nonnegative=True)
+    require(cfg, "beta", positive=True)
+    require(cfg, "gamma", nonnegative=True)
+    require(cfg, "variant", choices=TVKD_VARIANTS)
+    require(cfg, "potential", choices=STATE_POTENTIALS + ACTION_POTENTIALS)
+    require(cfg, "terminal_value", choices=TERMINAL_VALUES)
+    tau = cfg.get("value_temperature")
+    if tau is not None and not tau > 0:
+        raise ValueError(f"loss.value_temperature must be > 0 (or null = beta), got {tau}")
+    if cfg.get("variant") != "paper":
+        require(cfg, "top_k", positive=True)
+
+
+def _tvkd_reference(cfg):
+    return "logps" if cfg.get("variant", "paper") == "paper" and cfg.get("use_reference", True) else None
+
+
+@register("tvkd", reference=_tvkd_reference, teacher_features=_tvkd_teacher_features, validate=_validate_tvkd)
+def _tvkd(inp: LossInputs, cfg):
+    pol = sequence_logps(inp.policy_logps, inp.mask)
+    variant = cfg.get("variant", "paper")
+    if variant != "paper":
+        t = inp.teacher
+        student = chunked(collapse_topk, inp.policy_logits, t["topk_ids"], grad=True)
+        r = released_rewards(student, t["teacher_collapsed"], t["topk_ids"], inp.labels, cfg.gamma,
+                             "entropy" if variant == "released" else "teacher_value",
+                             cfg.get("released_alpha0", 0.7), cfg.get("released_alpha1", 0.0),
+                             cfg.get("released_alpha_tilde", 1.0))
+        r_w, r_l = split_pairs(r, inp.n_pairs)
+        losses = -F.logsigmoid(r_w - r_l)
+        metrics = preference_metrics(r_w, r_l, *split_pairs(pol, inp.n_pairs))
+        return losses.mean(), metrics
+    ref_logps = inp.reference_logps if inp.reference_logps is not None else torch.zeros_like(inp.policy_logps)
+    v_cur, v_next = gather_next(inp.teacher["values"])
+    if "psi" in inp.teacher:
+        psi = inp.teacher["psi"] * inp.mask
+    else:
+        psi = tvkd_shaping(v_cur, v_next, inp.mask, cfg.gamma, cfg.get("terminal_value", "teacher"))
+    losses, shaping = tvkd_loss(inp.policy_logps, ref_logps, psi, inp.mask, inp.n_pairs, cfg.beta, cfg.alpha)
+    ref = sequence_logps(ref_logps, inp.mask)
+    (pc, pr), (rc, rr) = split_pairs(pol, inp.n_pairs), split_pairs(ref, inp.n_pairs)
+    metrics = preference_metrics(cfg.beta * (pc - rc), cfg.beta * (pr - rr), pc, pr)
+    final_value = (v_next * last_token_mask(inp.mask)).sum(-1)
+    (vw, vl), (sw, sl) = split_pairs(final_value, inp.n_pairs), split_pairs(shaping, inp.n_pairs)
+    metrics.update({"value/chosen_last": vw.detach(), "value/rejected_last": vl.detach(),
+                    "shaping/chosen": sw.detach(), "shaping/rejected": sl.detach(),
+                    "shaping/margin": (sw - sl).detach()})
+    return losses.mean(), metrics
+
+
+# ------------------------------------------------------------------ knowledge distillation
+
+def _kd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTensor, cfg) -> Dict[str, torch.Tensor]:
+    """Full vocabulary (teacher_top_k null): the teacher's log-probs, one [N, L, V] tensor.
+    teacher_top_k K: `topk_ids` [N, L, K] and `teacher_collapsed` [N, L, K+1] only."""
+    k = cfg.get("teacher_top_k")
+    if k is None:
+        return {"teacher_logp": chunked(lambda z: torch.log_softmax(z.float(), -1), teacher_logits)}
+    ids = chunked(lambda z: z.topk(int(k), dim=-1).indices, teacher_logits)
+    return {"topk_ids": ids, "teacher_collapsed": chunked(collapse_topk, teacher_logits, ids)}
+
+
+def token_fkl(inp: LossInputs) -> torch.Tensor:
+    """[N, L-1] per-token FKL(p_T || pi_theta) at each response state, on the full vocabulary
+    or on the teacher's top-K + rest."""
+    t = inp.teacher
+    if "teacher_logp" in t:
+        per = chunked(lambda tl, pl: forward_kl(tl, torch.log_softmax(pl.float(), -1)).unsqueeze(-1),
+                      t["teacher_logp"][:, :-1], inp.policy_logits[:, :-1], grad=True).squeeze(-1)
+    else:
+        def fkl(tc, pl, ids):
+            return forward_kl(tc, collapse_topk(pl, ids)).unsqueeze(-1)
+        per = chunked(fkl, t["teacher_collapsed"][:, :-1], inp.policy_logits[:, :-1], t["topk_ids"][:, :-1],
+                      grad=True).squeeze(-1)
+    return per * inp.mask
+
+
+def kd_loss(nll: torch.Tensor, fkl: torch.Tensor, sft_weight: float, kd_weight: float) -> torch.Tensor:
+    """VanillaKD: sft_weight NLL(y_w) + kd_weight FKL(p_T || pi_theta) on y_w, both per-token
+    means over the response. Args/returns: [B]."""
+    return sft_weight * nll + kd_weight * fkl
+
+
+def dckd_loss(nll_w: torch.Tensor, fkl_w: torch.Tensor, fkl_l: torch.Tensor, lam: float) -> torch.Tensor:
+    """DCKD (Gao et al., ICLR 2025): NLL(y_w) + lambda FKL on y_w + lambda FKL on y_l, per-token
+    means over each response. Args/returns: [B]."""
+    return nll_w + lam * (fkl_w + fkl_l)
+
+
+def _validate_kd(cfg, weights):
+    for w in weights:
+        require(cfg, w, nonnegative=True)
+    k = cfg.get("teacher_top_k")
+    if k is not None and not k >= 1:
+        raise ValueError(f"loss.teacher_top_k must be >= 1 or null (full vocabulary), got {k}")
+
+
+@register("vanillakd", pairwise=False, teacher_features=_kd_teacher_features,
+          validate=lambda cfg: _validate_kd(cfg, ("kd_weight", "sft_weight")))
+def _vanillakd(inp: LossInputs, cfg):
+    nll = sft_loss(inp.policy_logps, inp.mask)
+    fkl = sequence_logps(token_fkl(inp), inp.mask, average=True)
+    losses = kd_loss(nll, fkl, cfg.sft_weight, cfg.kd_weight)
+    return losses.mean(), {"kd/fkl": fkl.detach(), "kd/nll": nll.detach(),
+                           "logps/chosen": sequence_logps(inp.policy_logps, inp.mask).detach()}
+
+
+@register("dckd", teacher_features=_kd_teacher_features, validate=lambda cfg: _validate_kd(cfg, ("lam",)))
+def _dckd(inp: LossInputs, cfg):
+    nll_w, _ = split_pairs(sft_loss(inp.policy_logps, inp.mask), inp.n_pairs)
+    fkl_w, fkl_l = split_pairs(sequence_logps(token_fkl(inp), inp.mask, average=True), inp.n_pairs)
+    losses = dckd_loss(nll_w, fkl_w, fkl_l, cfg.lam)
+    pc, pr = split_pairs(sequence_logps(inp.policy_logps, inp.mask), inp.n_pairs)
+    return losses.mean(), {"kd/fkl_chosen": fkl_w.detach(), "kd/fkl_rejected": fkl_l.detach(),
+                           "kd/nll": nll_w.detach(), "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}

@@ -8,11 +8,12 @@ digits, an answer any program can check.
 * prompt ``"sort {digits}="`` with 3 to 12 digits (length uniform, digits uniform
   0-9); answer: the digits in ascending order (``"sort 5281="`` -> ``"1258"``;
   leading zeros are normal: ``"sort 301="`` -> ``"013"``).
-* Why sorting: a model of a few hundred thousand parameters learns it well above
-  chance within a minute on 2 CPU cores, and lists of up to 12 digits keep a gap
-  between a small and a larger model (measured, 12k examples: 0.35 M params ~50%
-  exact / 0.63 partial; 2.7 M params ~58% / 0.68 after 9.6k). Integer addition,
-  tried first, was learned far too slowly (3% exact after 40k examples).
+* Why sorting: a model of a few hundred thousand to a few million parameters
+  learns it well above chance within a minute on 2 CPU cores (measured at lr 2e-3:
+  0.35 M params reach ~50% exact / 0.63 partial after 12k examples, 2.7 M params
+  ~58% / 0.68 after 9.6k), and lists of up to 12 digits keep a gap between the
+  small and the larger model. Integer addition, tried first, was learned far too
+  slowly (0.35 M params: 3% exact after 40k examples).
 * Train/test split by a hash of the ANSWER (the sorted multiset): about 10% of
   answers are test answers, so no test answer is ever a training target.
   Independent of the seed.
@@ -34,8 +35,8 @@ Tokenisation (as in eric-mitchell/direct-preference-optimization)
 * prompt ids   = ``[bos]`` (if the tokenizer has one) + ``tok(prompt)``
 * response ids = ``tok(response) + [eos]``
   (``tok`` always uses ``add_special_tokens=False``; the strings are NOT put
-  through a chat template -- the model learns the raw ``"a+b=" -> "sum</s>"``
-  format.)
+  through a chat template -- the model learns the raw
+  ``"sort 5281=" -> "1258</s>"`` format.)
 * Truncation, only if ``len(prompt) + max(len(chosen), len(rejected)) >
   max_length``:
   1. the prompt is cut to ``max_prompt_length`` tokens.  The bos token is

@@ -1,6 +1,6 @@
 """Train a language model with a preference or distillation loss.
 
-The embedded default (tiny Llama, built-in addition task, CPU, no downloads):
+The embedded default (tiny Llama, built-in digit-sorting task, CPU, no downloads):
 
     python train.py                                     # SFT of the tiny student
     python train.py loss=dpo model.archive=runs/<sft run>/LATEST

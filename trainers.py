@@ -200,7 +200,7 @@ class BasicTrainer:
             list(cfg.datasets), self.tokenizer, split=split,
             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
             shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            sft_mode=not self.pairwise, n_epochs=cfg.n_epochs if train else 1,
+            sft_mode=self.spec.sft_targets, n_epochs=cfg.n_epochs if train else 1,
             n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
             rank=self.rank, world_size=self.world_size, truncation_mode=cfg.truncation_mode,
             skip_batches=skip_batches)

@@ -45,3 +45,16 @@ def read_metrics(run_dir):
 @pytest.fixture(autouse=True)
 def _offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory):
+    """A DPO-trained tiny_teacher (SFT then DPO on the embedded task, ~30 s), shared by the
+    tests that need a teacher with knowledge in it."""
+    import train
+    root = tmp_path_factory.mktemp("teacher")
+    common = list(FAST) + [f"runs_dir={root}", "model=tiny_teacher", "eval_every=0"]
+    sft = ["loss=sft", "lr=1e-3", "n_examples=3200", "exp_name=sft"]
+    train.run(compose(common + sft), sft)
+    dpo = ["loss=dpo", "lr=1e-4", "n_examples=800", "exp_name=dpo", f"model.archive={root}/sft"]
+    return train.run(compose(common + dpo), dpo)

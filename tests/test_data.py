@@ -178,8 +178,11 @@ def test_score_answer_and_task_score():
     assert pdata.score_answer("<|user|>sort 99=<|end|>sort 5281=", "1258") == {"exact": 1.0, "partial": 1.0}
     assert pdata.task_score("embedded", "sort 21=", "12") == {"exact": 1.0, "partial": 1.0}
     assert pdata.task_score("no-such-set", "sort 21=", "12") is None
-    with pytest.raises(ValueError, match="sort"):
+    with pytest.raises(ValueError, match="sort.*hello"):  # the error names the prompt
         pdata.score_answer("hello", "3")
+    # leading zeros are ordinary digits of the answer
+    assert pdata.score_answer("sort 301=", "013") == {"exact": 1.0, "partial": 1.0}
+    assert pdata.score_answer("sort 301=", "13") == {"exact": 0.0, "partial": pytest.approx(0.0)}
 
 
 def test_preference_pairs_are_graded():

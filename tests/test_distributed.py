@@ -56,6 +56,16 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     AutoModelForCausalLM.from_pretrained(ckpt)
 
 
+def test_fsdp_tvkd_with_sharded_teacher_matches_one_process(tmp_path, trained_teacher):
+    common = ["loss=tvkd", "loss.alpha=0.5", "n_examples=32", "eval_every=0", "lr=1e-3", "exp_name=d",
+              "teacher=tiny_teacher", f"teacher.archive={trained_teacher}"]
+    _, single = train_run(tmp_path / "single", common)
+    fsdp = read_metrics(launch(tmp_path / "fsdp", common + ["trainer=FSDPTrainer", "trainer.cpu_workers=2",
+                                                            f"trainer.port={free_port()}"]))
+    assert_same(single, fsdp, ["loss/train", "shaping_train/margin", "value_train/chosen_last", "loss/eval",
+                               "shaping_eval/margin"], tol=1e-5)
+
+
 def test_tensor_parallel_matches_one_process(tmp_path):
     common = ["loss=dpo", "n_examples=32", "eval_every=0", "lr=1e-3", "exp_name=t"]
     _, single = train_run(tmp_path / "single", common)

@@ -102,3 +102,27 @@ def test_crash_in_the_middle_of_a_save_keeps_latest_and_resume_recovers(tmp_path
     _, resumed = train_run(tmp_path / "b", common + ["resume=true"])
     losses = lambda recs: [r["loss/train"] for r in recs if "loss/train" in r]
     assert losses(resumed)[-4:] == losses(full)[-4:]
+
+
+def test_tvkd_with_a_trained_teacher_raises_heldout_preference_accuracy(tmp_path, trained_teacher):
+    _, records = train_run(tmp_path, [
+        "loss=tvkd", "loss.alpha=0.5", "loss.beta=0.5", "lr=3e-3", "n_examples=1024", "batch_size=16",
+        "eval_every=1024", "do_first_eval=true", "n_eval_examples=256", "eval_batch_size=64", "exp_name=tvkd",
+        "teacher=tiny_teacher", f"teacher.archive={trained_teacher}"])
+    evals = [r for r in records if "rewards_eval/accuracies" in r]
+    assert evals[0]["rewards_eval/accuracies"] == 0.0 and evals[-1]["rewards_eval/accuracies"] > 0.75
+    # the teacher's values are logged, and with gamma = 1 the shaping margin is their difference
+    last = evals[-1]
+    assert abs(last["shaping_eval/margin"] - 0.5 * (last["value_eval/chosen_last"] - last["value_eval/rejected_last"])) < 1e-3
+
+
+def test_teacher_with_another_tokenizer_is_refused_before_training(tmp_path, trained_teacher):
+    import pytest
+    import preference_datasets as data
+    tok = data.get_tokenizer("embedded")
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(tmp_path / "other_tok")
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        train_run(tmp_path, ["loss=tvkd", "n_examples=16", "exp_name=x", "teacher=tiny_teacher",
+                             f"teacher.archive={trained_teacher}", f"teacher.tokenizer={tmp_path}/other_tok"])
+    assert not os.path.exists(tmp_path / "x" / "metrics.jsonl")  # nothing trained

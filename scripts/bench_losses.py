@@ -1,0 +1,75 @@
+"""Seconds per optimizer step of each loss on the embedded default, one process, same batch.
+
+    python scripts/bench_losses.py                       # dpo tdpo tvkd dckd vanillakd ipo sft
+    python scripts/bench_losses.py --losses dpo tvkd --steps 20 --batch-size 32
+
+All losses are timed in one run, interleaved round by round, so that the ratios to dpo are
+measured under the same machine load. The teacher is a randomly initialised tiny_teacher
+saved to a temporary directory (speed does not depend on its weights).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    import utils
+    with initialize_config_dir(config_dir=os.path.join(utils.REPO_DIR, "config"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--losses", nargs="+", default=["dpo", "tdpo", "tvkd", "dckd", "vanillakd", "ipo", "sft"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    a = p.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    import torch
+    import trainers
+    import preference_datasets as data
+    tmp = tempfile.mkdtemp()
+    teacher_dir = os.path.join(tmp, "teacher")
+    tcfg = compose(["model=tiny_teacher"])
+    tok = data.get_tokenizer("embedded")
+    trainers.build_model(tcfg.model, tok, torch.float32).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    runs = {}
+    for name in a.losses:
+        cfg = compose([f"loss={name}", "teacher=tiny_teacher", f"teacher.archive={teacher_dir}",
+                       f"batch_size={a.batch_size}", "wandb.enabled=false", "progress_bar=false"])
+        t = trainers.BasicTrainer(cfg, os.path.join(tmp, name))
+        batch = next(iter(t.batch_iterator("train")))
+        runs[name] = (t, batch)
+    times = {n: [] for n in runs}
+    for _ in range(a.rounds):
+        for name, (t, batch) in runs.items():
+            t.compute_loss(batch, train=True)[0].backward()  # warm-up
+            t.optimizer.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            for _ in range(a.steps):
+                loss, _ = t.compute_loss(batch, train=True)
+                loss.backward()
+                t.optimizer.step()
+                t.optimizer.zero_grad(set_to_none=True)
+            times[name].append((time.perf_counter() - start) / a.steps)
+    base = statistics.median(times[a.losses[0]])
+    print(f"embedded default, batch {a.batch_size}, {torch.get_num_threads()} threads; median of {a.rounds} rounds")
+    print(f"{'loss':<10} {'s/step':>8} {'x ' + a.losses[0]:>8}")
+    for name in a.losses:
+        m = statistics.median(times[name])
+        print(f"{name:<10} {m:8.4f} {m / base:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
