@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 Metrics = Dict[str, torch.Tensor]
@@ -284,17 +285,32 @@ def chunk_positions(n_rows: int, vocab: int) -> int:
 
 def chunked(fn: Callable, *tensors: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """Apply ``fn`` to slices [:, i:i+c] of every tensor (dim 1 = sequence) and concatenate
-    the results along dim 1. ``grad=True`` recomputes each chunk in backward."""
+    the results along dim 1. ``fn`` must be position-wise (output dim 1 = the slice's length).
+
+    c = chunk_positions(N, V) with N, V the first tensor's first and last dims.
+    ``grad=True`` (and grad enabled): each chunk is recomputed in backward (activation
+    checkpointing), so autograd keeps only the inputs' slices, never a full-size temporary.
+    Otherwise the chunks are written into one preallocated output, so the peak is the output
+    plus one chunk's temporaries (no list of chunks plus a concatenated copy)."""
     n, length, vocab = tensors[0].shape[0], tensors[0].shape[1], tensors[0].shape[-1]
     c = chunk_positions(n, vocab)
-    outs = []
+    use_checkpoint = grad and torch.is_grad_enabled()
+    if length <= c and not use_checkpoint:
+        return fn(*tensors)
+    outs, out = [], None
     for i in range(0, length, c):
         parts = [t[:, i:i + c] for t in tensors]
-        if grad and torch.is_grad_enabled():
+        if use_checkpoint:
             outs.append(torch.utils.checkpoint.checkpoint(fn, *parts, use_reentrant=False))
-        else:
-            outs.append(fn(*parts))
-    return torch.cat(outs, dim=1)
+            continue
+        y = fn(*parts)
+        if y.requires_grad:  # an autograd graph through the chunks: keep them and concatenate
+            outs.append(y)
+            continue
+        if out is None:
+            out = y.new_empty(y.shape[:1] + (length,) + y.shape[2:])
+        out[:, i:i + y.shape[1]] = y
+    return out if out is not None else torch.cat(outs, dim=1)
 
 
 def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -393,6 +409,29 @@ def shifted_targets(labels: torch.LongTensor) -> torch.LongTensor:
     return t
 
 
+def teacher_topk_ids(teacher_logits: torch.Tensor, k, key: str) -> torch.LongTensor:
+    """[N, L, V] teacher logits -> [N, L, k] ids of its top-k tokens at every position (chunked).
+    `key` names the config entry in the error raised when k exceeds the vocabulary."""
+    k, vocab = int(k), teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"loss.{key}={k} must be in [1, vocabulary size {vocab}]")
+    return chunked(lambda z: z.topk(k, dim=-1).indices, teacher_logits)
+
+
+def check_teacher_vocab(teacher: Dict[str, torch.Tensor], policy_logits: torch.Tensor) -> None:
+    """A clear error instead of a shape error (or an out-of-range gather) when the teacher's
+    vocabulary dimension differs from the student's. Top-k ids are accepted whenever they
+    index into the student's vocabulary (a teacher whose embedding is padded beyond the
+    shared tokenizer is fine)."""
+    vocab = policy_logits.shape[-1]
+    if "teacher_logp" in teacher and teacher["teacher_logp"].shape[-1] != vocab:
+        raise ValueError(f"the teacher's logits have {teacher['teacher_logp'].shape[-1]} entries per position and "
+                         f"the student's {vocab}: full-vocabulary KD needs one vocabulary (or set loss.teacher_top_k)")
+    if "topk_ids" in teacher and teacher["topk_ids"].numel() and int(teacher["topk_ids"].max()) >= vocab:
+        raise ValueError(f"the teacher's top-k contains token id {int(teacher['topk_ids'].max())}, outside the "
+                         f"student's vocabulary of {vocab}: teacher and student must share one tokenizer")
+
+
 # ------------------------------------------------------------------ tdpo
 
 def sequence_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -404,6 +443,34 @@ def sequence_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor, mas
         return forward_kl(torch.log_softmax(ref.float(), -1), torch.log_softmax(pol.float(), -1))
     per_token = chunked(kl, reference_logits[:, :-1], policy_logits[:, :-1], grad=True)
     return (per_token * mask).sum(-1)
+
+
+def _tdpo_chunk(ref: torch.Tensor, pol: torch.Tensor, targets: torch.LongTensor) -> torch.Tensor:
+    """One chunk of `tdpo_token_terms`: ref, pol [N, c, V], targets [N, c] -> [N, c, 3]."""
+    ref_logp = torch.log_softmax(ref.float(), -1)
+    pol_logp = torch.log_softmax(pol.float(), -1)
+    idx = targets.unsqueeze(-1)
+    return torch.stack([pol_logp.gather(-1, idx).squeeze(-1), ref_logp.gather(-1, idx).squeeze(-1),
+                        forward_kl(ref_logp, pol_logp)], dim=-1)
+
+
+def tdpo_token_terms(reference_logits: torch.Tensor, policy_logits: torch.Tensor, labels: torch.LongTensor):
+    """The three per-token quantities of TDPO in one chunked pass over the vocabulary.
+
+    Args:
+        reference_logits: [N, L, V] unshifted, no grad.
+        policy_logits: [N, L, V] unshifted, with grad.
+        labels: [N, L], IGNORE_INDEX off the response.
+    Returns:
+        policy_logps, reference_logps, kl: [N, L-1] each (shifted indexing, zero off the
+        response): log pi_theta(y_t|s_t), log pi_ref(y_t|s_t) and KL(pi_ref(.|s_t) || pi_theta(.|s_t)).
+
+    Both log-softmaxes are taken chunk by chunk along the sequence in fp32 and recomputed in
+    backward, so besides the two models' logits only one chunk's [N, c, V] temporaries are
+    ever alive (never a third [N, L, V] fp32 tensor)."""
+    mask = response_mask(labels)
+    terms = chunked(_tdpo_chunk, reference_logits[:, :-1], policy_logits[:, :-1], shifted_targets(labels), grad=True)
+    return terms[..., 0] * mask, terms[..., 1] * mask, terms[..., 2] * mask
 
 
 def tdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -434,10 +501,8 @@ def _validate_tdpo(cfg):
 
 @register("tdpo", reference="logits", validate=_validate_tdpo)
 def _tdpo(inp: LossInputs, cfg):
-    ref_logps = token_logps(inp.reference_logits, inp.labels)
-    pol = sequence_logps(inp.policy_logps, inp.mask)
-    ref = sequence_logps(ref_logps, inp.mask)
-    kl = sequence_kl(inp.reference_logits, inp.policy_logits, inp.mask)
+    pol_tok, ref_tok, kl_tok = tdpo_token_terms(inp.reference_logits, inp.policy_logits, inp.labels)
+    pol, ref, kl = (t.sum(-1) for t in (pol_tok, ref_tok, kl_tok))
     (pc, pr), (rc, rr), (kc, kr) = (split_pairs(t, inp.n_pairs) for t in (pol, ref, kl))
     losses, cr, rj = tdpo_loss(pc, pr, rc, rr, kc, kr, cfg.beta, cfg.alpha, cfg.get("if_tdpo2", True))
     metrics = preference_metrics(cr, rj, pc, pr)
@@ -486,7 +551,7 @@ def tvkd_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, psi: to
 
 def released_rewards(student_collapsed: torch.Tensor, teacher_collapsed: torch.Tensor, ids: torch.LongTensor,
                      labels: torch.LongTensor, gamma: float, next_term: str,
-                     a0: float = 0.7, a1: float = 0.0, a_tilde: float = 1.0) -> torch.Tensor:
+                     a0: float = 0.7, a1: float = 0.0, a_tilde: float = 1.0, return_terms: bool = False):
     """The authors' released recipe (run_tvkd.sh + TVKD.yaml), which differs from the paper's
     equation: no beta, no reference, distributions collapsed onto the teacher's top-k + rest.
 
@@ -494,8 +559,9 @@ def released_rewards(student_collapsed: torch.Tensor, teacher_collapsed: torch.T
         entropy branch:       X(s) = H(pi~_theta(.|s))                 over the k+1 slots
         teacher-value branch: X(s) = a~ logsumexp( (a1 log pi~_theta(.|s) + a0 log p~_T(.|s)) / a~ )
 
-    Args: student_collapsed, teacher_collapsed [N, L, k+1] log-probs at every position;
-    ids [N, L, k]; labels [N, L]. Returns [N] R(y)."""
+    Args: student_collapsed, teacher_collapsed [N, L, k+1] log-probs at every position
+    (teacher_collapsed may be None for the entropy branch); ids [N, L, k]; labels [N, L].
+    Returns [N] R(y); with return_terms=True, (R(y), gamma sum_t m_t X(s_{t+1})), both [N]."""
     mask = response_mask(labels)
     tokens = shifted_targets(labels)
     tok_logp = collapsed_token_logp(student_collapsed[:, :-1], ids[:, :-1], tokens)
@@ -504,7 +570,8 @@ def released_rewards(student_collapsed: torch.Tensor, teacher_collapsed: torch.T
     else:
         x = a_tilde * torch.logsumexp((a1 * student_collapsed + a0 * teacher_collapsed) / a_tilde, dim=-1)
     x_next = x[:, 1:] * (1.0 - last_token_mask(mask))
-    return ((tok_logp - gamma * x_next) * mask).sum(-1)
+    r = ((tok_logp - gamma * x_next) * mask).sum(-1)
+    return (r, gamma * (x_next * mask).sum(-1)) if return_terms else r
 
 
 def _tvkd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTensor, cfg) -> Dict[str, torch.Tensor]:
@@ -512,11 +579,13 @@ def _tvkd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTenso
     paper variant -- `values` [N, L] (the chosen state potential at every position; for the
     action potentials, the logsumexp value, for the metrics) and, for logit/logprob, `psi`
     [N, L-1] per token; released variants -- `topk_ids` [N, L, k] and `teacher_collapsed`
-    [N, L, k+1]."""
+    [N, L, k+1] (the latter only for released_teacher_value: the entropy branch reads only
+    the ids)."""
     variant = cfg.get("variant", "paper")
     if variant != "paper":
-        k = int(cfg.get("top_k", 50))
-        ids = chunked(lambda z: z.topk(k, dim=-1).indices, teacher_logits)
+        ids = teacher_topk_ids(teacher_logits, cfg.get("top_k", 50), "top_k")
+        if variant == "released":
+            return {"topk_ids": ids}
         return {"topk_ids": ids, "teacher_collapsed": chunked(collapse_topk, teacher_logits, ids)}
     potential, tau = cfg.get("potential", "logsumexp"), tvkd_tau(cfg)
     state_kind = potential if potential in STATE_POTENTIALS else "logsumexp"
@@ -552,14 +621,19 @@ def _tvkd(inp: LossInputs, cfg):
     variant = cfg.get("variant", "paper")
     if variant != "paper":
         t = inp.teacher
+        check_teacher_vocab(t, inp.policy_logits)
         student = chunked(collapse_topk, inp.policy_logits, t["topk_ids"], grad=True)
-        r = released_rewards(student, t["teacher_collapsed"], t["topk_ids"], inp.labels, cfg.gamma,
-                             "entropy" if variant == "released" else "teacher_value",
-                             cfg.get("released_alpha0", 0.7), cfg.get("released_alpha1", 0.0),
-                             cfg.get("released_alpha_tilde", 1.0))
+        r, x = released_rewards(student, t.get("teacher_collapsed"), t["topk_ids"], inp.labels, cfg.gamma,
+                                "entropy" if variant == "released" else "teacher_value",
+                                cfg.get("released_alpha0", 0.7), cfg.get("released_alpha1", 0.0),
+                                cfg.get("released_alpha_tilde", 1.0), return_terms=True)
         r_w, r_l = split_pairs(r, inp.n_pairs)
         losses = -F.logsigmoid(r_w - r_l)
+        # rewards/* are R(y) itself (this recipe has no beta and no reference)
         metrics = preference_metrics(r_w, r_l, *split_pairs(pol, inp.n_pairs))
+        xw, xl = split_pairs(x, inp.n_pairs)
+        metrics.update({"shaping/chosen": xw.detach(), "shaping/rejected": xl.detach(),
+                        "shaping/margin": (xw - xl).detach()})
         return losses.mean(), metrics
     ref_logps = inp.reference_logps if inp.reference_logps is not None else torch.zeros_like(inp.policy_logps)
     v_cur, v_next = gather_next(inp.teacher["values"])
@@ -587,7 +661,7 @@ def _kd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTensor,
     k = cfg.get("teacher_top_k")
     if k is None:
         return {"teacher_logp": chunked(lambda z: torch.log_softmax(z.float(), -1), teacher_logits)}
-    ids = chunked(lambda z: z.topk(int(k), dim=-1).indices, teacher_logits)
+    ids = teacher_topk_ids(teacher_logits, k, "teacher_top_k")
     return {"topk_ids": ids, "teacher_collapsed": chunked(collapse_topk, teacher_logits, ids)}
 
 
@@ -595,6 +669,7 @@ def token_fkl(inp: LossInputs) -> torch.Tensor:
     """[N, L-1] per-token FKL(p_T || pi_theta) at each response state, on the full vocabulary
     or on the teacher's top-K + rest."""
     t = inp.teacher
+    check_teacher_vocab(t, inp.policy_logits)
     if "teacher_logp" in t:
         per = chunked(lambda tl, pl: forward_kl(tl, torch.log_softmax(pl.float(), -1)).unsqueeze(-1),
                       t["teacher_logp"][:, :-1], inp.policy_logits[:, :-1], grad=True).squeeze(-1)

@@ -193,14 +193,14 @@ class BasicTrainer:
         return loss, metrics
 
     # -- the loop -------------------------------------------------------------
-    def batch_iterator(self, split: str, skip_batches: int = 0) -> Iterator[Dict]:
+    def batch_iterator(self, split: str, skip_batches: int = 0, pairs: bool = False) -> Iterator[Dict]:
         cfg = self.cfg
         train = split == "train"
         return data.get_batch_iterator(
             list(cfg.datasets), self.tokenizer, split=split,
             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
             shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            sft_mode=self.spec.sft_targets, n_epochs=cfg.n_epochs if train else 1,
+            sft_mode=self.spec.sft_targets and not pairs, n_epochs=cfg.n_epochs if train else 1,
             n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
             rank=self.rank, world_size=self.world_size, truncation_mode=cfg.truncation_mode,
             skip_batches=skip_batches)
@@ -294,6 +294,8 @@ class BasicTrainer:
             metrics["loss"] = loss.detach().reshape(1)
             for k, v in metrics.items():
                 collected.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+        for k, v in self.heldout_preference().items():
+            collected.setdefault(k, []).append(v)
         if self.cfg.sample_during_eval:
             task = self.sample_and_score()
             for k, v in task.items():
@@ -304,6 +306,22 @@ class BasicTrainer:
         rank0_print(f"eval @ {self.examples_seen} examples: " +
                     ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
+
+    @torch.no_grad()
+    def heldout_preference(self) -> Dict[str, torch.Tensor]:
+        """Loss-independent preference accuracy on held-out pairs: does the policy give the
+        chosen response a higher log-probability than the rejected one? Logged for every
+        loss (KD losses have no implicit reward), so methods compare on one curve."""
+        acc = []
+        for batch in self.batch_iterator("test", pairs=True):
+            inputs = utils.move_batch(concatenated_inputs(batch, pairwise=True), self.device)
+            logits = self.policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                 use_cache=False).logits
+            lp = losses_lib.sequence_logps(losses_lib.token_logps(logits, inputs["labels"]),
+                                           losses_lib.response_mask(inputs["labels"]))
+            chosen, rejected = losses_lib.split_pairs(lp, len(batch["prompt"]))
+            acc.append((chosen > rejected).float().cpu())
+        return {"heldout/logp_accuracy": torch.cat(acc)} if acc else {}
 
     def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.policy.generate(input_ids=prompt_ids, attention_mask=attention_mask, do_sample=False,

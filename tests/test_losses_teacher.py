@@ -5,6 +5,7 @@ vectorised (and chunked) code in losses.py.
 """
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -103,6 +104,16 @@ def hand_tvkd(pol, ref, tea, labels, alpha, beta, tau, gamma, terminal, use_refe
                 if p == pos[-1] and terminal == "zero":
                     v_next = 0.0
                 psi = gamma * v_next - v_cur
+            elif potential in ("max", "margin", "expectation"):
+                def phi(z):
+                    p = sorted(lsm(z).exp().tolist(), reverse=True)
+                    if potential == "max":
+                        return p[0]
+                    if potential == "margin":
+                        return p[0] - p[1]
+                    return sum(a * b for a, b in zip(lsm(z).exp().tolist(), z.tolist()))
+                v_next = 0.0 if (p == pos[-1] and terminal == "zero") else phi(z_next)
+                psi = gamma * v_next - phi(z_cur)
             elif potential == "logit":
                 psi = z_cur[y].item()
             else:
@@ -117,6 +128,9 @@ def hand_tvkd(pol, ref, tea, labels, alpha, beta, tau, gamma, terminal, use_refe
     dict(alpha=0.7, beta=0.2, gamma=0.9, terminal_value="teacher", value_temperature=0.5),
     dict(alpha=1.0, beta=0.1, gamma=0.95, terminal_value="zero"),
     dict(alpha=0.3, beta=0.1, gamma=1.0, terminal_value="teacher", use_reference=False),
+    dict(alpha=0.5, beta=0.1, gamma=0.9, terminal_value="teacher", potential="max"),
+    dict(alpha=0.5, beta=0.1, gamma=0.8, terminal_value="zero", potential="margin"),
+    dict(alpha=0.5, beta=0.1, gamma=1.0, terminal_value="teacher", potential="expectation"),
     dict(alpha=0.4, beta=0.1, potential="logit"),
     dict(alpha=0.4, beta=0.1, potential="logprob"),
 ])
@@ -376,3 +390,324 @@ def test_kd_bad_config_names_the_key():
         L.get_loss("dckd").validate(cfg_of("dckd", teacher_top_k=0))
     with pytest.raises(ValueError, match=r"loss\.alpha"):
         L.get_loss("tdpo").validate(cfg_of("tdpo", alpha=-1))
+
+
+# ------------------------------------------------------------------ additions: edge cases and caveats
+
+def test_response_ending_at_the_last_position_reads_its_final_state_there():
+    """A response whose EOS sits at input position L-1: its s_{T+1} is logits position L-1,
+    which the shifted [:, :-1] tensors do not contain; the loss must still use it."""
+    pol, ref, tea, labels = make_batch(seed=12)
+    labels[0, PROMPT:] = torch.randint(0, V, (LEN - PROMPT,))   # chosen row 0 ends at L-1
+    assert labels[0, -1] != -100
+    loss, m = run_spec("tvkd", pol, ref, tea, labels, alpha=0.5, gamma=1.0, terminal_value="teacher")
+    assert m["value/chosen_last"][0].item() == pytest.approx(
+        0.1 * torch.logsumexp(tea[0, LEN - 1].double() / 0.1, -1).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(hand_tvkd(pol, ref, tea, labels, 0.5, 0.1, 0.1, 1.0, "teacher"), rel=1e-5)
+    # the final state's logits matter: change them and the loss moves by alpha * delta V
+    tea2 = tea.clone()
+    tea2[0, LEN - 1] += 1.0                                  # V(s_{T+1}^w) += 1 (logsumexp shift)
+    loss2, m2 = run_spec("tvkd", pol, ref, tea2, labels, alpha=0.5, gamma=1.0, terminal_value="teacher")
+    assert (m2["shaping/margin"][0] - m["shaping/margin"][0]).item() == pytest.approx(0.5, abs=1e-5)
+    assert loss2.item() != pytest.approx(loss.item(), abs=1e-4)
+    # ... unless terminal_value is zero
+    z1, _ = run_spec("tvkd", pol, ref, tea, labels, alpha=0.5, terminal_value="zero", gamma=0.9)
+    z2, _ = run_spec("tvkd", pol, ref, tea2, labels, alpha=0.5, terminal_value="zero", gamma=0.9)
+    assert z1.item() == pytest.approx(z2.item(), abs=1e-7)
+
+
+def test_teacher_features_are_one_float_per_state_and_equal_by_hand():
+    pol, ref, tea, labels = make_batch(seed=13)
+    f = L.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", value_temperature=0.7))
+    assert set(f) == {"values"} and f["values"].shape == labels.shape
+    assert torch.allclose(f["values"].double(), 0.7 * torch.logsumexp(tea.double() / 0.7, -1), atol=1e-5)
+    f = L.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", potential="logprob"))
+    assert set(f) == {"values", "psi"} and f["psi"].shape == (labels.shape[0], LEN - 1)
+    f = L.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", variant="released", top_k=3))
+    assert set(f) == {"topk_ids"} and f["topk_ids"].shape == (*labels.shape, 3)
+    f = L.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", variant="released_teacher_value", top_k=3))
+    assert f["teacher_collapsed"].shape == (*labels.shape, 4)
+    assert torch.allclose(f["teacher_collapsed"].exp().sum(-1), torch.ones(labels.shape), atol=1e-5)
+    f = L.get_loss("dckd").teacher_features(tea, labels, cfg_of("dckd"))
+    assert set(f) == {"teacher_logp"} and f["teacher_logp"].shape == tea.shape
+
+
+def test_released_teacher_value_with_student_weight_and_temperature():
+    pol, ref, tea, labels = make_batch(seed=14)
+    kw = dict(top_k=4, gamma=0.7, released_alpha0=0.4, released_alpha1=0.3, released_alpha_tilde=0.5)
+    loss, m = run_spec("tvkd", pol, ref, tea, labels, variant="released_teacher_value", **kw)
+    assert loss.item() == pytest.approx(hand_released(pol, tea, labels, 4, 0.7, "value", 0.4, 0.3, 0.5), rel=1e-5)
+    assert set(m) >= {"rewards/chosen", "logps/chosen", "shaping/chosen", "shaping/margin"}
+    # the released recipe's rewards are R(y): -log sigma(R_w - R_l) is the loss
+    want = -torch.nn.functional.logsigmoid(m["rewards/chosen"] - m["rewards/rejected"]).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_released_gradient_reaches_the_next_state_entropy():
+    """R(y) holds -gamma H(pi~(.|s_{t+1})) for every token but the last: the policy logits at
+    s_T (the state of the last token) get a gradient from it, gamma=0 removes exactly that
+    part, and the state after the last token, s_{T+1}, is never read (0 after the last token)."""
+    pol, ref, tea, labels = make_batch(seed=15)
+    ids = tea.topk(3, -1).indices
+    grads = []
+    for gamma in (0.0, 1.0):
+        p = pol.clone().requires_grad_(True)
+        L.released_rewards(L.collapse_topk(p, ids), None, ids, labels, gamma, "entropy")[0].backward()
+        grads.append(p.grad)
+    pos = response_positions(labels, 0)
+    assert len(pos) >= 2
+    last = pos[-1]
+    assert grads[1][0, last].abs().max() == 0 and grads[1][0, last + 1:].abs().max() == 0
+    assert (grads[1][0, last - 1] - grads[0][0, last - 1]).abs().max() > 1e-3
+    assert (grads[1][0, pos[0] - 1] - grads[0][0, pos[0] - 1]).abs().max() == 0   # s_1 is never a "next" state
+
+
+def test_tdpo_is_finite_where_softmax_underflows_and_matches_float64():
+    """The KL is taken from log-softmax: with logits 1e4 apart, softmax().log() gives -inf
+    and 0 * inf = nan; log-softmax stays exact."""
+    pol, ref, tea, labels = make_batch(seed=16)
+    ref = ref.clone()
+    ref[..., 0] -= 1e4        # the reference puts (numerically) zero mass on token 0
+    pol = pol.clone()
+    pol[..., 1] -= 1e4        # the policy puts zero mass on token 1
+    labels = labels.clone()
+    labels[labels == 1] = 2   # keep the data off the impossible policy token
+    loss, m = run_spec("tdpo", pol, ref, tea, labels)
+    assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in m.values())
+    want, kl = hand_tdpo(pol, ref, labels, 0.5, 0.1, True)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert m["kl/rejected"].tolist() == pytest.approx(kl[2:], rel=1e-5)
+
+
+def test_tdpo_gradient_matches_plain_autograd():
+    pol, ref, tea, labels = make_batch(seed=17)
+    for tdpo2 in (True, False):
+        p = pol.clone().requires_grad_(True)
+        run_spec("tdpo", p, ref, tea, labels, alpha=0.5, beta=0.1, if_tdpo2=tdpo2)[0].backward()
+        q = pol.double().clone().requires_grad_(True)
+        P, R = torch.log_softmax(q[:, :-1], -1), torch.log_softmax(ref.double()[:, :-1], -1)
+        m = (labels[:, 1:] != -100).double()
+        tok = labels[:, 1:].clamp(min=0).unsqueeze(-1)
+        lp = (P.gather(-1, tok).squeeze(-1) * m).sum(-1)
+        lr = (R.gather(-1, tok).squeeze(-1) * m).sum(-1)
+        kl = ((R.exp() * (R - P)).sum(-1) * m).sum(-1)
+        h = (lp[:2] - lr[:2]) - (lp[2:] - lr[2:])
+        u = h - (0.5 * (kl[2:] - kl[:2].detach()) if tdpo2 else (kl[2:] - kl[:2]))
+        (-torch.nn.functional.logsigmoid(0.1 * u)).mean().backward()
+        assert torch.allclose(p.grad.double(), q.grad, atol=1e-6)
+
+
+def test_more_losses_chunked_equal_unchunked(monkeypatch):
+    pol, ref, tea, labels = make_batch(seed=18)
+    cases = [("tvkd", {"potential": "logit"}), ("tvkd", {"potential": "margin", "gamma": 0.9}),
+             ("tvkd", {"variant": "released_teacher_value", "top_k": 3}),
+             ("vanillakd", {"teacher_top_k": 3, "sft_weight": 0.3}), ("vanillakd", {}),
+             ("dckd", {"teacher_top_k": 2})]
+    whole = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in cases]
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 4 * V)   # three positions per chunk (9 = 3 chunks)
+    parts = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in cases]
+    for (n, kw), a, b in zip(cases, whole, parts):
+        assert a.item() == pytest.approx(b.item(), abs=1e-6), (n, kw)
+
+
+def test_vanillakd_topk_all_but_one_equals_full_and_metrics():
+    pol, ref, tea, labels = make_batch(seed=19)
+    full, m = run_spec("vanillakd", pol, ref, tea, labels)
+    collapsed, _ = run_spec("vanillakd", pol, ref, tea, labels, teacher_top_k=V - 1)
+    assert collapsed.item() == pytest.approx(full.item(), rel=1e-5)
+    # the defaults: kd_weight 1, sft_weight 0: the loss is the mean per-token FKL of y_w
+    assert full.item() == pytest.approx(sum(hand_fkl(pol, tea, labels, r) for r in range(2)) / 2, rel=1e-5)
+    assert m["kd/fkl"].shape == (2,) and m["kd/nll"].tolist() == pytest.approx(
+        [hand_nll(pol, labels, r) for r in range(2)], rel=1e-5)
+    assert L.get_loss("vanillakd").pairwise is False and L.get_loss("dckd").pairwise is True
+
+
+def test_kd_vocabulary_mismatch_is_a_clear_error():
+    pol, ref, tea, labels = make_batch(seed=20)
+    big = torch.cat([tea, torch.zeros(*tea.shape[:2], 2)], -1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        run_spec("dckd", pol, ref, big, labels)
+    big[..., -1] = 100.0      # a token the student does not have is in the teacher's top-k
+    with pytest.raises(ValueError, match="tokenizer"):
+        run_spec("dckd", pol, ref, big, labels, teacher_top_k=2)
+    with pytest.raises(ValueError, match=r"loss\.top_k"):
+        run_spec("tvkd", pol, ref, tea, labels, variant="released", top_k=V + 1)
+
+
+def test_missing_alpha_names_the_key_and_yaml_defaults_validate():
+    cfg = cfg_of("tvkd")
+    cfg.alpha = "???"
+    with pytest.raises(ValueError, match=r"loss\.alpha"):
+        L.get_loss("tvkd").validate(cfg)
+    for name in ("tvkd", "tdpo", "vanillakd", "dckd"):
+        cfg = cfg_of(name)
+        assert cfg.name == name
+        L.get_loss(name).validate(cfg)
+    tv = cfg_of("tvkd")
+    assert (tv.beta, tv.gamma, tv.value_temperature, tv.terminal_value, tv.use_reference, tv.potential, tv.variant,
+            tv.top_k, tv.released_alpha0, tv.released_alpha1, tv.released_alpha_tilde) == \
+        (0.1, 1.0, None, "teacher", True, "logsumexp", "paper", 50, 0.7, 0.0, 1.0)
+    td = cfg_of("tdpo")
+    assert (td.alpha, td.beta, td.if_tdpo2) == (0.5, 0.1, True)
+    assert (cfg_of("dckd").lam, cfg_of("dckd").teacher_top_k) == (0.1, None)
+    vk = cfg_of("vanillakd")
+    assert (vk.kd_weight, vk.sft_weight, vk.teacher_top_k) == (1.0, 0.0, None)
+    spec = L.get_loss("tvkd")
+    assert spec.reference_need(tv) == "logps"
+    assert spec.reference_need(cfg_of("tvkd", use_reference=False)) is None
+    assert L.get_loss("tdpo").reference_need(td) == "logits"
+
+
+# ------------------------------------------------------------------ policy invariance by soft value iteration
+
+def soft_vi_policies(r, ref1, ref2, psi1, psi2, beta):
+    """Two-step deterministic MDP: s1 --a--> s2(a) --b--> s3(a, b) (terminal), reward r[a, b] at
+    the end. Soft (KL-regularised) value iteration for max E[sum_t r_t + psi_t] - beta KL(pi || ref):
+        Q2(a, b) = r[a, b] + psi2[a, b];  V2(a) = beta log sum_b ref2[a, b] exp(Q2 / beta)
+        Q1(a)    = psi1[a] + V2(a);       pi_t  = ref_t exp((Q_t - V_t) / beta)
+    Returns (pi1 [A], pi2 [A, A])."""
+    q2 = r + psi2
+    v2 = beta * torch.logsumexp(torch.log(ref2) + q2 / beta, dim=1)
+    pi2 = ref2 * torch.exp((q2 - v2[:, None]) / beta)
+    q1 = psi1 + v2
+    v1 = beta * torch.logsumexp(torch.log(ref1) + q1 / beta, dim=0)
+    return ref1 * torch.exp((q1 - v1) / beta), pi2
+
+
+def tabular_problem(A=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(A, A, generator=g, dtype=torch.float64)
+    ref1 = torch.softmax(torch.randn(A, generator=g, dtype=torch.float64), 0)
+    ref2 = torch.softmax(torch.randn(A, A, generator=g, dtype=torch.float64), 1)
+    z1 = torch.randn(A, generator=g, dtype=torch.float64) * 2        # teacher logits at s1
+    z2 = torch.randn(A, A, generator=g, dtype=torch.float64) * 2     # at s2(a)
+    z3 = torch.randn(A, A, A, generator=g, dtype=torch.float64) * 2  # at s3(a, b)
+    return r, ref1, ref2, z1, z2, z3
+
+
+def loss_psi(phi1, phi2, phi3, gamma, terminal):
+    """psi of both steps for every (a, b), through the loss's own `tvkd_shaping`: a response of
+    two tokens (a, b) with values (V(s1), V(s2(a)), V(s3(a, b)))."""
+    A = phi2.shape[0]
+    cur = torch.stack([phi1.expand(A, A), phi2[:, None].expand(A, A)], -1).reshape(A * A, 2)
+    nxt = torch.stack([phi2[:, None].expand(A, A), phi3], -1).reshape(A * A, 2)
+    psi = L.tvkd_shaping(cur.float(), nxt.float(), torch.ones(A * A, 2), gamma, terminal).double().reshape(A, A, 2)
+    return psi[:, 0, 0], psi[..., 1]     # psi1 depends on a only; psi2 on (a, b)
+
+
+@pytest.mark.parametrize("kind", L.STATE_POTENTIALS)
+def test_soft_value_iteration_state_potentials_keep_the_policy(kind):
+    r, ref1, ref2, z1, z2, z3 = tabular_problem()
+    beta, alpha = 0.5, 1.0
+    base = soft_vi_policies(r, ref1, ref2, torch.zeros(4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64), beta)
+    phi = lambda z: L.state_potential(z.float(), kind, 0.7).double()
+    psi1, psi2 = loss_psi(phi(z1), phi(z2), phi(z3), 1.0, "zero")
+    shaped = soft_vi_policies(r, ref1, ref2, alpha * psi1, alpha * psi2, beta)
+    for got, want in zip(shaped, base):
+        assert (got - want).abs().max() < 1e-6, kind
+
+
+@pytest.mark.parametrize("kind", L.ACTION_POTENTIALS)
+def test_soft_value_iteration_action_potentials_move_the_policy(kind):
+    r, ref1, ref2, z1, z2, z3 = tabular_problem()
+    beta, alpha, A = 0.5, 1.0, 4
+    base = soft_vi_policies(r, ref1, ref2, torch.zeros(A, dtype=torch.float64), torch.zeros(A, A, dtype=torch.float64), beta)
+    psi1 = torch.stack([L.action_potential(z1, torch.tensor(a), kind) for a in range(A)])
+    psi2 = torch.stack([torch.stack([L.action_potential(z2[a], torch.tensor(b), kind) for b in range(A)]) for a in range(A)])
+    shaped = soft_vi_policies(r, ref1, ref2, alpha * psi1, alpha * psi2, beta)
+    assert max((g - w).abs().max().item() for g, w in zip(shaped, base)) > 1e-2, kind
+
+
+def test_invariance_needs_gamma_one_and_a_constant_terminal_potential():
+    """Ng et al.'s theorem for an undiscounted episodic problem (the DPO token MDP) holds for
+    gamma = 1 with a constant terminal potential. TVKD's default terminal_value=teacher makes
+    the shaping alpha (V(s_{T+1}) - V(s_1)): a terminal bonus alpha V_teacher(s_{T+1}) that moves
+    the optimum; gamma < 1 adds -(1-gamma) V(s_{t+1}) at every step and moves it too. (This is
+    where TVKD's distillation signal comes from; with gamma = 1 and terminal zero it is DPO.)"""
+    r, ref1, ref2, z1, z2, z3 = tabular_problem()
+    beta, alpha, A = 0.5, 1.0, 4
+    zeros = torch.zeros(A, dtype=torch.float64), torch.zeros(A, A, dtype=torch.float64)
+    base = soft_vi_policies(r, ref1, ref2, *zeros, beta)
+    phi = lambda z: L.state_potential(z.float(), "logsumexp", 0.7).double()
+    for gamma, terminal in [(1.0, "teacher"), (0.9, "zero")]:
+        psi1, psi2 = loss_psi(phi(z1), phi(z2), phi(z3), gamma, terminal)
+        shaped = soft_vi_policies(r, ref1, ref2, alpha * psi1, alpha * psi2, beta)
+        assert max((g - w).abs().max().item() for g, w in zip(shaped, base)) > 1e-3, (gamma, terminal)
+    # terminal_value=teacher at gamma=1 is exactly a terminal reward alpha V(s3)
+    psi1, psi2 = loss_psi(phi(z1), phi(z2), phi(z3), 1.0, "teacher")
+    shaped = soft_vi_policies(r, ref1, ref2, alpha * psi1, alpha * psi2, beta)
+    bonus = soft_vi_policies(r + alpha * phi(z3), ref1, ref2, *zeros, beta)
+    for g, w in zip(shaped, bonus):
+        assert (g - w).abs().max() < 1e-5
+
+
+PEAK_MEMORY_PROBE = r"""
+import ctypes, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import losses as L
+from omegaconf import OmegaConf
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 1 << 16)       # M_MMAP_THRESHOLD fixed: freed large blocks go back to the system
+torch.set_num_threads(1)
+
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+def peak_growth(fn):
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = hwm()
+    fn()
+    return hwm() - before
+
+g = torch.Generator().manual_seed(0)
+n, length, vocab = 4, 64, 32768
+pol = torch.randn(n, length, vocab, generator=g).requires_grad_(True)
+ref = torch.randn(n, length, vocab, generator=g)
+labels = torch.randint(0, vocab, (n, length), generator=g)
+labels[:, :8] = -100
+L.CHUNK_ELEMENTS = n * vocab                       # one position per chunk (0.5 MB)
+cfg = OmegaConf.create(dict(name="tdpo", alpha=0.5, beta=0.1, if_tdpo2=True))
+run = lambda: L.get_loss("tdpo").compute(
+    L.LossInputs(policy_logits=pol, labels=labels, n_pairs=n // 2, reference_logits=ref), cfg)
+run()                                                # lazy imports
+control = peak_growth(lambda: L.token_logps(ref, labels))   # one full-size logsumexp temporary
+out = [n * length * vocab * 4 / 2 ** 20, control, peak_growth(run)]
+with torch.no_grad():                                # teacher_features run under no_grad
+    for name, kw in [("tvkd", {}), ("tvkd", dict(potential="logprob")), ("tvkd", dict(variant="released_teacher_value")),
+                     ("dckd", dict(teacher_top_k=50)), ("dckd", {})]:
+        base = dict(tvkd=dict(alpha=0.5, beta=0.1, value_temperature=None, potential="logsumexp", variant="paper",
+                              top_k=50), dckd=dict(lam=0.1, teacher_top_k=None))[name]
+        c = OmegaConf.create(dict(name=name, **{**base, **kw}))
+        out.append(peak_growth(lambda: L.get_loss(name).teacher_features(ref, labels, c)))
+print(*out)
+"""
+
+
+def test_tdpo_forward_never_allocates_a_third_full_size_tensor():
+    """Chunking, measured in a fresh process (peak RSS, VmHWM): with fp32 policy and reference
+    logits of 32 MB each allocated beforehand, TDPO's forward pass raises the peak by far less
+    than one more [N, L, V] fp32 tensor, and so do the teacher reductions of tvkd and top-k KD.
+    The control, an unchunked token_logps (one full-size logsumexp temporary), shows the probe
+    does see such a tensor."""
+    import subprocess
+    import sys
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    repo = os.path.dirname(L.__file__)
+    res = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, repo], capture_output=True, text=True, timeout=120)
+    if res.returncode != 0 and ("clear_refs" in res.stderr or "libc" in res.stderr):
+        pytest.skip("cannot reset the peak RSS here: " + res.stderr.strip().splitlines()[-1])
+    assert res.returncode == 0, res.stderr
+    full, control, tdpo, *features = map(float, res.stdout.split())
+    assert control > 0.8 * full, (control, full)
+    assert tdpo < 0.3 * full, (tdpo, full)
+    # teacher_features: the paper's values, the action potentials and the top-k reductions stay
+    # far below one [N, L, V] tensor; full-vocabulary KD keeps exactly one (written in place)
+    *small, kd_full = features
+    assert max(small) < 0.3 * full, (small, full)
+    assert kd_full < 1.3 * full, (kd_full, full)
