@@ -24,6 +24,7 @@ import sys
 from typing import Dict, List, Optional
 
 import torch
+from omegaconf import OmegaConf
 
 import losses
 import preference_datasets as data
@@ -51,18 +52,23 @@ def sequence_logps(model, batch: Dict) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: List[str] = ("embedded",),
                         n_examples: int = 256, batch_size: int = 32, beta: float = 0.1, max_new_tokens: int = 16,
-                        max_length: int = 48, max_prompt_length: int = 24, generations: Optional[str] = None) -> Dict:
+                        max_length: int = 48, max_prompt_length: int = 24, generations: Optional[str] = None,
+                        options=None) -> Dict:
+    """`options`: the `data:` config section (local copies, chat template). SFT-only data sets
+    have no pairs: only the generations are scored and saved."""
     model, tokenizer = load(path)
-    ref = load(reference)[0] if reference else None
+    pairs = data.pairs_available(list(datasets), options)
+    ref = load(reference)[0] if reference and pairs else None
     sums: Dict[str, List[float]] = {}
     rows = []
     batches = data.get_batch_iterator(list(datasets), tokenizer, split="test", batch_size=batch_size, shuffle=False,
                                       max_length=max_length, max_prompt_length=max_prompt_length,
-                                      n_examples=n_examples, silent=True)
+                                      n_examples=n_examples, silent=True, sft_mode=not pairs, options=options)
     for batch in batches:
         b = len(batch["prompt"])
-        lp = sequence_logps(model, batch)
-        sums.setdefault("logp_accuracy", []).extend((lp[:b] > lp[b:]).float().tolist())
+        lp = sequence_logps(model, batch) if pairs else None
+        if pairs:
+            sums.setdefault("logp_accuracy", []).extend((lp[:b] > lp[b:]).float().tolist())
         if ref is not None:
             r = beta * (lp - sequence_logps(ref, batch))
             sums.setdefault("pref_accuracy", []).extend((r[:b] > r[b:]).float().tolist())
@@ -100,10 +106,13 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--max-prompt-length", type=int, default=24)
     p.add_argument("--generations", help="write prompts and greedy completions to this JSONL file")
+    p.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="data options as in the config, e.g. paths.dpomix=/data/dpo-mix-7k skip_invalid=true")
     a = p.parse_args(argv)
     try:
         result = evaluate_checkpoint(a.checkpoint, a.reference, a.datasets, a.n, a.batch_size, a.beta,
-                                     a.max_new_tokens, a.max_length, a.max_prompt_length, a.generations)
+                                     a.max_new_tokens, a.max_length, a.max_prompt_length, a.generations,
+                                     OmegaConf.to_container(OmegaConf.from_dotlist(a.data)) if a.data else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -88,6 +88,23 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"wandb.mode={cfg.wandb.mode!r}: use online, offline or disabled")
 
 
+def check_data(cfg: DictConfig):
+    """Load and validate every data set split before any model is loaded (rank 0 / the
+    launching process only): a bad row stops the run here, naming its file and row, or with
+    data.skip_invalid=true is skipped and counted. Returns {name/split: {examples, skipped}}."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    import preference_datasets as data
+    spec = losses.get_loss(cfg.loss.name)
+    tokenizer = data.get_tokenizer(cfg.model.tokenizer)
+    report = data.check_datasets(list(cfg.datasets), tokenizer, cfg.get("data"), need_pairs=not spec.sft_targets)
+    for key, r in report.items():
+        if r["skipped"]:
+            utils.rank0_print(f"data: {key}: {r['examples']} examples, {r['skipped']} invalid rows skipped "
+                              "(data.skip_invalid=true)")
+    return report
+
+
 def world_size_for(cfg: DictConfig) -> int:
     if cfg.trainer.name != "FSDPTrainer":
         return 1
@@ -184,8 +201,11 @@ def run(cfg: DictConfig, overrides=()) -> str:
     if cfg.exp_name is None:
         cfg.exp_name = derive_exp_name(cfg, overrides)
     validate_config(cfg)
+    data_report = check_data(cfg)
     run_dir = prepare_run_dir(cfg) if int(os.environ.get("RANK", 0)) == 0 else \
         os.path.abspath(os.path.join(cfg.runs_dir, cfg.exp_name))
+    if data_report is not None:
+        utils.atomic_write_json(os.path.join(run_dir, "data_summary.json"), data_report)
     if cfg.resume and is_done(run_dir, cfg):
         utils.rank0_print(f"{run_dir} is complete (DONE); nothing to resume")
         return run_dir

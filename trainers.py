@@ -203,7 +203,7 @@ class BasicTrainer:
             sft_mode=self.spec.sft_targets and not pairs, n_epochs=cfg.n_epochs if train else 1,
             n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
             rank=self.rank, world_size=self.world_size, truncation_mode=cfg.truncation_mode,
-            skip_batches=skip_batches)
+            skip_batches=skip_batches, options=cfg.get("data"), cache_dir=data.cache_dir_of(cfg.get("data")))
 
     def train(self):
         cfg = self.cfg
@@ -313,6 +313,8 @@ class BasicTrainer:
         chosen response a higher log-probability than the rejected one? Logged for every
         loss (KD losses have no implicit reward), so methods compare on one curve."""
         acc = []
+        if not data.pairs_available(list(self.cfg.datasets), self.cfg.get("data")):
+            return {}  # SFT-only data sets have no pairs to rank
         for batch in self.batch_iterator("test", pairs=True):
             inputs = utils.move_batch(concatenated_inputs(batch, pairwise=True), self.device)
             logits = self.policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],

@@ -1,0 +1,150 @@
+"""Rebuild the results table and plot of a pipeline directory.
+
+    python report.py runs/pipeline
+
+Reads <dir>/{teacher_dpo,teacher_sft,student_sft}/eval.json and <dir>/methods/*/eval.json
+(written by pipeline.py / evaluate.py) and the runs' metrics.jsonl, and writes
+<dir>/results.md, results.csv and results.png. Rows: DPO teacher, SFT teacher, SFT student,
+then each student method (runs named <method>_seed<k>); columns: mean and standard
+deviation over seeds of each metric.
+"""
+import csv
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+from typing import Dict, List
+
+COLUMNS = [("task_exact", "task exact"), ("task_partial", "task partial"),
+           ("logp_accuracy", "held-out logp acc."), ("pref_accuracy", "pref. acc. (vs ref)"),
+           ("pref_margin", "pref. margin")]
+FIXED = [("DPO teacher", "teacher_dpo"), ("SFT teacher", "teacher_sft"), ("SFT student", "student_sft")]
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def collect(root: str) -> Dict[str, List[dict]]:
+    """{row name: [eval results, one per seed]} in table order."""
+    rows: Dict[str, List[dict]] = {}
+    for name, sub in FIXED:
+        path = os.path.join(root, sub, "eval.json")
+        if os.path.exists(path):
+            rows[name] = [load_json(path)]
+    for path in sorted(glob.glob(os.path.join(root, "methods", "*", "eval.json"))):
+        run = os.path.basename(os.path.dirname(path))
+        method = re.sub(r"_seed\d+$", "", run)
+        rows.setdefault(method, []).append(load_json(path))
+    if not rows:
+        raise ValueError(f"{root}: no eval.json found (run pipeline.py, or evaluate.py on its runs)")
+    return rows
+
+
+def mean_std(values: List[float]):
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: Dict[str, List[dict]]) -> List[dict]:
+    out = []
+    for name, results in rows.items():
+        row = {"method": name, "seeds": len(results)}
+        for key, _ in COLUMNS:
+            # pref_* exist only for models evaluated against a reference (not the SFT rows)
+            m, s = mean_std([r[key] for r in results if key in r])
+            row[key], row[key + "_std"] = m, s
+        out.append(row)
+    return out
+
+
+def markdown(summary: List[dict]) -> str:
+    present = [(k, t) for k, t in COLUMNS if any(r[k] is not None for r in summary)]
+    lines = ["| method | seeds | " + " | ".join(t for _, t in present) + " |",
+             "|---|---|" + "---|" * len(present)]
+    for r in summary:
+        cells = [("-" if r[k] is None else f"{r[k]:.3f} ± {r[k + '_std']:.3f}") for k, _ in present]
+        lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curves(root: str) -> Dict[str, List[tuple]]:
+    """{method: [(examples, mean held-out logp accuracy over seeds)]} from the runs' metrics."""
+    per: Dict[str, Dict[int, List[float]]] = {}
+    for path in glob.glob(os.path.join(root, "methods", "*", "metrics.jsonl")):
+        method = re.sub(r"_seed\d+$", "", os.path.basename(os.path.dirname(path)))
+        last: Dict[int, float] = {}
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if "heldout_eval/logp_accuracy" in rec:
+                    last[rec["examples"]] = rec["heldout_eval/logp_accuracy"]  # a resumed run's last word
+        for ex, v in last.items():
+            per.setdefault(method, {}).setdefault(ex, []).append(v)
+    return {m: sorted((ex, statistics.mean(v)) for ex, v in d.items()) for m, d in sorted(per.items())}
+
+
+def plot(root: str, summary: List[dict], path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key = "task_partial" if any(r["task_partial"] is not None for r in summary) else "logp_accuracy"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = [r["method"] for r in summary if r[key] is not None]
+    vals = [r[key] for r in summary if r[key] is not None]
+    errs = [r[key + "_std"] for r in summary if r[key] is not None]
+    colors = ["#888888" if n in dict(FIXED) else "#1f77b4" for n in names]
+    ax1.bar(names, vals, yerr=errs, capsize=4, color=colors)
+    ax1.set_ylabel(key.replace("_", " ") + " (held-out)")
+    ax1.set_title("score per model (mean ± std over seeds)")
+    lo = min(vals) if vals else 0
+    ax1.set_ylim(max(0.0, lo - 0.1), min(1.0, max(vals) + 0.05) if vals else 1)
+    ax1.tick_params(axis="x", rotation=30)
+    for method, pts in curves(root).items():
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax2.set_xlabel("training examples")
+    ax2.set_ylabel("held-out preference accuracy (log p(y_w) > log p(y_l))")
+    ax2.set_title("training curves")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def write_report(root: str) -> str:
+    summary = summarise(collect(root))
+    table = markdown(summary)
+    with open(os.path.join(root, "results.md.tmp"), "w") as f:
+        f.write(table + "\n")
+    os.replace(os.path.join(root, "results.md.tmp"), os.path.join(root, "results.md"))
+    fields = ["method", "seeds"] + [x for k, _ in COLUMNS for x in (k, k + "_std")]
+    with open(os.path.join(root, "results.csv.tmp"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in summary:
+            w.writerow({k: r.get(k) for k in fields})
+    os.replace(os.path.join(root, "results.csv.tmp"), os.path.join(root, "results.csv"))
+    plot(root, summary, os.path.join(root, "results.png"))
+    return table
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    try:
+        print(write_report(argv[0]))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
