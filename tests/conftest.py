@@ -45,6 +45,8 @@ def read_metrics(run_dir):
 @pytest.fixture(autouse=True)
 def _offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    # the tokenisation cache of train.py runs stays inside the test's directory
+    monkeypatch.setenv("PREFERENCE_DATA_CACHE", str(tmp_path / "preference_data_cache"))
 
 
 @pytest.fixture(scope="session")
