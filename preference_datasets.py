@@ -62,6 +62,7 @@ import os
 import random
 import re
 from functools import lru_cache
+from html.parser import HTMLParser
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -420,7 +421,7 @@ def convert_shp(row: Dict) -> List[Dict]:
     return [pair_example(f"\n\nHuman: {history}\n\nAssistant:", " " + chosen, " " + rejected, False)]
 
 
-class _HTMLText(__import__("html.parser").parser.HTMLParser):
+class _HTMLText(HTMLParser):
     """Text of top-level <p> elements and of <code> inside <pre> or at top level, as the DPO
     repo's strip_html_tags keeps them (stdlib only). One difference: text inside inline tags
     of a paragraph (<b>, <a>, <code>) is kept, where the DPO repo drops it."""
@@ -942,8 +943,6 @@ def tokenize_pair(
     truncation_mode: str = "keep_end",
 ) -> Dict:
     """Token ids, masks and labels of one raw (prompt, chosen, rejected) triple."""
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"unknown truncation_mode {truncation_mode!r}; expected one of {TRUNCATION_MODES}")
     ids = encode_text(prompt, {"chosen": chosen, "rejected": rejected}, tokenizer)
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     out.update(build_pair(ids["prompt"], ids["chosen"], ids["rejected"], tokenizer.bos_token_id, max_length,
