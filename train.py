@@ -15,12 +15,18 @@ Sweeps are Hydra multiruns:
 
     python train.py --multirun loss=dpo,ipo loss.beta=0.05,0.1 seed=0,1
 
-Every bad config value is reported here, before any model is loaded.
+Every bad config value is reported here, before any model is loaded; in a sweep, every
+job is checked before the first one trains, a job that fails later does not stop the
+others, and the sweep ends with a summary and a non-zero exit code if any job failed.
+Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary: `resume=true`
+continues from it.
 """
 import hashlib
+import math
 import os
 import re
 import sys
+import traceback
 
 import hydra
 import torch
@@ -52,9 +58,15 @@ def validate_config(cfg: DictConfig) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ValueError(f"missing required config values: {sorted(missing)}; pass them as key=value")
+    check_types(cfg)
+    check_ranges(cfg)
     spec = losses.get_loss(cfg.loss.name)
     if spec.validate is not None:
-        spec.validate(cfg.loss)
+        try:
+            spec.validate(cfg.loss)
+        except TypeError as e:  # a value of the wrong type reached a comparison
+            raise ValueError(f"loss={cfg.loss.name}: a loss.* value has the wrong type ({e}); "
+                             f"loss is {OmegaConf.to_container(cfg.loss)}") from None
     if spec.teacher_need(cfg.loss) and cfg.teacher.name == "none":
         raise ValueError(f"loss={cfg.loss.name} needs a teacher: pass teacher=<name> (e.g. teacher=tiny_teacher "
                          "teacher.archive=<a DPO-trained run>/LATEST)")
@@ -68,24 +80,119 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={cfg[key]} must be a positive multiple of world size ({world})"
                              + (f" x gradient_accumulation_steps ({cfg.gradient_accumulation_steps})"
                                 if key == "batch_size" else ""))
-    if cfg.n_epochs is None and cfg.n_examples is None:
-        raise ValueError("set n_epochs or n_examples")
     if not hasattr(torch.optim, str(cfg.optimizer)):
         raise ValueError(f"optimizer={cfg.optimizer!r} is not a torch.optim class")
     for key in ("model", "teacher"):
         archive = cfg[key].get("archive")
         if archive:
             path = utils.resolve_checkpoint(archive)
-            if not os.path.isfile(os.path.join(path, "config.json")):
-                raise ValueError(f"{key}.archive={archive!r} is not a checkpoint (no config.json at {path}); "
-                                 "point it at a run directory, its LATEST file or a step-* directory")
+            problem = utils.model_dir_problem(path) if os.path.isdir(path) else f"no directory {path}"
+            if problem:
+                raise ValueError(f"{key}.archive={archive!r} is not a usable checkpoint: {problem}; point it at a "
+                                 "run directory, its LATEST file or a complete step-* directory")
     if cfg.model.name_or_path is None and cfg.model.get("init_config") is None:
         raise ValueError(f"model={cfg.model.name}: set model.name_or_path or model.init_config")
     import trainers
     if cfg.trainer.name not in trainers.TRAINERS:
         raise ValueError(f"unknown trainer {cfg.trainer.name!r}; choose one of {sorted(trainers.TRAINERS)}")
-    if cfg.wandb.mode not in ("online", "offline", "disabled"):
+    if cfg.wandb.mode not in WANDB_MODES:
         raise ValueError(f"wandb.mode={cfg.wandb.mode!r}: use online, offline or disabled")
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _defaults_of(cfg: DictConfig) -> dict:
+    """The shipped defaults: config.yaml and the YAML of each chosen group option, so that
+    every key is checked against the type it was written with."""
+    root = os.path.join(utils.REPO_DIR, "config")
+    out = OmegaConf.to_container(OmegaConf.load(os.path.join(root, "config.yaml")))
+    out.pop("defaults", None)
+    out.pop("hydra", None)
+    for group in ("loss", "model", "teacher", "trainer"):
+        path = os.path.join(root, group, f"{cfg[group].get('name')}.yaml")
+        if os.path.exists(path):
+            out[group] = OmegaConf.to_container(OmegaConf.load(path))
+    return out
+
+
+# Top-level numeric keys whose default is (or may be) null, with the type they take.
+NULLABLE_NUMBERS = {"n_epochs": int, "save_every": int, "num_threads": int, "save_every_minutes": float,
+                    "max_grad_norm": float}
+
+
+# Keys holding text whose default is null (a bare `nan` or `inf` there is a name, not a number).
+TEXT_KEYS = {"exp_name", "wandb.entity", "wandb.name", "wandb.dir"}
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Every value has the type of its shipped default (a number stays a number, an integer an
+    integer, a flag a flag), and no float anywhere is inf or nan."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("hydra", None)
+
+    def walk(value, default, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, default.get(k) if isinstance(default, dict) else None, f"{key}.{k}" if key else k)
+            return
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, None, f"{key}[{i}]")
+            return
+        if isinstance(value, float) and not math.isfinite(value) and not isinstance(default, str) \
+                and key not in TEXT_KEYS:
+            raise ValueError(f"{key}={value} is not a finite number")
+        kind = NULLABLE_NUMBERS.get(key) or (None if default is None else type(default))
+        if value is None or kind is None or kind is str:
+            return
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}={value!r} must be true or false")
+        elif kind in (int, float):
+            if not _is_number(value):
+                raise ValueError(f"{key}={value!r} must be a number")
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{key}={value!r} must be a whole number")
+    walk(values, _defaults_of(cfg), "")
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Ranges of the training loop's own keys (the loss checks its own in its validate)."""
+    def need(key, ok, what):
+        if not ok(cfg.get(key)):
+            raise ValueError(f"{key}={cfg.get(key)!r} {what}")
+    positive_or_null = lambda v: v is None or v >= 1
+    need("gradient_accumulation_steps", lambda v: v >= 1, "must be >= 1")
+    need("n_examples", positive_or_null, "must be >= 1, or null to train for n_epochs")
+    need("n_epochs", positive_or_null, "must be >= 1, or null to train for n_examples")
+    if cfg.n_epochs is None and cfg.n_examples is None:
+        raise ValueError("set n_epochs or n_examples")
+    need("eval_every", positive_or_null, "must be >= 1 examples, or null to evaluate only at the end")
+    need("save_every", positive_or_null, "must be >= 1 examples, or null to save only at the end "
+                                         "(and every save_every_minutes)")
+    need("save_every_minutes", lambda v: v is None or v > 0, "must be > 0, or null")
+    need("keep_checkpoints", lambda v: v >= 1, "must be >= 1 (the newest checkpoint is always kept)")
+    need("max_nonfinite_steps", lambda v: v >= 0, "must be >= 0 (0: stop at the first non-finite step)")
+    need("n_eval_examples", lambda v: v >= 1, "must be >= 1")
+    need("n_eval_samples", lambda v: v >= 1, "must be >= 1")
+    need("max_new_tokens", lambda v: v >= 1, "must be >= 1")
+    need("lr", lambda v: v >= 0, "must be >= 0")
+    need("weight_decay", lambda v: v >= 0, "must be >= 0")
+    need("warmup_steps", lambda v: v >= 0, "must be >= 0")
+    need("max_grad_norm", lambda v: v is None or v > 0, "must be > 0 (or null: no clipping)")
+    need("max_length", lambda v: v >= 2, "must be >= 2 tokens")
+    if not 1 <= cfg.max_prompt_length < cfg.max_length:
+        raise ValueError(f"max_prompt_length={cfg.max_prompt_length} must be >= 1 and below "
+                         f"max_length={cfg.max_length} (a response needs room)")
+    import preference_datasets as data
+    if cfg.truncation_mode not in data.TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode={cfg.truncation_mode!r}: use one of {list(data.TRUNCATION_MODES)}")
+    need("num_threads", lambda v: v is None or v >= 1, "must be >= 1 (or null)")
 
 
 def check_data(cfg: DictConfig):
@@ -117,11 +224,13 @@ def world_size_for(cfg: DictConfig) -> int:
 
 
 def prepare_run_dir(cfg: DictConfig) -> str:
-    run_dir = os.path.abspath(os.path.join(cfg.runs_dir, cfg.exp_name))
-    has_ckpt = os.path.exists(os.path.join(run_dir, "LATEST"))
-    if has_ckpt and not cfg.resume and not cfg.overwrite:
-        raise ValueError(f"{run_dir} already holds a run: pass resume=true to continue it, overwrite=true to "
-                         "start over in it, or another exp_name")
+    """Create the run directory, refuse one that holds another run (unless resume/overwrite),
+    and refuse a resume whose settings differ from its checkpoint's. Called with the run's
+    lock held, so nothing is written while another process trains there."""
+    run_dir = run_dir_of(cfg)
+    check_run_dir(cfg)
+    if cfg.resume:
+        check_resume_settings(cfg, run_dir)
     if cfg.overwrite and not cfg.resume and os.path.isdir(run_dir):
         for name in os.listdir(run_dir):
             if name.startswith(("step-", ".step-", "LATEST", "DONE", "metrics.jsonl")):
@@ -130,6 +239,58 @@ def prepare_run_dir(cfg: DictConfig) -> str:
     os.makedirs(run_dir, exist_ok=True)
     utils.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
     return run_dir
+
+
+def run_dir_of(cfg: DictConfig) -> str:
+    return os.path.abspath(os.path.join(cfg.runs_dir, cfg.exp_name))
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    run_dir = run_dir_of(cfg)
+    if os.path.exists(os.path.join(run_dir, "LATEST")) and not cfg.resume and not cfg.overwrite:
+        raise ValueError(f"{run_dir} already holds a run: pass resume=true to continue it, overwrite=true to "
+                         "start over in it, or another exp_name")
+
+
+# Settings a resumed run may change: where and how it runs, how long, how often it evaluates,
+# saves and logs. Everything else changes what is trained and must match the checkpoint's.
+RESUME_FREE = NAME_NEUTRAL | {"n_examples", "n_epochs", "eval_every", "n_eval_examples", "eval_batch_size",
+                              "do_first_eval", "sample_during_eval", "n_eval_samples", "max_new_tokens",
+                              "save_every", "save_every_minutes", "keep_checkpoints", "max_nonfinite_steps",
+                              "resume_allow_changes", "trainer", "activation_checkpointing", "data.cache_dir"}
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
+    """Refuse a resume whose training-relevant settings differ from its checkpoint's, naming
+    each differing key (resume_allow_changes=true accepts them)."""
+    ckpt = utils.find_resume_checkpoint(run_dir, log=lambda *a: None)
+    if ckpt is None:
+        return
+    import json
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        saved = _flatten(json.load(f).get("config", {}))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    free = lambda k: k in RESUME_FREE or k.split(".")[0] in RESUME_FREE
+    diffs = [f"{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} now"
+             for k in sorted(set(saved) | set(now)) if not free(k) and saved.get(k) != now.get(k)]
+    if diffs and not cfg.get("resume_allow_changes", False):
+        raise ValueError(f"resume=true: {os.path.basename(ckpt)} of {run_dir} was trained with other settings:\n  "
+                         + "\n  ".join(diffs) + "\nresume with the checkpoint's values, start a new run "
+                         "(another exp_name, or overwrite=true), or pass resume_allow_changes=true to continue "
+                         "with the new ones")
+    if diffs:
+        utils.rank0_print("resume_allow_changes=true: continuing with changed settings:\n  " + "\n  ".join(diffs))
 
 
 def is_done(run_dir: str, cfg: DictConfig) -> bool:
@@ -142,6 +303,17 @@ def is_done(run_dir: str, cfg: DictConfig) -> bool:
     with open(path) as f:
         done = json.load(f)
     return done.get("n_examples") == cfg.n_examples and done.get("n_epochs") == cfg.n_epochs
+
+
+def apply_wandb_env(cfg: DictConfig, overrides) -> None:
+    """wandb's convention: WANDB_MODE in the environment wins over the config file's default;
+    an explicit wandb.mode=... on the command line wins over both."""
+    env = os.environ.get("WANDB_MODE")
+    if env and not any(o.lstrip("+").startswith("wandb.mode=") for o in overrides):
+        mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+        if mode not in WANDB_MODES:
+            raise ValueError(f"the environment's WANDB_MODE={env!r}: use online, offline or disabled")
+        cfg.wandb.mode = mode
 
 
 def init_wandb(cfg: DictConfig, run_dir: str):
@@ -177,14 +349,18 @@ def worker(rank: int, world_size: int, cfg: DictConfig, run_dir: str):
         dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         rank, world_size = dist.get_rank(), dist.get_world_size()
     utils.set_seed(cfg.seed)
+    trainer = None
     try:
         trainer = cls(cfg, run_dir, rank=rank, world_size=world_size)
         if rank == 0:
             trainer.wandb_run = init_wandb(cfg, run_dir)
         trainer.train()
-        if rank == 0 and getattr(trainer, "wandb_run", None) is not None:
-            trainer.wandb_run.finish()
+    except utils.TrainingStopped as e:
+        # saved and stopped cleanly: the launcher sees no DONE and reports it
+        utils.rank0_print(str(e))
     finally:
+        if trainer is not None and getattr(trainer, "wandb_run", None) is not None:
+            trainer.wandb_run.finish()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -196,40 +372,151 @@ def spawned_worker(rank, world_size, cfg_container, run_dir):
     worker(rank, world_size, OmegaConf.create(cfg_container), run_dir)
 
 
-def run(cfg: DictConfig, overrides=()) -> str:
-    """Validate, prepare the run directory and train; returns the run directory."""
+def prepare(cfg: DictConfig, overrides=()) -> DictConfig:
+    """Everything that can be checked without a model: derive the run name, apply the
+    environment's wandb mode, validate the config. Raises ValueError naming the key."""
     if cfg.exp_name is None:
         cfg.exp_name = derive_exp_name(cfg, overrides)
+    apply_wandb_env(cfg, overrides)
     validate_config(cfg)
+    return cfg
+
+
+def run(cfg: DictConfig, overrides=()) -> str:
+    """Validate, prepare the run directory and train; returns the run directory."""
+    prepare(cfg, overrides)
     data_report = check_data(cfg)
-    run_dir = prepare_run_dir(cfg) if int(os.environ.get("RANK", 0)) == 0 else \
-        os.path.abspath(os.path.join(cfg.runs_dir, cfg.exp_name))
-    if data_report is not None:
-        utils.atomic_write_json(os.path.join(run_dir, "data_summary.json"), data_report)
-    if cfg.resume and is_done(run_dir, cfg):
-        utils.rank0_print(f"{run_dir} is complete (DONE); nothing to resume")
-        return run_dir
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    lock = None
+    if rank0:
+        os.makedirs(run_dir_of(cfg), exist_ok=True)
+        lock = utils.RunLock(run_dir_of(cfg)).acquire()  # one writer per run directory
+    try:
+        run_dir = prepare_run_dir(cfg) if rank0 else run_dir_of(cfg)
+        if data_report is not None:
+            utils.atomic_write_json(os.path.join(run_dir, "data_summary.json"), data_report)
+        if cfg.resume and is_done(run_dir, cfg):
+            utils.rank0_print(f"{run_dir} is complete (DONE); nothing to resume")
+            return run_dir
+        launch(cfg, run_dir)
+        if rank0 and not os.path.exists(os.path.join(run_dir, "DONE")):
+            # a worker stopped on a signal after saving (the spawn path returns normally)
+            raise utils.TrainingStopped(f"{run_dir} stopped before its end; resume=true continues it")
+    finally:
+        if lock is not None:
+            lock.release()
+    return run_dir
+
+
+def launch(cfg: DictConfig, run_dir: str) -> None:
     world = world_size_for(cfg)
     if cfg.trainer.name == "FSDPTrainer" and "WORLD_SIZE" not in os.environ:
         # Pass only the config: each worker loads its own models (passing loaded models
         # through mp.spawn is what broke the DPO repo's launch).
-        mp.spawn(spawned_worker, args=(world, OmegaConf.to_container(cfg, resolve=True), run_dir), nprocs=world,
-                 join=True)
+        ctx = mp.start_processes(spawned_worker, args=(world, OmegaConf.to_container(cfg, resolve=True), run_dir),
+                                 nprocs=world, join=False, start_method="spawn")
+        import signal
+
+        def forward(signum, frame):  # the workers save and stop; this process waits for them
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signum)
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not ctx.join():
+                pass
+        except mp.ProcessRaisedException as e:
+            # a worker's own message (its last traceback line) is what the user needs
+            last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
+            raise utils.RunError(f"a training process failed: {last}") from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     else:
         worker(int(os.environ.get("RANK", 0)), world, cfg, run_dir)
-    return run_dir
+
+
+# ------------------------------------------------------------------ sweeps
+
+class Sweep:
+    """A Hydra multirun in this process (the basic launcher runs jobs one after another):
+    job 0 checks every job before any trains; failures are collected, not raised, and the
+    last job prints the summary and sets the exit code."""
+    jobs = None       # every job's overrides, from job 0
+    failures = []     # (job number, overrides, error)
+
+    @classmethod
+    def job_overrides(cls, argv):
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        args = [a for a in argv if not a.startswith("-") and "=" in a and not a.lstrip("+~").startswith("hydra")]
+        parsed = OverridesParser.create().parse_overrides(overrides=args)
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+    @classmethod
+    def check_all(cls, argv) -> None:
+        from hydra import compose
+        cls.jobs, cls.failures = cls.job_overrides(argv), []
+        problems, checked_data, names = [], set(), {}
+        for i, job in enumerate(cls.jobs):
+            try:
+                cfg = compose(config_name="config", overrides=job)
+                OmegaConf.set_struct(cfg, False)
+                prepare(cfg, job)
+                if cfg.exp_name in names:
+                    raise ValueError(f"same run directory as job {names[cfg.exp_name]} ({cfg.exp_name}): "
+                                     "give each job its own exp_name")
+                names[cfg.exp_name] = i
+                check_run_dir(cfg)
+                key = OmegaConf.to_yaml(OmegaConf.create({"d": cfg.datasets, "o": cfg.get("data"),
+                                                          "l": cfg.loss.name, "t": cfg.model.tokenizer}))
+                if key not in checked_data:
+                    check_data(cfg)
+                    checked_data.add(key)
+            except Exception as e:  # every problem of every job, reported together
+                problems.append(f"job {i} ({' '.join(job)}): {e}")
+        if problems:
+            raise ValueError(f"{len(problems)} of {len(cls.jobs)} sweep jobs are invalid; nothing was trained:\n  "
+                             + "\n  ".join(problems))
+        print(f"sweep: all {len(cls.jobs)} jobs checked", flush=True)
+
+    @classmethod
+    def finish(cls) -> None:
+        n = len(cls.jobs or [])
+        if not cls.failures:
+            print(f"sweep: all {n} jobs finished", flush=True)
+            return
+        lines = [f"job {i} ({' '.join(o)}): {e}" for i, o, e in cls.failures]
+        print(f"sweep: {len(cls.failures)} of {n} jobs failed:\n  " + "\n  ".join(lines), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
-    overrides = list(HydraConfig.get().overrides.task)
+    from hydra.types import RunMode
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
     OmegaConf.set_struct(cfg, False)
+    multirun = hc.mode == RunMode.MULTIRUN
+    job = int(hc.job.num) if multirun else 0
     try:
+        if multirun and job == 0:
+            Sweep.check_all(sys.argv[1:])
         run(cfg, overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, utils.RunError) as e:
+        if not multirun or Sweep.jobs is None:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(130 if isinstance(e, utils.TrainingStopped) else 2)
+        print(f"error in sweep job {job}: {e}", file=sys.stderr, flush=True)
+        Sweep.failures.append((job, overrides, e))
+    except Exception as e:
+        if not multirun or Sweep.jobs is None:
+            raise
+        traceback.print_exc()
+        Sweep.failures.append((job, overrides, f"{type(e).__name__}: {e}"))
+    if multirun and Sweep.jobs is not None and job == len(Sweep.jobs) - 1:
+        Sweep.finish()
 
 
 if __name__ == "__main__":

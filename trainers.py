@@ -11,13 +11,23 @@ logging) is shared.
 Checkpoints. ``<run>/step-XXXXXXXX/`` is a Hugging Face directory (config.json,
 model.safetensors, tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` loads
 with no code of ours, plus ``optimizer.pt``, ``trainer_state.json`` and one RNG file per
-rank. It is written under a temporary name and renamed once complete; ``<run>/LATEST`` is
-then replaced atomically. A crash mid-save leaves LATEST pointing at the previous one.
+rank. It is written under a temporary name; once every file is on disk a ``COMPLETE``
+manifest records their sizes, the directory is renamed into place and ``<run>/LATEST`` is
+replaced atomically. A step is saved once; the directory LATEST names is never deleted or
+rewritten in place; a checkpoint whose files do not match its manifest is not complete, and
+``resume=true`` then falls back to the newest complete one. A crash mid-save leaves LATEST
+pointing at the previous checkpoint; a failed write (a full disk) removes its partial directory.
+
+Stopping. A non-finite loss or gradient norm stops the run naming the step (or, with
+``max_nonfinite_steps=N``, skips up to N such steps in a row), so no non-finite weights are
+ever saved. SIGINT / SIGTERM stop at the next step boundary with a checkpoint that
+``resume=true`` continues; so a long run loses at most ``save_every_minutes`` of work.
 """
 import contextlib
 import json
 import math
 import os
+import signal
 import time
 from typing import Dict, Iterator, List, Optional
 
@@ -28,7 +38,15 @@ from omegaconf import DictConfig, OmegaConf
 import losses as losses_lib
 import preference_datasets as data
 import utils
-from utils import rank0_print
+from utils import RunError, TrainingStopped, rank0_print
+
+
+class NonFiniteError(RunError):
+    """A non-finite loss, gradient norm or weight: the run stops before it can be saved."""
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (a full disk, say); its partial directory is removed."""
 
 
 # ------------------------------------------------------------------ models
@@ -109,14 +127,18 @@ class BasicTrainer:
         self.tokenizer = load_tokenizer(cfg.model)
         self.teacher = self.reference = None
         self.examples_seen, self.step = 0, 0
+        self.saved_step = None  # the step of the newest checkpoint written or resumed from
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.resume_ckpt = utils.find_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
         self.setup_models()
         self.optimizer = getattr(torch.optim, cfg.optimizer)(
             [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-        if cfg.resume and os.path.exists(os.path.join(run_dir, "LATEST")):
-            self.load_training_state(utils.resolve_checkpoint(os.path.join(run_dir, "LATEST")))
+        if self.resume_ckpt is not None:
+            self.load_training_state(self.resume_ckpt)
+        if cfg.resume and self.rank == 0:
+            trim_metrics(self.metrics_path, self.step)
 
     # -- set-up ---------------------------------------------------------------
     def pick_device(self) -> torch.device:
@@ -135,9 +157,7 @@ class BasicTrainer:
             # Tokenizers are cheap: check them before any model is loaded.
             t_tok = load_tokenizer(cfg.teacher)
             check_same_tokenizer(self.tokenizer, t_tok)
-        resume_ckpt = None
-        if cfg.resume and os.path.exists(os.path.join(self.run_dir, "LATEST")):
-            resume_ckpt = utils.resolve_checkpoint(os.path.join(self.run_dir, "LATEST"))
+        resume_ckpt = self.resume_ckpt
         policy_dtype = utils.get_dtype(cfg.model.policy_dtype)
         policy = build_model(cfg.model, self.tokenizer, policy_dtype, resume_ckpt or cfg.model.archive, cfg.seed)
         need_ref = self.spec.reference_need(cfg.loss)
@@ -207,52 +227,37 @@ class BasicTrainer:
 
     def train(self):
         cfg = self.cfg
-        accum = cfg.gradient_accumulation_steps
         batches = self.batch_iterator("train", skip_batches=self.step)
-        total = cfg.n_examples or None
         bar = None
         if cfg.progress_bar and self.rank == 0:
             from tqdm import tqdm
-            bar = tqdm(total=total, initial=self.examples_seen, unit="ex", dynamic_ncols=True)
+            bar = tqdm(total=cfg.n_examples or None, initial=self.examples_seen, unit="ex", dynamic_ncols=True)
         if cfg.do_first_eval and self.step == 0:
             self.evaluate()
-        last_saved = self.examples_seen
-        evaluated_last = False
-        t0 = time.time()
-        for batch in batches:
-            self.policy.train()
-            step_metrics: Dict[str, List[torch.Tensor]] = {}
-            micro = split_batch(batch, accum)
-            for i, mb in enumerate(micro):
-                with self.sync_context(last=i == accum - 1):
-                    loss, metrics = self.compute_loss(mb, train=True)
-                    (loss / accum).backward()
-                metrics["loss"] = loss.detach().reshape(1)
-                for k, v in metrics.items():
-                    step_metrics.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
-            grad_norm = self.clip_gradients()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.examples_seen += cfg.batch_size
-            logged = self.reduce_metrics(step_metrics, "train")
-            logged["grad_norm"] = grad_norm
-            logged["lr"] = self.scheduler.get_last_lr()[0]
-            logged["examples_per_second"] = cfg.batch_size / max(1e-9, time.time() - t0)
-            t0 = time.time()
-            self.log(logged)
-            if bar is not None:
-                bar.update(cfg.batch_size)
-                bar.set_postfix(loss=f"{logged['loss/train']:.4f}", ex_s=f"{logged['examples_per_second']:.1f}")
-            if cfg.eval_every and self.examples_seen // cfg.eval_every > (self.examples_seen - cfg.batch_size) // cfg.eval_every:
-                self.evaluate()
-                evaluated_last = True
-            else:
-                evaluated_last = False
-            if cfg.save_every and self.examples_seen - last_saved >= cfg.save_every:
-                self.save()
-                last_saved = self.examples_seen
+        last_saved, evaluated_last = self.examples_seen, False
+        self.last_save_time = self.t0 = time.time()
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
+        with StopSignals() as signals:
+            for batch in batches:
+                logged = self.train_step(batch)
+                stop, time_due = self.agree([signals.received is not None, self.save_time_due()])
+                if logged is None:  # a skipped non-finite step
+                    continue
+                if bar is not None:
+                    bar.update(cfg.batch_size)
+                    bar.set_postfix(loss=f"{logged['loss/train']:.4f}", ex_s=f"{logged['examples_per_second']:.1f}")
+                # evaluation at the first step boundary past each multiple of eval_every
+                evaluated_last = bool(cfg.eval_every) and \
+                    self.examples_seen // cfg.eval_every > (self.examples_seen - cfg.batch_size) // cfg.eval_every
+                if evaluated_last:
+                    self.evaluate()
+                if stop or time_due or (cfg.save_every and self.examples_seen - last_saved >= cfg.save_every):
+                    self.save()
+                    last_saved = self.examples_seen
+                if stop:
+                    raise TrainingStopped(f"stopped by {signals.name or 'a signal on another rank'} at step "
+                                          f"{self.step} ({self.examples_seen} examples); checkpoint "
+                                          f"{self.run_dir}/step-{self.step:08d} saved: resume=true continues")
         if bar is not None:
             bar.close()
         if not evaluated_last:
@@ -263,6 +268,73 @@ class BasicTrainer:
             utils.atomic_write_json(os.path.join(self.run_dir, "DONE"),
                                     {"step": self.step, "examples_seen": self.examples_seen,
                                      "n_examples": self.cfg.n_examples, "n_epochs": self.cfg.n_epochs})
+
+    def train_step(self, batch: Dict) -> Optional[Dict[str, float]]:
+        """One optimizer step on a global batch; returns the logged metrics, or None when the
+        loss or gradient norm was non-finite and the step was skipped (max_nonfinite_steps)."""
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        self.policy.train()
+        step_metrics: Dict[str, List[torch.Tensor]] = {}
+        for i, mb in enumerate(split_batch(batch, accum)):
+            with self.sync_context(last=i == accum - 1):
+                loss, metrics = self.compute_loss(mb, train=True)
+                (loss / accum).backward()
+            metrics["loss"] = loss.detach().reshape(1)
+            for k, v in metrics.items():
+                step_metrics.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+        grad_norm = self.clip_gradients()
+        local_loss = float(torch.cat(step_metrics["loss"]).sum())
+        (nonfinite,) = self.agree([not (math.isfinite(local_loss) and math.isfinite(grad_norm))])
+        self.step += 1
+        self.examples_seen += cfg.batch_size
+        if nonfinite:
+            return self.skip_nonfinite_step(local_loss, grad_norm)
+        self.nonfinite_in_a_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        logged = self.reduce_metrics(step_metrics, "train")
+        logged["grad_norm"] = grad_norm
+        logged["lr"] = self.scheduler.get_last_lr()[0]
+        logged["examples_per_second"] = cfg.batch_size / max(1e-9, time.time() - self.t0)
+        if self.nonfinite_total:
+            logged["nonfinite_skipped"] = self.nonfinite_total
+        self.t0 = time.time()
+        self.log(logged)
+        return logged
+
+    def skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        """Drop this step's gradients; stop (NonFiniteError) past max_nonfinite_steps in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        allowed = int(self.cfg.get("max_nonfinite_steps") or 0)
+        what = f"non-finite loss or gradient norm at step {self.step} (loss {loss}, grad_norm {grad_norm} on rank {self.rank})"
+        if self.nonfinite_in_a_row > allowed:
+            latest = utils.latest_name(self.run_dir)
+            raise NonFiniteError(
+                f"{what}: training stopped, nothing of this step was applied or saved"
+                + (f" (the last checkpoint, {latest}, is finite)" if latest else "")
+                + f". Lower lr (now {self.cfg.lr}) or check the data; max_nonfinite_steps=N skips up to N such "
+                  f"steps in a row" + (f" ({allowed} allowed now)" if allowed else ""))
+        rank0_print(f"warning: {what}: step skipped ({self.nonfinite_in_a_row} in a row, "
+                    f"{self.nonfinite_total} in all; max_nonfinite_steps={allowed})")
+        self.log({"nonfinite_skipped": self.nonfinite_total})
+        return None
+
+    def save_time_due(self) -> bool:
+        minutes = self.cfg.get("save_every_minutes")
+        return bool(minutes) and self.rank == 0 and time.time() - self.last_save_time >= 60.0 * float(minutes)
+
+    def agree(self, flags: List[bool]) -> List[bool]:
+        """Each flag true on every rank if it is true on any (one small all-reduce), so that all
+        ranks skip, save or stop at the same step."""
+        if not utils.is_distributed():
+            return [bool(f) for f in flags]
+        t = torch.tensor([float(f) for f in flags], device=self.device if self.dist_on_device else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(x) for x in t.tolist()]
 
     def sync_context(self, last: bool):
         return contextlib.nullcontext()
@@ -381,47 +453,103 @@ class BasicTrainer:
                 get_optimizer_state_dict(self.policy, self.optimizer, options=opts))
 
     def save(self):
-        """Write <run>/step-N atomically, then point LATEST at it and prune old checkpoints."""
-        from safetensors.torch import save_file
+        """Write <run>/step-N: files into a temporary directory, then the COMPLETE manifest, then
+        rename it into place, point LATEST at it and prune old checkpoints. Refuses non-finite
+        weights; on a failed write (a full disk) removes the partial directory and leaves LATEST
+        as it was."""
+        if self.saved_step == self.step:
+            return  # this step is on disk already: never write (or replace) it twice
         name = f"step-{self.step:08d}"
-        final = os.path.join(self.run_dir, name)
-        tmp = os.path.join(self.run_dir, f".{name}.tmp")
         model_sd, optim_sd = self.full_state_dicts()
-        if self.rank == 0:
-            utils.remove_tree(tmp)
-            os.makedirs(tmp)
+        finite = self.rank != 0 or (utils.all_finite(model_sd.values()) and
+                                    utils.all_finite(v for st in optim_sd.get("state", {}).values()
+                                                     for v in (st.values() if isinstance(st, dict) else [])))
+        if self.agree([not finite])[0]:
+            raise NonFiniteError(f"the weights or optimizer state at step {self.step} are not finite: checkpoint "
+                                 f"{name} not written (LATEST still names {utils.latest_name(self.run_dir)})")
+        tmp = os.path.join(self.run_dir, f".{name}.tmp")
+        failure = None
+        try:
+            if self.rank == 0:
+                utils.remove_tree(tmp)
+                os.makedirs(tmp)
+            utils.barrier()
+            torch.save(utils.get_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+            if self.rank == 0:
+                self.write_checkpoint_files(tmp, model_sd, optim_sd)
+        except (OSError, RuntimeError) as e:
+            failure = e
+        if self.agree([failure is not None])[0]:
+            if self.rank == 0:
+                utils.remove_tree(tmp)
+            cause = failure or RuntimeError("a write failed on another rank")
+            plain = utils.describe_write_error(cause, self.run_dir)
+            raise CheckpointWriteError(
+                f"writing checkpoint {self.run_dir}/{name} failed: {plain or f'{type(cause).__name__}: {cause}'}; "
+                f"the partial checkpoint was removed and LATEST still names {utils.latest_name(self.run_dir)}") from failure
         utils.barrier()
-        torch.save(utils.get_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
         if self.rank == 0:
-            config = unwrap_config(self.policy)
-            if getattr(config, "tie_word_embeddings", False):
-                model_sd.pop("lm_head.weight", None)
-            save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"),
-                      metadata={"format": "pt"})
-            config.save_pretrained(tmp)
-            gen = getattr(self.policy, "generation_config", None)
-            if gen is not None:
-                gen.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
-                       os.path.join(tmp, "optimizer.pt"))
-            utils.atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
-                "step": self.step, "examples_seen": self.examples_seen, "world_size": self.world_size,
-                "config": OmegaConf.to_container(self.cfg, resolve=True)})
+            try:
+                self.publish_checkpoint(tmp, name)
+            except OSError as e:
+                utils.remove_tree(tmp)
+                plain = utils.describe_write_error(e, self.run_dir)
+                raise CheckpointWriteError(f"publishing checkpoint {self.run_dir}/{name} failed: {plain or e}; "
+                                           f"LATEST names {utils.latest_name(self.run_dir)}") from e
+            rank0_print(f"saved {os.path.join(self.run_dir, name)}")
         utils.barrier()
-        if self.rank == 0:
-            open(os.path.join(tmp, "COMPLETE"), "w").close()
-            utils.remove_tree(final)
-            os.replace(tmp, final)
-            utils.atomic_write_text(os.path.join(self.run_dir, "LATEST"), name + "\n")
-            self.prune_checkpoints(keep=name)
-            rank0_print(f"saved {final}")
-        utils.barrier()
+        self.saved_step = self.step
+        self.last_save_time = time.time()
+
+    def write_checkpoint_files(self, tmp: str, model_sd: Dict, optim_sd: Dict) -> None:
+        from safetensors.torch import save_file
+        config = unwrap_config(self.policy)
+        if getattr(config, "tie_word_embeddings", False):
+            model_sd.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        gen = getattr(self.policy, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+        utils.atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
+            "step": self.step, "examples_seen": self.examples_seen, "world_size": self.world_size,
+            "config": OmegaConf.to_container(self.cfg, resolve=True)})
+        utils.write_manifest(tmp)
+
+    def publish_checkpoint(self, tmp: str, name: str) -> None:
+        """Rename the finished `tmp` to <run>/<name> and point LATEST at it. A directory already
+        called <name> (an abandoned or damaged attempt at this step) is moved aside first, and
+        if LATEST names it, LATEST is first pointed at the newest complete checkpoint, so LATEST
+        never names a directory that is being replaced."""
+        final = os.path.join(self.run_dir, name)
+        aside = None
+        if os.path.exists(final):
+            if utils.latest_name(self.run_dir) == name:
+                others = [c for c in utils.list_checkpoints(self.run_dir)
+                          if c != name and utils.is_complete_checkpoint(os.path.join(self.run_dir, c))]
+                if others:
+                    utils.atomic_write_text(os.path.join(self.run_dir, "LATEST"), others[-1] + "\n")
+                else:
+                    os.remove(os.path.join(self.run_dir, "LATEST"))
+            aside = os.path.join(self.run_dir, f".{name}.old.{os.getpid()}")
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        utils.fsync_dir(self.run_dir)
+        utils.atomic_write_text(os.path.join(self.run_dir, "LATEST"), name + "\n")
+        if aside:
+            utils.remove_tree(aside)
+        self.prune_checkpoints(keep=name)
 
     def prune_checkpoints(self, keep: str):
-        ckpts = sorted(d for d in os.listdir(self.run_dir) if d.startswith("step-"))
+        """Keep the newest keep_checkpoints complete checkpoints (always `keep`, the one LATEST
+        names); incomplete directories other than those are debris of crashed saves."""
         n_keep = max(1, self.cfg.keep_checkpoints or 1)
-        for d in ckpts[:-n_keep]:
+        complete = [d for d in utils.list_checkpoints(self.run_dir)
+                    if utils.is_complete_checkpoint(os.path.join(self.run_dir, d))]
+        for d in complete[:-n_keep]:
             if d != keep:
                 utils.remove_tree(os.path.join(self.run_dir, d))
 
@@ -437,6 +565,7 @@ class BasicTrainer:
         self.load_optimizer_state(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.step, self.examples_seen = state["step"], state["examples_seen"]
+        self.saved_step = self.step
         rng = os.path.join(ckpt, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng):
             utils.set_rng_state(torch.load(rng, weights_only=False))
@@ -446,6 +575,52 @@ class BasicTrainer:
     def load_optimizer_state(self, optim_sd):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(self.policy, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """On resume, drop the records of steps beyond the checkpoint (they are redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except ValueError:
+            pass  # a line cut short by a crash
+    if len(kept) != len(lines):
+        utils.atomic_write_text(path, "".join(kept))
+        rank0_print(f"metrics.jsonl: {len(lines) - len(kept)} records beyond step {step} removed (they are redone)")
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `received`: the loop saves a checkpoint at the
+    next step boundary and stops. A third signal interrupts at once."""
+
+    def __init__(self):
+        self.received, self.name, self.count, self.previous = None, None, 0, {}
+
+    def handle(self, signum, frame):
+        self.count += 1
+        self.received, self.name = signum, signal.Signals(signum).name
+        if self.count >= 3:
+            raise KeyboardInterrupt(f"{self.name} received 3 times: stopping without a checkpoint")
+        rank0_print(f"\n{self.name}: saving a checkpoint at the end of this step, then stopping "
+                    "(send it twice more to stop at once)")
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def freeze(model):

@@ -55,7 +55,7 @@ def trained_teacher(tmp_path_factory):
     tests that need a teacher with knowledge in it."""
     import train
     root = tmp_path_factory.mktemp("teacher")
-    common = list(FAST) + [f"runs_dir={root}", "model=tiny_teacher", "eval_every=0"]
+    common = list(FAST) + [f"runs_dir={root}", "model=tiny_teacher", "eval_every=null"]
     sft = ["loss=sft", "lr=1e-3", "n_examples=3200", "exp_name=sft"]
     train.run(compose(common + sft), sft)
     dpo = ["loss=dpo", "lr=1e-4", "n_examples=800", "exp_name=dpo", f"model.archive={root}/sft"]

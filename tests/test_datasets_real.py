@@ -338,7 +338,7 @@ def test_sft_on_deita_and_dpo_on_a_local_file_train(tmp_path):
     write_jsonl(d / "train.jsonl", rows + [{"prompt": "p", "chosen": "x", "rejected": "x"}])
     write_jsonl(d / "test.jsonl", rows[:4])
     common = list(FAST) + [f"runs_dir={tmp_path}/runs", "batch_size=4", "eval_batch_size=4", "n_examples=8",
-                           "eval_every=0", "max_length=64", "max_prompt_length=48"]
+                           "eval_every=null", "max_length=64", "max_prompt_length=48"]
     over = common + ["loss=dpo", "datasets=[local]", f"data.local.path={d}", "data.skip_invalid=true", "exp_name=l"]
     run_dir = train.run(compose(over), over)
     with open(os.path.join(run_dir, "data_summary.json")) as f:

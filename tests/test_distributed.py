@@ -57,7 +57,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
 
 
 def test_fsdp_tvkd_with_sharded_teacher_matches_one_process(tmp_path, trained_teacher):
-    common = ["loss=tvkd", "loss.alpha=0.5", "n_examples=32", "eval_every=0", "lr=1e-3", "exp_name=d",
+    common = ["loss=tvkd", "loss.alpha=0.5", "n_examples=32", "eval_every=null", "lr=1e-3", "exp_name=d",
               "teacher=tiny_teacher", f"teacher.archive={trained_teacher}"]
     _, single = train_run(tmp_path / "single", common)
     fsdp = read_metrics(launch(tmp_path / "fsdp", common + ["trainer=FSDPTrainer", "trainer.cpu_workers=2",
@@ -67,7 +67,7 @@ def test_fsdp_tvkd_with_sharded_teacher_matches_one_process(tmp_path, trained_te
 
 
 def test_tensor_parallel_matches_one_process(tmp_path):
-    common = ["loss=dpo", "n_examples=32", "eval_every=0", "lr=1e-3", "exp_name=t"]
+    common = ["loss=dpo", "n_examples=32", "eval_every=null", "lr=1e-3", "exp_name=t"]
     _, single = train_run(tmp_path / "single", common)
     run_dir, tp = train_run(tmp_path / "tp", common + ["trainer=TensorParallelTrainer", "trainer.cpu_devices=2"])
     assert_same(single, tp, ["loss/train", "rewards_train/margins", "loss/eval"], tol=1e-5)

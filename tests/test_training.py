@@ -19,7 +19,7 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path):
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
-    common = ["loss=dpo", "n_examples=96", "eval_every=0", "exp_name=r", "lr=1e-3"]
+    common = ["loss=dpo", "n_examples=96", "eval_every=null", "exp_name=r", "lr=1e-3"]
     _, full = train_run(tmp_path / "a", common)
     # interrupted: stop after 48 examples (a checkpoint), then resume to 96
     _, first = train_run(tmp_path / "b", common[:1] + ["n_examples=48"] + common[2:])
@@ -35,7 +35,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
 
 def test_checkpoint_loads_with_plain_transformers_and_generates(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    run_dir, _ = train_run(tmp_path, ["loss=sft", "n_examples=64", "eval_every=0", "exp_name=s"])
+    run_dir, _ = train_run(tmp_path, ["loss=sft", "n_examples=64", "eval_every=null", "exp_name=s"])
     with open(os.path.join(run_dir, "LATEST")) as f:
         ckpt = os.path.join(run_dir, f.read().strip())
     assert os.path.exists(os.path.join(ckpt, "COMPLETE"))
@@ -52,17 +52,17 @@ def test_checkpoint_loads_with_plain_transformers_and_generates(tmp_path):
 
 def test_archive_chains_sft_into_dpo_and_existing_run_is_protected(tmp_path):
     import pytest
-    sft_dir, _ = train_run(tmp_path, ["loss=sft", "n_examples=256", "eval_every=0", "exp_name=sft", "lr=2e-3"])
+    sft_dir, _ = train_run(tmp_path, ["loss=sft", "n_examples=256", "eval_every=null", "exp_name=sft", "lr=2e-3"])
     first = lambda recs: [r for r in recs if "logps_eval/chosen" in r][0]["logps_eval/chosen"]
-    _, from_sft = train_run(tmp_path, ["loss=dpo", "n_examples=8", "eval_every=0", "exp_name=dpo",
+    _, from_sft = train_run(tmp_path, ["loss=dpo", "n_examples=8", "eval_every=null", "exp_name=dpo",
                                        "do_first_eval=true", f"model.archive={sft_dir}/LATEST"])
-    _, scratch = train_run(tmp_path, ["loss=dpo", "n_examples=8", "eval_every=0", "exp_name=dpo0",
+    _, scratch = train_run(tmp_path, ["loss=dpo", "n_examples=8", "eval_every=null", "exp_name=dpo0",
                                       "do_first_eval=true"])
     # before any DPO step the policy is the SFT model: its held-out log-probs are far above a random model's
     assert first(from_sft) > first(scratch) + 5.0, (first(from_sft), first(scratch))
     # re-running a finished command neither trains nor overwrites: it asks for resume/overwrite
     with pytest.raises(ValueError, match="resume=true"):
-        train_run(tmp_path, ["loss=sft", "n_examples=256", "eval_every=0", "exp_name=sft", "lr=2e-3"])
+        train_run(tmp_path, ["loss=sft", "n_examples=256", "eval_every=null", "exp_name=sft", "lr=2e-3"])
 
 
 def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, monkeypatch):
@@ -74,7 +74,7 @@ def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, monkeypatc
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     overrides = [o for o in FAST if not o.startswith("wandb")] + [
-        f"runs_dir={tmp_path}", "n_examples=16", "eval_every=0", "exp_name=w", "wandb.mode=online"]
+        f"runs_dir={tmp_path}", "n_examples=16", "eval_every=null", "exp_name=w", "wandb.mode=online"]
     run_dir = train.run(compose(overrides), overrides)
     assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")), os.listdir(run_dir)
 
@@ -82,7 +82,7 @@ def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, monkeypatc
 def test_crash_in_the_middle_of_a_save_keeps_latest_and_resume_recovers(tmp_path, monkeypatch):
     import pytest
     import safetensors.torch
-    common = ["loss=sft", "n_examples=48", "save_every=16", "eval_every=0", "exp_name=c", "lr=1e-3"]
+    common = ["loss=sft", "n_examples=48", "save_every=16", "eval_every=null", "exp_name=c", "lr=1e-3"]
     _, full = train_run(tmp_path / "a", common)
     real_save, calls = safetensors.torch.save_file, []
 
