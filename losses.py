@@ -3,7 +3,7 @@
 Each loss is two layers:
 
 * a pure function of per-token or per-sequence tensors (``dpo_loss``, ``ipo_loss``...),
-  written after the equations of ``shared/spec/LOSSES.md`` with the tensor shapes in its
+  written after the equations of ``docs/losses.md`` with the tensor shapes in its
   docstring, so that a unit test can compare it with a hand computation;
 * a ``LossSpec`` registered under the loss's config name, which declares what the loss
   needs from the trainer (a reference model? which of its outputs? a teacher? pairs or
@@ -216,7 +216,7 @@ def require(cfg, key: str, positive: bool = False, nonnegative: bool = False, ch
 
 
 def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> Metrics:
-    """The metrics every preference loss logs (LOSSES.md); per-example [B] tensors."""
+    """The metrics every preference loss logs (docs/losses.md); per-example [B] tensors."""
     return {
         "rewards/chosen": chosen_rewards.detach(),
         "rewards/rejected": rejected_rewards.detach(),
