@@ -3,7 +3,7 @@
 Each loss is two layers:
 
 * a pure function of per-token or per-sequence tensors (``dpo_loss``, ``ipo_loss``...),
-  written after the equations of ``shared/spec/LOSSES.md`` with the tensor shapes in its
+  written after the equations of ``docs/losses.md`` with the tensor shapes in its
   docstring, so that a unit test can compare it with a hand computation;
 * a ``LossSpec`` registered under the loss's config name, which declares what the loss
   needs from the trainer (a reference model? which of its outputs? a teacher? pairs or
@@ -216,7 +216,7 @@ def require(cfg, key: str, positive: bool = False, nonnegative: bool = False, ch
 
 
 def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> Metrics:
-    """The metrics every preference loss logs (LOSSES.md); per-example [B] tensors."""
+    """The metrics every preference loss logs (docs/losses.md); per-example [B] tensors."""
     return {
         "rewards/chosen": chosen_rewards.detach(),
         "rewards/rejected": rejected_rewards.detach(),
@@ -374,17 +374,39 @@ def action_potential(z: torch.Tensor, actions: torch.LongTensor, kind: str) -> t
     raise ValueError(f"unknown action potential {kind!r}; use one of {ACTION_POTENTIALS}")
 
 
+# A finite stand-in for log 0, used for a "rest" slot that holds no token. exp() of it is
+# exactly 0 in float32 and float64, so its slot adds exactly nothing to a KL, an entropy or a
+# logsumexp over the slots, and 0 * LOG_ZERO = 0 where 0 * log 0 = 0 * -inf would be NaN (in the
+# loss and in its gradient). It stays finite under the scalings the released recipe applies
+# ((a1 S + a0 T) / a~ with weights up to ~1e8).
+LOG_ZERO = -1e30
+
+
 def collapse_topk(logits: torch.Tensor, ids: torch.LongTensor) -> torch.Tensor:
     """Log-probs of a distribution collapsed onto K given tokens plus one "rest" slot.
 
-    Args: logits [..., V]; ids [..., K] (the teacher's top-K tokens at that state).
-    Returns: [..., K+1] log-probs: the K tokens', then log(1 - their total) (the rest)."""
+    Args: logits [..., V]; ids [..., K] distinct token ids (the teacher's top-K at that state).
+    Returns: [..., K+1] float32 log-probs:
+
+        slot i < K:  log p(ids_i)          = z(ids_i) - logsumexp(z)
+        slot K:      log sum_{a not in ids} p(a) = logsumexp(z over the tokens outside ids) - logsumexp(z)
+
+    The rest slot is taken from the logits outside the K ids (a masked copy of this chunk),
+    never as log(1 - sum of the K probabilities): once the rest holds less than float32's
+    resolution of 1 (~6e-8) that sum rounds to 1, the log to log 0, and its gradient
+    explodes. This way it is exact and finite however peaked the distribution is.
+    The ids are overwritten with LOG_ZERO rather than -inf, so the logsumexp never meets
+    an all -inf row: K = V (nothing outside) or only -inf logits outside (a teacher's padded
+    vocabulary rows masked to -inf) give a rest slot of LOG_ZERO + log K - logsumexp(z),
+    i.e. LOG_ZERO in float32, whose probability is exactly 0; the K+1 slots then give exactly
+    the full-vocabulary KL / entropy / logsumexp, and the gradient is finite (no 0 * -inf).
+    Otherwise the filled entries add exactly 0 to the rest: exp(LOG_ZERO - z) is 0 for any
+    logit z above about -1e29."""
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     top = torch.gather(logits, -1, ids) - lse
-    top_total = torch.logsumexp(top, dim=-1, keepdim=True).clamp(max=0.0)
-    # log(1 - exp(x)) for x <= 0, finite even when the top-K hold (almost) all the mass
-    rest = torch.log((-torch.expm1(top_total)).clamp(min=0.0) + 1e-30)
+    outside = logits.scatter(-1, ids, LOG_ZERO)
+    rest = torch.logsumexp(outside, dim=-1, keepdim=True) - lse
     return torch.cat([top, rest], dim=-1)
 
 

@@ -345,7 +345,7 @@ class BasicTrainer:
 
     def reduce_metrics(self, metrics: Dict[str, List[torch.Tensor]], split: str) -> Dict[str, float]:
         """Concatenate per-example metrics over micro-batches and ranks; return their means,
-        keyed as in LOSSES.md (`rewards/chosen` -> `rewards_{split}/chosen`)."""
+        keyed as in docs/losses.md (`rewards/chosen` -> `rewards_{split}/chosen`)."""
         out = {}
         for k in sorted(metrics):
             v = utils.all_gather_cat(torch.cat(metrics[k]).to(self.device if self.dist_on_device else "cpu"))

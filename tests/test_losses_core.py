@@ -1,4 +1,4 @@
-"""sft / dpo / ipo against hand computations (LOSSES.md)."""
+"""sft / dpo / ipo against hand computations (docs/losses.md)."""
 import math
 
 import torch

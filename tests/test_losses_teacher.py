@@ -1,4 +1,4 @@
-"""tvkd, tdpo, vanillakd, dckd against hand computations and the identities of LOSSES.md.
+"""tvkd, tdpo, vanillakd, dckd against hand computations and the identities of docs/losses.md.
 
 The hand computations loop over tokens with plain log-softmax, independently of the
 vectorised (and chunked) code in losses.py.
@@ -79,7 +79,7 @@ def test_state_potentials_by_hand():
 
 
 def test_value_from_normalised_logprobs_is_zero_at_temperature_one():
-    """LOSSES.md identity 4: V must come from raw logits; from stored log-probs it is 0."""
+    """docs/losses.md (tvkd identities): V must come from raw logits; from stored log-probs it is 0."""
     z = torch.randn(3, 5, 11) * 4
     assert L.state_potential(torch.log_softmax(z, -1), "logsumexp", 1.0).abs().max() < 1e-5
     assert L.state_potential(z, "logsumexp", 1.0).abs().min() > 0.1
