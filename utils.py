@@ -54,6 +54,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_distributed():
         return obj
