@@ -45,7 +45,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import utils
 
 PIPELINE_KEYS = {"out", "seeds", "methods", "model", "teacher", "preset", "eval", "stages", "common", "sft_data",
-                 "pref_data"}
+                 "pref_data", "in_process"}
 STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "methods")
 DATA_OF_STAGE = {"teacher_sft": "sft_data", "student_sft": "sft_data", "teacher_dpo": "pref_data",
                  "methods": "pref_data"}
@@ -158,12 +158,14 @@ def flatten(settings: Dict, prefix: str = "") -> List[str]:
 
 
 def data_overrides(role) -> List[str]:
-    """train.py overrides of sft_data / pref_data: datasets (default [local] when a path or a
-    train file is given; else left to the other arguments), data.local.path/train/test and
-    data.<option> for each of `options`."""
+    """train.py overrides of sft_data / pref_data: datasets, data.local.path/train/test and
+    data.<option> for each of `options`. A path or train file means the local files:
+    datasets=[local], unless `datasets` already names local (e.g. [dpomix, local] mixes)."""
     r = OmegaConf.to_container(role, resolve=True)
     out = []
-    datasets = r.get("datasets") or (["local"] if r.get("path") or r.get("train") else None)
+    datasets = list(r.get("datasets") or [])
+    if (r.get("path") or r.get("train")) and "local" not in datasets:
+        datasets = ["local"]
     if datasets:
         out.append(f"datasets={hydra_value(list(datasets))}")
     if r.get("path"):
@@ -276,9 +278,26 @@ def train(overrides: List[str], multirun: bool = False):
     subprocess.run(cmd, check=True)
 
 
+def train_in_process(overrides: List[str], multirun: bool = False):
+    """The same runs in this process (in_process=true): no interpreter start-up per stage, for
+    tiny runs and tests. A multirun's comma lists (loss=a,b seed=0,1) become one run each."""
+    import itertools
+    import train as train_py
+    sweep = {o.split("=", 1)[0]: o.split("=", 1)[1].split(",") for o in overrides
+             if multirun and o.split("=", 1)[0] in ("loss", "seed")}
+    for values in itertools.product(*sweep.values()):
+        chosen = dict(zip(sweep, values))
+        run = [f"{k}={chosen[k]}" if k in chosen else o for o in overrides for k in [o.split("=", 1)[0]]]
+        print("\n$ train.py " + " ".join(run), flush=True)
+        cfg = compose_stage(run)
+        if cfg.exp_name is not None:
+            cfg.exp_name = str(cfg.exp_name)  # resolve ${loss.name}_seed${seed} once
+        train_py.run(cfg, run)
+
+
 def run_stages(cfg, overrides: Dict[str, List[str]]):
     for stage in STAGES:
-        train(overrides[stage], multirun=stage == "methods")
+        (train_in_process if cfg.get("in_process") else train)(overrides[stage], multirun=stage == "methods")
 
 
 def evaluate_all(cfg, passthrough=None) -> None:
