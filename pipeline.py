@@ -107,7 +107,10 @@ def parse_args(argv: List[str]):
             raise ValueError(f"{key}: unknown stage; the stages are {list(STAGES)} (e.g. stages.teacher_sft.lr=3e-4)")
         if top in ("sft_data", "pref_data") and len(parts) > 1 and parts[1] not in DATA_KEYS:
             raise ValueError(f"{key}: unknown key; {top} has {sorted(DATA_KEYS)} (options holds any data.* key)")
-        parsed = OmegaConf.from_dotlist([f"x={value}"]).x
+        try:
+            parsed = OmegaConf.from_dotlist([f"x={value}"]).x
+        except Exception:  # e.g. an interpolation: not a list
+            parsed = None
         if (key in ("common",) or (top == "stages" and len(parts) == 2)) and isinstance(parsed, ListConfig):
             # a whole stage (or common) as a list of key=value: replaces it
             target = cfg.stages if top == "stages" else cfg
@@ -120,6 +123,12 @@ def parse_args(argv: List[str]):
     for m in cfg.methods:
         losses.get_loss(m)
     cfg.out = os.path.abspath(cfg.out)
+    for role in ("sft_data", "pref_data"):
+        given = [o for o in passthrough if o.split("=", 1)[0].lstrip("+") in ("datasets", "data.local.path")]
+        if given and (cfg[role].datasets or cfg[role].path or cfg[role].train):
+            stages = [s for s in STAGES if DATA_OF_STAGE[s] == role]
+            print(f"note: {role} sets the data of {' and '.join(stages)}: {' '.join(given)} is overridden there",
+                  flush=True)
     return cfg, passthrough
 
 
