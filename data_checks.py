@@ -17,7 +17,7 @@ The result is printed and written to <run>/data_summary.json by train.py's check
 """
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import preference_datasets as data
 import scorers
@@ -164,7 +164,7 @@ def max_positions(model_cfg) -> Optional[Dict]:
     return {"value": int(value), "from": f"model {model_cfg.get('name')}: init_config"} if value else None
 
 
-def position_warnings(cfg) -> (Dict, List[str]):
+def position_warnings(cfg) -> Tuple[Dict, List[str]]:
     found, warnings = {}, []
     roles = [("model", cfg.model)]
     if cfg.get("teacher") is not None and cfg.teacher.get("name", "none") != "none":
@@ -182,7 +182,7 @@ def position_warnings(cfg) -> (Dict, List[str]):
 
 # ---------------------------------------------------------------- scorers
 
-def probe_scorers(names: List[str], options) -> (Dict, List[str]):
+def probe_scorers(names: List[str], options) -> Tuple["scorers.ScorerSet", List[str]]:
     """Load the scorer of every data set (a bad data.scorer fails here, before any model is
     loaded) and call it once on the first held-out example's reference answer."""
     task = scorers.for_config(names, options)
@@ -256,6 +256,7 @@ def startup_report(cfg, tokenizer, need_pairs: bool, sft_mode: bool, echo=print)
                              for k, s in splits.items() if s["truncation"]) if w]
     warnings += pos_warnings
     warnings += [s["note"] for s in splits.values() if s["note"]]
+    warnings = list(dict.fromkeys(warnings))  # a note of a hash-split file comes from both its splits
     notes = list(scorer_lines)
     n_test = sum(s["examples"] for k, s in splits.items() if k.endswith("/test"))
     for key in ("n_eval_examples",) + (("n_eval_samples",) if cfg.get("sample_during_eval") else ()):

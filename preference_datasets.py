@@ -752,7 +752,7 @@ def split_plan(src: Source, split: str, opts: Dict) -> Dict:
     else:
         files, holdout = test_files()
     note = None
-    if holdout and test_spec is None:
+    if holdout and test_spec is None and not src.hold_out:
         beside = sibling_test_files(files[0])
         if beside:
             key = "data.local.test" if src.name == "local" else f"data.paths.{src.name}=<the directory>"
@@ -942,9 +942,10 @@ def describe_split(name: str, split: str, options=None) -> Dict:
     src = SOURCES[name]
     plan = split_plan(src, split, opts)
     examples, problems, _, n_rows = _load_source(name, split, opts)
-    share = float(opts["test_fraction"])
+    share = SE_TEST_PERCENT / 100 if src.hold_out else float(opts["test_fraction"])
+    held = src.hold_out or plan.get("holdout")  # SE: questions held out by qid hash; else prompts of one file
     return {"source": plan.get("hub") or plan["files"],
-            "holdout": (share if split == "test" else 1 - share) if plan.get("holdout") else None,
+            "holdout": (share if split == "test" else 1 - share) if held else None,
             "rows": n_rows, "examples": len(examples), "skipped": len(problems),
             "unread": plan.get("unread", []), "note": plan.get("note")}
 
