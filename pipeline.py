@@ -2,7 +2,8 @@
 
     python pipeline.py                          # embedded default on the CPU, 1 seed
     python pipeline.py seeds=3                  # the full table (mean and std over 3 seeds)
-    python pipeline.py methods=[dpo,tvkd] out=runs/small
+    python pipeline.py methods=[dpo,tvkd] out=runs/small stages.methods.lr=3e-4
+    python pipeline.py sft_data.path=task/sft_train.jsonl pref_data.path=task data.scorer=task/score.py:score
     python pipeline.py preset=paper             # Llama-3.1-8B -> Llama-3.2-1B, Deita + DPO-MIX-7K, FSDP
     python pipeline.py preset=paper model=llama3b teacher=llama8b seeds=3
 
@@ -13,27 +14,65 @@ Stages (config/pipeline/<preset>.yaml), each an ordinary train.py run under <out
     methods/<loss>_seed<k>       (one Hydra multirun over methods x seeds, from student_sft,
                                   with teacher=<teacher> teacher.archive=<out>/teacher_dpo)
 
-then `evaluate.py` on every checkpoint (held-out task score, preference accuracy and
-margin) and `report.py` (results.md, results.csv, results.png). Every stage runs with
-resume=true: re-running the command skips stages that are complete and resumes an
-interrupted one; evaluations are cached next to their checkpoint.
+The SFT stages (teacher_sft, student_sft) train on `sft_data`, the preference stages
+(teacher_dpo, methods) on `pref_data`; every model is evaluated on the held-out split of
+`pref_data`. Before any stage runs, both are loaded and checked: bad rows, a missing file,
+a bad data.scorer, or SFT and preference data formatted differently (plain text vs chat
+template) stop the pipeline with an error.
+
+Then `evaluate.py` on every checkpoint (held-out task score, preference accuracy and
+margin; generations in judge formats) and `report.py` (results.md, results.csv,
+results.png). Every stage runs with resume=true: re-running the command skips stages that
+are complete and resumes an interrupted one; evaluations are cached next to their checkpoint.
 
 Arguments are key=value. Keys of the preset (out, seeds, methods, model, teacher, preset,
-eval.*) configure the pipeline; any other key=value is passed to every train.py stage
-(e.g. trainer=FSDPTrainer, datasets=[dpomix], wandb.mode=disabled).
+common, stages.*, sft_data.*, pref_data.*, eval.*) configure the pipeline; a stage's settings
+change one key at a time (stages.teacher_sft.lr=3e-4), or all at once with a list
+(stages.teacher_sft=[loss=sft,lr=3e-4]). Any other key=value is passed to every train.py
+stage (e.g. trainer=FSDPTrainer, data.scorer=mytask:score, max_length=256); the stage's own
+settings, then the pipeline's chaining keys, are applied after it.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from typing import Dict, List
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import utils
 
-PIPELINE_KEYS = {"out", "seeds", "methods", "model", "teacher", "preset", "eval", "stages", "common"}
+PIPELINE_KEYS = {"out", "seeds", "methods", "model", "teacher", "preset", "eval", "stages", "common", "sft_data",
+                 "pref_data", "in_process"}
+STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "methods")
+DATA_OF_STAGE = {"teacher_sft": "sft_data", "student_sft": "sft_data", "teacher_dpo": "pref_data",
+                 "methods": "pref_data"}
+DATA_KEYS = {"datasets", "path", "train", "test", "options"}
+EMPTY_DATA = {"datasets": None, "path": None, "train": None, "test": None, "options": {}}
+
+
+# ---------------------------------------------------------------- arguments
+
+def _pairs_to_dict(items, what: str) -> Dict:
+    """A list of 'key=value' strings (the older stage form) as a nested dict."""
+    out = OmegaConf.create({})
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"{what}: {item!r} is not key=value")
+        out.merge_with(OmegaConf.from_dotlist([item.lstrip("+")]))
+    return OmegaConf.to_container(out)
+
+
+def _as_dict(node, what: str) -> Dict:
+    if node is None:
+        return {}
+    if isinstance(node, (list, ListConfig)):
+        return _pairs_to_dict(list(node), what)
+    if isinstance(node, (dict, DictConfig)):
+        return OmegaConf.to_container(node) if isinstance(node, DictConfig) else dict(node)
+    raise ValueError(f"{what} must be key: value settings, got {node!r}")
 
 
 def parse_args(argv: List[str]):
@@ -47,23 +86,104 @@ def parse_args(argv: List[str]):
         known = sorted(f[:-5] for f in os.listdir(os.path.dirname(path)))
         raise ValueError(f"preset={preset!r}: no {path}; known presets: {known}")
     cfg = OmegaConf.load(path)
+    for role in ("sft_data", "pref_data"):
+        cfg[role] = OmegaConf.merge(EMPTY_DATA, cfg.get(role) or {})
+    cfg.common = _as_dict(cfg.get("common"), "common")
+    cfg.stages = {s: _as_dict((cfg.get("stages") or {}).get(s), f"stages.{s}") for s in STAGES}
     passthrough = []
     for a in argv:
         if "=" not in a:
             raise ValueError(f"argument {a!r} is not key=value")
-        key = a.split("=", 1)[0].lstrip("+")
-        if key.split(".")[0] in PIPELINE_KEYS:
-            if key != "preset":
-                cfg.merge_with(OmegaConf.from_dotlist([a]))
-        else:
+        key, value = a.split("=", 1)
+        key = key.lstrip("+")
+        top = key.split(".")[0]
+        if top not in PIPELINE_KEYS:
             passthrough.append(a)
+            continue
+        if key == "preset":
+            continue
+        parts = key.split(".")
+        if top == "stages" and (len(parts) < 2 or parts[1] not in STAGES):
+            raise ValueError(f"{key}: unknown stage; the stages are {list(STAGES)} (e.g. stages.teacher_sft.lr=3e-4)")
+        if top in ("sft_data", "pref_data") and len(parts) > 1 and parts[1] not in DATA_KEYS:
+            raise ValueError(f"{key}: unknown key; {top} has {sorted(DATA_KEYS)} (options holds any data.* key)")
+        try:
+            parsed = OmegaConf.from_dotlist([f"x={value}"]).x
+        except Exception:  # e.g. an interpolation: not a list
+            parsed = None
+        if (key in ("common",) or (top == "stages" and len(parts) == 2)) and isinstance(parsed, ListConfig):
+            # a whole stage (or common) as a list of key=value: replaces it
+            target = cfg.stages if top == "stages" else cfg
+            target[parts[-1]] = _pairs_to_dict(list(parsed), key)
+            continue
+        cfg.merge_with(OmegaConf.from_dotlist([f"{key}={value}"]))
     if int(cfg.seeds) < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1")
     import losses
     for m in cfg.methods:
         losses.get_loss(m)
     cfg.out = os.path.abspath(cfg.out)
+    for role in ("sft_data", "pref_data"):
+        given = [o for o in passthrough if o.split("=", 1)[0].lstrip("+") in ("datasets", "data.local.path")]
+        if given and (cfg[role].datasets or cfg[role].path or cfg[role].train):
+            stages = [s for s in STAGES if DATA_OF_STAGE[s] == role]
+            print(f"note: {role} sets the data of {' and '.join(stages)}: {' '.join(given)} is overridden there",
+                  flush=True)
     return cfg, passthrough
+
+
+# ---------------------------------------------------------------- train.py overrides
+
+SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:+\-~@]+$")
+
+
+def hydra_value(v) -> str:
+    """A config value written as a Hydra override value."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    s = str(v)
+    if SAFE_VALUE.match(s) or s.startswith("${"):
+        return s
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def flatten(settings: Dict, prefix: str = "") -> List[str]:
+    """{a: 1, data: {local: {path: x}}} -> ["a=1", "data.local.path=x"]."""
+    out = []
+    for k, v in settings.items():
+        if isinstance(v, dict) and v:
+            out += flatten(v, f"{prefix}{k}.")
+        elif not (isinstance(v, dict) and not v):
+            out.append(f"{prefix}{k}={hydra_value(v)}")
+    return out
+
+
+def data_overrides(role) -> List[str]:
+    """train.py overrides of sft_data / pref_data: datasets, data.local.path/train/test and
+    data.<option> for each of `options`. A path or train file means the local files:
+    datasets=[local], unless `datasets` already names local (e.g. [dpomix, local] mixes)."""
+    r = OmegaConf.to_container(role, resolve=True)
+    out = []
+    datasets = list(r.get("datasets") or [])
+    if (r.get("path") or r.get("train")) and "local" not in datasets:
+        datasets = ["local"]
+    if datasets:
+        out.append(f"datasets={hydra_value(list(datasets))}")
+    if r.get("path"):
+        out.append(f"data.local.path={hydra_value(os.path.abspath(os.path.expanduser(str(r['path']))))}")
+    for k in ("train", "test"):
+        if r.get(k):
+            out.append(f"data.local.{k}={hydra_value(r[k])}")
+    out += flatten(r.get("options") or {}, "data.")
+    return out
 
 
 def merge_overrides(*groups: List[str]) -> List[str]:
@@ -75,12 +195,6 @@ def merge_overrides(*groups: List[str]) -> List[str]:
     return list(merged.values())
 
 
-def train(overrides: List[str], multirun: bool = False):
-    cmd = [sys.executable, os.path.join(utils.REPO_DIR, "train.py")] + (["--multirun"] if multirun else []) + overrides
-    print("\n$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=utils.REPO_DIR, check=True)
-
-
 def stage_dirs(cfg) -> Dict[str, str]:
     return {name: os.path.join(cfg.out, name) for name in ("teacher_sft", "teacher_dpo", "student_sft")}
 
@@ -89,69 +203,161 @@ def method_runs(cfg) -> List[str]:
     return [os.path.join(cfg.out, "methods", f"{m}_seed{s}") for m in cfg.methods for s in range(int(cfg.seeds))]
 
 
-def run_stages(cfg, passthrough: List[str]):
+def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
+    """The train.py arguments of every stage: common, the pass-through arguments, the stage's
+    data (sft_data / pref_data), the stage's settings, then the chaining keys."""
     d = stage_dirs(cfg)
     base = ["resume=true", f"runs_dir={cfg.out}", "seed=0"]
-    common = list(cfg.common)
-    train(merge_overrides(common, passthrough, base, list(cfg.stages.teacher_sft),
-                          [f"model={cfg.teacher}", "exp_name=teacher_sft"]))
-    train(merge_overrides(common, passthrough, base, list(cfg.stages.teacher_dpo),
-                          [f"model={cfg.teacher}", "exp_name=teacher_dpo", f"model.archive={d['teacher_sft']}"]))
-    train(merge_overrides(common, passthrough, base, list(cfg.stages.student_sft),
-                          [f"model={cfg.model}", "exp_name=student_sft"]))
-    train(merge_overrides(common, passthrough, base, list(cfg.stages.methods), [
-        f"model={cfg.model}", f"model.archive={d['student_sft']}", f"teacher={cfg.teacher}",
-        f"teacher.archive={d['teacher_dpo']}", f"runs_dir={os.path.join(cfg.out, 'methods')}",
-        "loss=" + ",".join(cfg.methods), "seed=" + ",".join(str(s) for s in range(int(cfg.seeds))),
-        "exp_name=${loss.name}_seed${seed}"]), multirun=True)
+    fixed = {
+        "teacher_sft": [f"model={cfg.teacher}", "exp_name=teacher_sft"],
+        "teacher_dpo": [f"model={cfg.teacher}", "exp_name=teacher_dpo", f"model.archive={d['teacher_sft']}"],
+        "student_sft": [f"model={cfg.model}", "exp_name=student_sft"],
+        "methods": [f"model={cfg.model}", f"model.archive={d['student_sft']}", f"teacher={cfg.teacher}",
+                    f"teacher.archive={d['teacher_dpo']}", f"runs_dir={os.path.join(cfg.out, 'methods')}",
+                    "loss=" + ",".join(cfg.methods), "seed=" + ",".join(str(s) for s in range(int(cfg.seeds))),
+                    "exp_name=${loss.name}_seed${seed}"],
+    }
+    common = flatten(OmegaConf.to_container(cfg.common, resolve=True))
+    return {s: merge_overrides(common, passthrough, base, data_overrides(cfg[DATA_OF_STAGE[s]]),
+                               flatten(OmegaConf.to_container(cfg.stages[s], resolve=True)), fixed[s])
+            for s in STAGES}
 
 
-def eval_datasets(cfg, passthrough) -> List[str]:
-    if cfg.eval.get("datasets"):
-        return list(cfg.eval.datasets)
-    for o in passthrough:
-        if o.startswith("datasets="):
-            return [x.strip() for x in o.split("=", 1)[1].strip("[]").split(",") if x.strip()]
-    return ["embedded"]
+# ---------------------------------------------------------------- checks before training
+
+def compose_stage(overrides: List[str]):
+    """The config train.py will see for these arguments (first method / seed of a multirun)."""
+    from hydra import compose, initialize_config_dir
+    first = [re.sub(r"^(loss|seed)=([^,]*),.*$", r"\1=\2", o) for o in overrides]
+    with initialize_config_dir(config_dir=os.path.join(utils.REPO_DIR, "config"), version_base="1.3"):
+        c = compose(config_name="config", overrides=first)
+    OmegaConf.set_struct(c, False)
+    return c
 
 
-def evaluate_all(cfg, passthrough) -> None:
-    """Evaluate every model once (cached as <run>/eval.json, redone if the run changed)."""
+def describe_role(c) -> str:
+    import preference_datasets as data
+    parts = []
+    for name in c.datasets:
+        src = data.describe_split(name, "train", c.get("data"))["source"]
+        parts.append(f"{name} ({src if isinstance(src, str) else ', '.join(os.path.basename(f) for f in src)})")
+    return ", ".join(parts)
+
+
+def preflight(cfg, overrides: Dict[str, List[str]]) -> None:
+    """Before any stage trains: load and validate every stage's data, refuse SFT and
+    preference data formatted differently, and load and probe the scorer. Raises ValueError
+    (DataError, ScorerError) naming the file, row or key."""
+    import data_checks
+    import losses
+    import preference_datasets as data
+    configs = {s: compose_stage(overrides[s]) for s in STAGES}
+    formats: Dict[str, Dict] = {"sft_data": {}, "pref_data": {}}
+    for stage, c in configs.items():
+        names, options = list(c.datasets), c.get("data")
+        need_pairs = not losses.get_loss(c.loss.name).sft_targets
+        data.check_datasets(names, data.get_tokenizer(c.model.tokenizer), options, need_pairs=need_pairs)
+        f = data_checks.dataset_formats(names, options)
+        data_checks.check_formats(f, options)
+        formats[DATA_OF_STAGE[stage]].update(f)
+    sft, pref = configs["teacher_sft"], configs["teacher_dpo"]
+    kinds = {role: data_checks.role_format(f) for role, f in formats.items()}
+    if kinds["sft_data"] != kinds["pref_data"]:
+        msg = (f"the SFT data ({describe_role(sft)}) is {data_checks.FORMAT_NAMES[kinds['sft_data']]}, but the "
+               f"preference data ({describe_role(pref)}) is {data_checks.FORMAT_NAMES[kinds['pref_data']]}: the "
+               "models would be fine-tuned on one prompt format, then trained and evaluated on another. Give both "
+               "the same format (e.g. SFT rows as {\"prompt\": [{\"role\": \"user\", ...}], \"completion\": "
+               "[{\"role\": \"assistant\", ...}]}), or pass data.allow_mixed_formats=true if this is intended")
+        if not all(bool(c.data.get("allow_mixed_formats")) for c in configs.values()):
+            raise data.DataError(msg)
+        print(f"WARNING: {msg}", flush=True)
+    lines = []
+    for c in configs.values():
+        lines += [x for x in data_checks.probe_scorers(list(c.datasets), c.get("data"))[1] if x not in lines]
+    for line in lines:
+        print(f"pipeline: {line}", flush=True)
+
+
+# ---------------------------------------------------------------- stages
+
+def train(overrides: List[str], multirun: bool = False):
+    cmd = [sys.executable, os.path.join(utils.REPO_DIR, "train.py")] + (["--multirun"] if multirun else []) + overrides
+    print("\n$ " + " ".join(cmd), flush=True)
+    # the working directory stays the caller's: relative data paths and a scorer module in it resolve as typed
+    subprocess.run(cmd, check=True)
+
+
+def train_in_process(overrides: List[str], multirun: bool = False):
+    """The same runs in this process (in_process=true): no interpreter start-up per stage, for
+    tiny runs and tests. A multirun's comma lists (loss=a,b seed=0,1) become one run each."""
+    import itertools
+    import train as train_py
+    sweep = {o.split("=", 1)[0]: o.split("=", 1)[1].split(",") for o in overrides
+             if multirun and o.split("=", 1)[0] in ("loss", "seed")}
+    for values in itertools.product(*sweep.values()):
+        chosen = dict(zip(sweep, values))
+        run = [f"{k}={chosen[k]}" if k in chosen else o for o in overrides for k in [o.split("=", 1)[0]]]
+        print("\n$ train.py " + " ".join(run), flush=True)
+        cfg = compose_stage(run)
+        if cfg.exp_name is not None:
+            cfg.exp_name = str(cfg.exp_name)  # resolve ${loss.name}_seed${seed} once
+        train_py.run(cfg, run)
+
+
+def run_stages(cfg, overrides: Dict[str, List[str]]):
+    for stage in STAGES:
+        (train_in_process if cfg.get("in_process") else train)(overrides[stage], multirun=stage == "methods")
+
+
+def evaluate_all(cfg, passthrough=None) -> None:
+    """Evaluate every model once on the held-out split of the preference data (pref_data, as
+    the teacher_dpo stage resolved it; eval.datasets replaces its data sets), each with its
+    own lengths. Cached as <run>/eval.json, redone if the run or the settings changed.
+    Generations are written beside it: generations.jsonl, alpaca_eval.json, mt_bench.jsonl."""
     import evaluate
     d = stage_dirs(cfg)
     jobs = [(d["teacher_sft"], None), (d["teacher_dpo"], d["teacher_sft"]), (d["student_sft"], None)]
     jobs += [(run, d["student_sft"]) for run in method_runs(cfg)]
-    names = eval_datasets(cfg, passthrough)
+    pref_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(d["teacher_dpo"], "config.yaml")), resolve=True)
+    names = list(cfg.eval.get("datasets") or pref_cfg["datasets"])
+    n = cfg.eval.get("n")
+    settings = {"datasets": names, "data": pref_cfg["data"], "n": n, "batch_size": int(cfg.eval.batch_size),
+                "beta": float(cfg.eval.beta), "max_new_tokens": int(cfg.eval.max_new_tokens)}
+    key = json.dumps(settings, sort_keys=True)
     for run, reference in jobs:
         out = os.path.join(run, "eval.json")
         done = os.path.join(run, "DONE")
         if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(done):
-            continue
-        run_cfg = OmegaConf.load(os.path.join(run, "config.yaml"))
+            with open(out) as f:
+                if json.load(f).get("settings_key") == key:
+                    continue
         t0 = time.time()
         result = evaluate.evaluate_checkpoint(
-            run, reference, names, n_examples=int(cfg.eval.n), batch_size=int(cfg.eval.batch_size),
-            beta=float(cfg.eval.beta), max_new_tokens=int(cfg.eval.max_new_tokens),
-            max_length=int(run_cfg.max_length), max_prompt_length=int(run_cfg.max_prompt_length),
-            generations=os.path.join(run, "generations.jsonl"), options=run_cfg.get("data"))
-        result.update({"reference": reference, "seconds": round(time.time() - t0, 1)})
+            run, reference, names, n_examples=None if n is None else int(n), batch_size=settings["batch_size"],
+            beta=settings["beta"], max_new_tokens=settings["max_new_tokens"], options=pref_cfg["data"],
+            generations=os.path.join(run, "generations.jsonl"), alpaca_eval=os.path.join(run, "alpaca_eval.json"),
+            mt_bench=os.path.join(run, "mt_bench.jsonl"), log=lambda msg: print(msg, flush=True))
+        result.update({"reference": reference, "seconds": round(time.time() - t0, 1), "settings_key": key})
         utils.atomic_write_json(out, result)
-        print(f"evaluated {run}: " + json.dumps(result), flush=True)
+        print(f"evaluated {run}: " + json.dumps({k: v for k, v in result.items() if k != "settings_key"}), flush=True)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, passthrough = parse_args(argv)
-    except ValueError as e:
+        overrides = stage_overrides(cfg, passthrough)
+        preflight(cfg, overrides)
+    except ValueError as e:  # DataError and ScorerError are ValueErrors: nothing has been trained
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     utils.atomic_write_text(os.path.join(cfg.out, "pipeline.yaml"), OmegaConf.to_yaml(cfg) +
-                            f"# passed to train.py: {passthrough}\n")
-    run_stages(cfg, passthrough)
-    evaluate_all(cfg, passthrough)
+                            "# train.py arguments of each stage:\n" +
+                            "".join(f"#   {s}: {' '.join(o)}\n" for s, o in overrides.items()))
+    run_stages(cfg, overrides)
+    evaluate_all(cfg)
     import report
     table = report.write_report(cfg.out)
     print(f"\n{table}\nwall time {time.time() - t0:.0f} s; results in {cfg.out}/results.md, results.csv, results.png")

@@ -283,8 +283,9 @@ class RowError(ValueError):
 
 DEFAULT_OPTIONS = {
     "skip_invalid": False, "cache_dir": None, "test_fraction": 0.05, "chat_template": None,
-    "paths": {}, "local": {"path": None, "prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
-                           "messages": "messages", "completion": "completion"},
+    "paths": {}, "local": {"path": None, "train": None, "test": None, "prompt": "prompt", "chosen": "chosen",
+                           "rejected": "rejected", "messages": "messages", "completion": "completion"},
+    "scorer": None, "allow_mixed_formats": False, "check_lengths": 1000,
 }
 
 
@@ -590,28 +591,53 @@ SE_TEST_PERCENT = 1
 # -- reading rows ------------------------------------------------------------
 
 
-def _open_text(path: str):
+def _read_bytes(path: str) -> bytes:
     import gzip
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        body = f.read()
+    return body[3:] if body.startswith(b"\xef\xbb\xbf") else body  # a UTF-8 byte-order mark is not data
+
+
+def _utf8_problem(line: bytes, e: UnicodeDecodeError) -> str:
+    return (f"not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line); "
+            "save the file as UTF-8")
+
+
+def _decode_whole(path: str, body: bytes) -> str:
+    """The text of a whole-file format (a JSON array, CSV); a non-UTF-8 byte is a DataError
+    naming the file and the line."""
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = body.count(b"\n", 0, e.start) + 1
+        line = body[body.rfind(b"\n", 0, e.start) + 1:]
+        e2 = UnicodeDecodeError(e.encoding, line, e.start - (len(body) - len(line)), e.end, e.reason)
+        raise DataError(f"{path}: line {line_no}: {_utf8_problem(line, e2)}") from None
 
 
 def read_rows(path: str) -> Iterator[Tuple[str, object]]:
     """(where, row) of a local file; where = '<path>:<line or row number>' (1-based). A broken
-    JSON line yields a RowError in place of the row, so the caller can name it or skip it."""
+    JSON line (bad JSON, or bytes that are not UTF-8) yields a RowError in place of the row, so
+    the caller can name it or skip it; lines are split on '\\n' only (a JSON string may hold
+    U+2028)."""
     base = path[:-3] if path.endswith(".gz") else path
     if base.endswith(".json") or base.endswith(".jsonl"):
-        with _open_text(path) as f:
-            body = f.read()
-        if base.endswith(".json") and body.lstrip().startswith("["):  # one JSON array
+        body = _read_bytes(path)
+        if base.endswith(".json") and body.lstrip().startswith(b"["):  # one JSON array
             try:
-                rows = json.loads(body)
+                rows = json.loads(_decode_whole(path, body))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: broken JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
             for i, row in enumerate(rows, 1):
                 yield f"{path}: row {i}", row
             return
-        for i, line in enumerate(body.splitlines(), 1):  # JSON lines
-            if not line.strip():
+        for i, raw in enumerate(body.split(b"\n"), 1):  # JSON lines
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}: line {i}", RowError(_utf8_problem(raw, e))
                 continue
             try:
                 yield f"{path}: line {i}", json.loads(line)
@@ -623,27 +649,128 @@ def read_rows(path: str) -> Iterator[Tuple[str, object]]:
             yield f"{path}: row {i}", row
     elif base.endswith(".csv"):
         import csv
-        with _open_text(path) as f:
-            for i, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
-                yield f"{path}: line {i}", row
+        import io
+        body = _decode_whole(path, _read_bytes(path))
+        for i, row in enumerate(csv.DictReader(io.StringIO(body, newline="")), 2):  # line 1 is the header
+            yield f"{path}: line {i}", row
     else:
         raise DataError(f"{path}: unsupported file type; use one of {LOCAL_SUFFIXES}")
 
 
-def local_files(path: str, split_name: str, our_split: str) -> List[str]:
-    """The files of one split under a local path: a file is the whole data set (split later
-    by prompt hash); a directory holds <split>.<ext> files (hub split names or train/test)."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise DataError(f"{path}: no such file or directory")
-    names = sorted(os.listdir(path))
-    for stem in dict.fromkeys((split_name, our_split)):
-        found = [os.path.join(path, n) for n in names if n.split(".")[0] == stem and n.endswith(LOCAL_SUFFIXES)]
+def _data_files(folder: str) -> List[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(LOCAL_SUFFIXES)
+                  and os.path.isfile(os.path.join(folder, n)))
+
+
+def _named_file(spec: str, folder: Optional[str], key: str) -> str:
+    """data.local.train / data.local.test: a file path (relative to data.local.path when that
+    is a directory, else to the working directory), or a file stem inside that directory
+    (`train_prefs` -> train_prefs.jsonl)."""
+    spec = os.path.expanduser(str(spec))
+    candidates = [os.path.join(folder, spec)] if folder and not os.path.isabs(spec) else []
+    candidates.append(os.path.abspath(spec))
+    for c in candidates:
+        if os.path.isfile(c):
+            return os.path.abspath(c)
+    if folder:
+        stems = [n for n in _data_files(folder) if n.split(".")[0] == spec]
+        if len(stems) == 1:
+            return os.path.join(folder, stems[0])
+    where = f" (looked in {folder} and the working directory)" if folder else ""
+    raise DataError(f"{key}={spec}: no such file{where}")
+
+
+TEST_NAMES = ("test", "validation", "valid", "val", "dev", "eval")
+
+
+def sibling_test_files(path: str) -> List[str]:
+    """Files beside a single data file that look like its test split: the name with `train`
+    replaced by test / validation / val / dev / eval (`train.jsonl` -> `test.jsonl`,
+    `sft_train.jsonl` -> `sft_test.jsonl`)."""
+    folder, name = os.path.split(path)
+    if "train" not in name:
+        return []
+    head, _, tail = name.rpartition("train")
+    stems = {(head + t + tail).split(".")[0] for t in TEST_NAMES}
+    return [os.path.join(folder, n) for n in _data_files(folder) if n.split(".")[0] in stems]
+
+
+HOLDOUT = "holdout"
+
+
+def _split_files(folder: str, src: Source, split: str) -> List[str]:
+    names = _data_files(folder)
+    for stem in dict.fromkeys((src.splits[split], split)):
+        found = [os.path.join(folder, n) for n in names if n.split(".")[0] == stem]
         if found:
             return found
-    raise DataError(f"{path}: no file for split {our_split!r} (expected {split_name}.jsonl/.json/.parquet/.csv; "
-                    f"found {names[:10]})")
+    hint = (f"; name the file with data.local.{split}=<file>" +
+            (f" (or data.local.test={HOLDOUT} to hold out data.test_fraction of the train prompts)"
+             if split == "test" else "")) if src.name == "local" else ""
+    raise DataError(f"{folder}: no file for split {split!r} (expected {src.splits[split]}.jsonl/.json/.parquet/"
+                    f".csv; found {names[:10]}){hint}")
+
+
+def split_plan(src: Source, split: str, opts: Dict) -> Dict:
+    """Where the rows of one split come from, without reading them: {"hub": "<id>[<split>]"},
+    or {"files": [paths], "holdout": the files are split by prompt hash (data.test_fraction
+    of the prompts to test), "unread": data files of the directory that feed neither split,
+    "note": a warning or None}.
+
+    Local rules: data.local.train / data.local.test name a split's file; else a directory
+    gives its train.* / test.* files (or the hub's split names), and a single file (the path,
+    or a named train file with no test file named) serves both splits by prompt hash."""
+    path = local_path(src, opts)
+    col = opts["local"] if src.name == "local" else {}
+    train_spec, test_spec = col.get("train"), col.get("test")
+    if not path and not train_spec:
+        return {"hub": f"{src.hub}[{src.splits[split]}]"}
+    folder = path if path and os.path.isdir(path) else None
+    if path and not folder and not os.path.isfile(path):
+        raise DataError(f"{path}: no such file or directory")
+
+    def train_files():
+        if train_spec:
+            return [_named_file(train_spec, folder, "data.local.train")]
+        return _split_files(folder, src, "train") if folder else [path]
+
+    single = bool(train_spec) or folder is None  # one file serves train; the test is held out of it by default
+
+    def test_files():
+        if test_spec and test_spec != HOLDOUT:
+            return [_named_file(test_spec, folder, "data.local.test")], False
+        if test_spec == HOLDOUT or single:
+            return train_files(), True
+        return _split_files(folder, src, "test"), False
+
+    if split == "train":
+        files = train_files()
+        try:
+            holdout = test_files()[1]
+        except DataError:
+            holdout = False
+    else:
+        files, holdout = test_files()
+    note = None
+    if holdout and test_spec is None and not src.hold_out:
+        beside = sibling_test_files(files[0])
+        if beside:
+            key = "data.local.test" if src.name == "local" else f"data.paths.{src.name}=<the directory>"
+            note = (f"{files[0]} is split by prompt hash ({float(opts['test_fraction']):g} of its prompts are the "
+                    f"test split), but {', '.join(os.path.basename(b) for b in beside)} lies beside it: to test on "
+                    f"it pass {key}" + (f"={os.path.basename(beside[0])}" if src.name == "local" else "") +
+                    (f" (data.local.test={HOLDOUT} keeps the hash split and silences this)"
+                     if src.name == "local" else ""))
+    unread = []
+    if folder:
+        used = set(files)
+        for other in (train_files, lambda: test_files()[0]):
+            try:
+                used.update(other())
+            except DataError:
+                pass
+        unread = [n for n in _data_files(folder) if os.path.join(folder, n) not in used]
+    return {"files": files, "holdout": holdout, "unread": unread, "note": note}
 
 
 def hub_rows(hub: str, split: str) -> Iterator[Tuple[str, object]]:
@@ -655,29 +782,31 @@ def hub_rows(hub: str, split: str) -> Iterator[Tuple[str, object]]:
 
 def local_path(src: Source, opts: Dict) -> Optional[str]:
     path = opts["local"]["path"] if src.name == "local" else (opts.get("paths") or {}).get(src.name)
-    if src.name == "local" and not path:
-        raise DataError("datasets=[local] needs data.local.path=<file or directory>")
+    if src.name == "local" and not path and not opts["local"].get("train"):
+        raise DataError("datasets=[local] needs data.local.path=<file or directory> (or data.local.train=<file>)")
     return os.path.abspath(os.path.expanduser(str(path))) if path else None
 
 
 def source_fingerprint(src: Source, split: str, opts: Dict) -> str:
-    """Where the rows of `split` come from: the hub id and split, or the local files with
-    their sizes and modification times (a changed file is a new fingerprint)."""
-    path = local_path(src, opts)
-    if not path:
-        return f"{src.hub}@{src.splits[split]}"
-    files = local_files(path, src.splits[split], split)
-    return json.dumps([(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
+    """What the examples of `split` are made from: the hub id and split, or the local files
+    with their sizes and modification times (a changed file is a new fingerprint), plus the
+    options that change the conversion (column names, the held-out share), since the token
+    cache is keyed by example index."""
+    plan = split_plan(src, split, opts)
+    if "hub" in plan:
+        return plan["hub"]
+    files = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in plan["files"]]
+    extra = [opts["local"] if src.name == "local" else None, plan["holdout"] and float(opts["test_fraction"])]
+    return json.dumps([files, extra], sort_keys=True)
 
 
 def source_rows(src: Source, split: str, opts: Dict) -> Tuple[Iterator[Tuple[str, object]], bool]:
-    """(rows, whole_file): the rows of `split`, and whether a single local file must still
-    be split into train and test."""
-    path = local_path(src, opts)
-    if path:
-        files = local_files(path, src.splits[split], split)
-        return (item for f in files for item in read_rows(f)), os.path.isfile(path)
-    return hub_rows(src.hub, src.splits[split]), False
+    """(rows, holdout): the rows of `split`, and whether they must still be split into train
+    and test by prompt hash."""
+    plan = split_plan(src, split, opts)
+    if "hub" in plan:
+        return hub_rows(src.hub, src.splits[split]), False
+    return (item for f in plan["files"] for item in read_rows(f)), plan["holdout"]
 
 
 def _hash_percent(key: str) -> float:
@@ -708,7 +837,7 @@ def _prompt_key(ex: Dict) -> str:
 
 
 def _load_source(name: str, split: str, opts: Dict):
-    """(examples, problems, fingerprint), memoised per process while the source is unchanged."""
+    """(examples, problems, fingerprint, rows read), memoised per process while the source is unchanged."""
     fingerprint = source_fingerprint(SOURCES[name], split, opts)
     return _load_source_cached(name, split, json.dumps(opts, sort_keys=True), fingerprint)
 
@@ -718,6 +847,14 @@ def _load_source_cached(name: str, split: str, opts_json: str, fingerprint: str)
     opts = json.loads(opts_json)
     src = SOURCES[name]
     rows, whole_file = source_rows(src, split, opts)
+    n_rows = [0]
+
+    def counted(items):
+        for item in items:
+            n_rows[0] += 1
+            yield item
+
+    rows = counted(rows)
     if src.grouped:  # bad rows must still be named: check them on the way in
         rows = list(rows)
         broken = [(w, r) for w, r in rows if isinstance(r, RowError)]
@@ -743,15 +880,15 @@ def _load_source_cached(name: str, split: str, opts_json: str, fingerprint: str)
                 if in_test != (split == "test"):
                     continue
         examples.append(item)
-    return examples, problems, fingerprint
+    return examples, problems, fingerprint, n_rows[0]
 
 
 # ---------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------
 
-# name -> scorer(prompt, completion) -> dict of floats; data sets without verifiable answers are absent
-TASK_SCORERS: Dict[str, Callable[[str, str], Dict[str, float]]] = {"embedded": score_answer}
+# Scorers of generated completions live in scorers.py (data.scorer; the embedded task's default
+# is score_answer above).
 DATASETS = ["embedded"] + sorted(SOURCES)
 
 
@@ -772,7 +909,7 @@ def load_dataset_checked(name: str, split: str, options=None, silent: bool = Fal
         fp = f"embedded-v1-{EMBEDDED_TRAIN_SIZE}-{EMBEDDED_TEST_SIZE}-{EMBEDDED_SEED}-{EMBEDDED_TEST_PERCENT}"
         return load_embedded(split, silent=silent), fp
     opts = data_options(options)
-    examples, problems, fingerprint = _load_source(name, split, opts)
+    examples, problems, fingerprint, _ = _load_source(name, split, opts)
     if problems and not opts["skip_invalid"]:
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise DataError(f"data set {name!r} ({split}): {len(problems)} invalid row(s):\n  " +
@@ -791,6 +928,26 @@ def skipped_rows(name: str, split: str, options=None) -> int:
     if name == "embedded":
         return 0
     return len(_load_source(name, split, data_options(options))[1])
+
+
+def describe_split(name: str, split: str, options=None) -> Dict:
+    """Where a split's examples come from and how many there are (after load_dataset_checked):
+    {"source": "built in" | "<hub id>[<split>]" | [files], "holdout": share held out by prompt
+    hash or None, "rows": rows read, "examples": n, "skipped": k, "unread": [...], "note": ...}."""
+    if name == "embedded":
+        n = EMBEDDED_TRAIN_SIZE if split == "train" else EMBEDDED_TEST_SIZE
+        return {"source": "built in (the sorting task)", "holdout": None, "rows": n, "examples": n, "skipped": 0,
+                "unread": [], "note": None}
+    opts = data_options(options)
+    src = SOURCES[name]
+    plan = split_plan(src, split, opts)
+    examples, problems, _, n_rows = _load_source(name, split, opts)
+    share = SE_TEST_PERCENT / 100 if src.hold_out else float(opts["test_fraction"])
+    held = src.hold_out or plan.get("holdout")  # SE: questions held out by qid hash; else prompts of one file
+    return {"source": plan.get("hub") or plan["files"],
+            "holdout": (share if split == "test" else 1 - share) if held else None,
+            "rows": n_rows, "examples": len(examples), "skipped": len(problems),
+            "unread": plan.get("unread", []), "note": plan.get("note")}
 
 
 def get_dataset(name: str, split: str, silent: bool = False, options=None) -> List[Dict]:
@@ -822,12 +979,6 @@ def check_datasets(names: List[str], tokenizer, options=None, need_pairs: bool =
                 format_example(first, tokenizer, data_options(options)["chat_template"])
             report[f"{name}/{split}"] = {"examples": len(examples), "skipped": skipped_rows(name, split, options)}
     return report
-
-
-def task_score(dataset_name: str, prompt: str, completion: str) -> Optional[Dict[str, float]]:
-    """Verifiable score of a completion, or None if the data set has no checker."""
-    scorer = TASK_SCORERS.get(dataset_name)
-    return None if scorer is None else scorer(prompt, completion)
 
 
 # ---------------------------------------------------------------------------
@@ -984,6 +1135,18 @@ def cache_dir_of(options=None) -> Optional[str]:
 def pairs_available(names: List[str], options=None) -> bool:
     """Whether every data set's held-out split has preference pairs (SFT-only sets have none)."""
     return all(ex["chosen"] is not None for n in names for ex in load_dataset_checked(n, "test", options, True)[0])
+
+
+def encode_example(ex: Dict, tokenizer, template: Optional[str] = None) -> Dict:
+    """Untruncated ids of one example (format_example, then encode_text), plus its prompt text."""
+    prompt, responses = format_example(ex, tokenizer, template)
+    return encode_text(prompt, responses, tokenizer) | {"prompt_text": prompt}
+
+
+def token_cache(cache_dir: Optional[str], name: str, split: str, fingerprint: str, tokenizer,
+                template: Optional[str], rank: int = 0) -> "TokenCache":
+    key = json.dumps([CACHE_VERSION, name, split, fingerprint, tokenizer_fingerprint(tokenizer), template])
+    return TokenCache(cache_dir, key, rank)
 
 
 class TokenCache:
@@ -1160,7 +1323,9 @@ def get_batch_iterator(
       kept in a TokenCache there, so the next run with the same data and tokenizer
       tokenises nothing. ``stats`` (a dict) receives the cache's hits and misses.
     * ``options``: the ``data:`` config section (data_options).
-    * Each batch also carries ``dataset`` (list of data set names) for ``task_score``.
+    * Each batch also carries ``dataset`` (data set names), ``original_prompt`` (the prompt
+      before any chat template: a string or a message list) and ``reference`` (the SFT
+      target), for scorers (scorers.py) and judges.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world_size {world_size}")
@@ -1180,21 +1345,18 @@ def get_batch_iterator(
                 raise DataError(f"data set {name!r} has SFT rows without preference pairs (e.g. {bad.get('where')}); "
                                 "use it with loss=sft")
         data.extend((name, i, ex) for i, ex in enumerate(examples))
-        key = json.dumps([CACHE_VERSION, name, split, fingerprint, tokenizer_fingerprint(tokenizer), template])
-        caches[name] = TokenCache(cache_dir, key, rank)
-
-    def encode(ex: Dict) -> Dict:
-        prompt, responses = format_example(ex, tokenizer, template)
-        return encode_text(prompt, responses, tokenizer) | {"prompt_text": prompt}
+        caches[name] = token_cache(cache_dir, name, split, fingerprint, tokenizer, template, rank)
 
     def element(j: int) -> Dict:
         name, i, ex = data[j]
-        ids = caches[name].get(i, lambda: encode(ex))
+        ids = caches[name].get(i, lambda: encode_example(ex, tokenizer, template))
         chosen, rejected = ("sft_target", "sft_target") if sft_mode else ("chosen", "rejected")
         out = {"prompt": ids["prompt_text"], "chosen": ex[chosen], "rejected": ex[rejected]}
         out.update(build_pair(ids["prompt"], ids[chosen], ids[rejected], tokenizer.bos_token_id, max_length,
                               max_prompt_length, truncation_mode))
         out["dataset"] = name
+        out["original_prompt"] = ex["prompt"]  # before the chat template: what scorers and judges read
+        out["reference"] = ex["sft_target"]
         return out
 
     plan = global_batch_indices(len(data), batch_size, shuffle, seed, n_epochs, n_examples, world_size)

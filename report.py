@@ -5,8 +5,10 @@
 Reads <dir>/{teacher_dpo,teacher_sft,student_sft}/eval.json and <dir>/methods/*/eval.json
 (written by pipeline.py / evaluate.py) and the runs' metrics.jsonl, and writes
 <dir>/results.md, results.csv and results.png. Rows: DPO teacher, SFT teacher, SFT student,
-then each student method (runs named <method>_seed<k>); columns: mean and standard
-deviation over seeds of each metric.
+then each student method (runs named <method>_seed<k>); columns: the task scores
+(task_<name>, one per name the scorer returns), held-out logp accuracy, preference accuracy
+and margin: mean ± sample standard deviation over seeds (the mean alone for one seed; the
+CSV leaves the _std column empty then).
 """
 import csv
 import glob
@@ -17,8 +19,9 @@ import statistics
 import sys
 from typing import Dict, List
 
-COLUMNS = [("task_exact", "task exact"), ("task_partial", "task partial"),
-           ("logp_accuracy", "held-out logp acc."), ("pref_accuracy", "pref. acc. (vs ref)"),
+# Task columns come first, one per score name found in the eval.json files (task_<name>:
+# the data set's scorer, see scorers.py); then these.
+COLUMNS = [("logp_accuracy", "held-out logp acc."), ("pref_accuracy", "pref. acc. (vs ref)"),
            ("pref_margin", "pref. margin")]
 FIXED = [("DPO teacher", "teacher_dpo"), ("SFT teacher", "teacher_sft"), ("SFT student", "student_sft")]
 
@@ -45,16 +48,29 @@ def collect(root: str) -> Dict[str, List[dict]]:
 
 
 def mean_std(values: List[float]):
+    """(mean, sample standard deviation); the deviation is None for a single value (no spread)."""
     if not values:
         return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def columns(rows: Dict[str, List[dict]]) -> List[tuple]:
+    """[(key, title)]: task_<name> columns in the order first seen, then COLUMNS."""
+    task = {}
+    for results in rows.values():
+        for r in results:
+            for k, v in r.items():
+                if k.startswith("task_") and isinstance(v, (int, float)):
+                    task.setdefault(k, "task " + k[len("task_"):].replace("_", " "))
+    return list(task.items()) + COLUMNS
 
 
 def summarise(rows: Dict[str, List[dict]]) -> List[dict]:
     out = []
+    cols = columns(rows)
     for name, results in rows.items():
         row = {"method": name, "seeds": len(results)}
-        for key, _ in COLUMNS:
+        for key, _ in cols:
             # pref_* exist only for models evaluated against a reference (not the SFT rows)
             m, s = mean_std([r[key] for r in results if key in r])
             row[key], row[key + "_std"] = m, s
@@ -62,12 +78,18 @@ def summarise(rows: Dict[str, List[dict]]) -> List[dict]:
     return out
 
 
-def markdown(summary: List[dict]) -> str:
-    present = [(k, t) for k, t in COLUMNS if any(r[k] is not None for r in summary)]
+def _cell(mean, std) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown(summary: List[dict], cols: List[tuple]) -> str:
+    present = [(k, t) for k, t in cols if any(r.get(k) is not None for r in summary)]
     lines = ["| method | seeds | " + " | ".join(t for _, t in present) + " |",
              "|---|---|" + "---|" * len(present)]
     for r in summary:
-        cells = [("-" if r[k] is None else f"{r[k]:.3f} ± {r[k + '_std']:.3f}") for k, _ in present]
+        cells = [_cell(r.get(k), r.get(k + "_std")) for k, _ in present]
         lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -88,21 +110,27 @@ def curves(root: str) -> Dict[str, List[tuple]]:
     return {m: sorted((ex, statistics.mean(v)) for ex, v in d.items()) for m, d in sorted(per.items())}
 
 
-def plot(root: str, summary: List[dict], path: str):
+def plot_key(summary: List[dict], cols: List[tuple]) -> str:
+    """The bar plot's metric: the task score (the last name of the scorer, e.g. the embedded
+    task's `partial`), else the held-out logp accuracy."""
+    task = [k for k, _ in cols if k.startswith("task_") and any(r.get(k) is not None for r in summary)]
+    return task[-1] if task else "logp_accuracy"
+
+
+def plot(root: str, summary: List[dict], path: str, key: str = "logp_accuracy"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    key = "task_partial" if any(r["task_partial"] is not None for r in summary) else "logp_accuracy"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    names = [r["method"] for r in summary if r[key] is not None]
-    vals = [r[key] for r in summary if r[key] is not None]
-    errs = [r[key + "_std"] for r in summary if r[key] is not None]
+    names = [r["method"] for r in summary if r.get(key) is not None]
+    vals = [r[key] for r in summary if r.get(key) is not None]
+    errs = [r[key + "_std"] or 0.0 for r in summary if r.get(key) is not None]
     colors = ["#888888" if n in dict(FIXED) else "#1f77b4" for n in names]
     ax1.bar(names, vals, yerr=errs, capsize=4, color=colors)
     ax1.set_ylabel(key.replace("_", " ") + " (held-out)")
     ax1.set_title("score per model (mean ± std over seeds)")
-    lo = min(vals) if vals else 0
-    ax1.set_ylim(max(0.0, lo - 0.1), min(1.0, max(vals) + 0.05) if vals else 1)
+    if vals and 0.0 <= min(vals) and max(vals) <= 1.0:  # a share: zoom in on the range used
+        ax1.set_ylim(max(0.0, min(vals) - 0.1), min(1.0, max(vals) + 0.05))
     ax1.tick_params(axis="x", rotation=30)
     for method, pts in curves(root).items():
         ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
@@ -117,19 +145,21 @@ def plot(root: str, summary: List[dict], path: str):
 
 
 def write_report(root: str) -> str:
-    summary = summarise(collect(root))
-    table = markdown(summary)
+    rows = collect(root)
+    cols = columns(rows)
+    summary = summarise(rows)
+    table = markdown(summary, cols)
     with open(os.path.join(root, "results.md.tmp"), "w") as f:
         f.write(table + "\n")
     os.replace(os.path.join(root, "results.md.tmp"), os.path.join(root, "results.md"))
-    fields = ["method", "seeds"] + [x for k, _ in COLUMNS for x in (k, k + "_std")]
+    fields = ["method", "seeds"] + [x for k, _ in cols for x in (k, k + "_std")]
     with open(os.path.join(root, "results.csv.tmp"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in summary:
             w.writerow({k: r.get(k) for k in fields})
     os.replace(os.path.join(root, "results.csv.tmp"), os.path.join(root, "results.csv"))
-    plot(root, summary, os.path.join(root, "results.png"))
+    plot(root, summary, os.path.join(root, "results.png"), plot_key(summary, cols))
     return table
 
 

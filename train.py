@@ -198,18 +198,15 @@ def check_ranges(cfg: DictConfig) -> None:
 def check_data(cfg: DictConfig):
     """Load and validate every data set split before any model is loaded (rank 0 / the
     launching process only): a bad row stops the run here, naming its file and row, or with
-    data.skip_invalid=true is skipped and counted. Returns {name/split: {examples, skipped}}."""
+    data.skip_invalid=true is skipped and counted. Prints and returns data_checks' report
+    (files per split, counts, formats, truncation, model length, scorer)."""
     if int(os.environ.get("RANK", 0)) != 0:
         return None
+    import data_checks
     import preference_datasets as data
     spec = losses.get_loss(cfg.loss.name)
     tokenizer = data.get_tokenizer(cfg.model.tokenizer)
-    report = data.check_datasets(list(cfg.datasets), tokenizer, cfg.get("data"), need_pairs=not spec.sft_targets)
-    for key, r in report.items():
-        if r["skipped"]:
-            utils.rank0_print(f"data: {key}: {r['examples']} examples, {r['skipped']} invalid rows skipped "
-                              "(data.skip_invalid=true)")
-    return report
+    return data_checks.startup_report(cfg, tokenizer, need_pairs=not spec.sft_targets, sft_mode=spec.sft_targets)
 
 
 def world_size_for(cfg: DictConfig) -> int:

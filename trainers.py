@@ -407,8 +407,11 @@ class BasicTrainer:
 
     @torch.no_grad()
     def sample_and_score(self) -> Dict[str, torch.Tensor]:
-        """Greedy generations for held-out prompts, scored by the task where it has verifiable answers."""
-        scores = {"task/exact": [], "task/partial": []}
+        """Greedy generations for held-out prompts, scored by the data set's scorer (data.scorer;
+        scorers.py) on the original prompt: logged as task/<name>."""
+        import scorers
+        scorer = scorers.for_config(self.cfg.datasets, self.cfg.get("data")).common()
+        scores = {}
         self._last_samples = []
         n_wanted = self.cfg.n_eval_samples
         seen = 0
@@ -418,13 +421,11 @@ class BasicTrainer:
             ids = batch["prompt_input_ids"].to(self.device)
             mask = batch["prompt_attention_mask"].to(self.device)
             out = self.generate(ids, mask)
-            for prompt, row in zip(batch["prompt"], out[:, ids.shape[1]:]):
+            for prompt, original, row in zip(batch["prompt"], batch["original_prompt"], out[:, ids.shape[1]:]):
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
                 self._last_samples.append((prompt, text))
-                score = data.task_score(self.cfg.datasets[0], prompt, text) if len(self.cfg.datasets) == 1 else None
-                if score is not None:
-                    scores["task/exact"].append(score["exact"])
-                    scores["task/partial"].append(score["partial"])
+                for name, value in (scorer(original, text) if scorer is not None else {}).items():
+                    scores.setdefault(f"task/{name}", []).append(value)
             seen += len(batch["prompt"]) * self.world_size
         return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items() if v}
 

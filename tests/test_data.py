@@ -174,10 +174,13 @@ def test_score_answer_hand_cases(completion, exact, partial):
     assert pdata.score_answer("sort 3120=", completion) == {"exact": exact, "partial": pytest.approx(partial)}
 
 
-def test_score_answer_and_task_score():
+def test_score_answer_and_the_embedded_default_scorer():
+    import scorers
     assert pdata.score_answer("<|user|>sort 99=<|end|>sort 5281=", "1258") == {"exact": 1.0, "partial": 1.0}
-    assert pdata.task_score("embedded", "sort 21=", "12") == {"exact": 1.0, "partial": 1.0}
-    assert pdata.task_score("no-such-set", "sort 21=", "12") is None
+    task = scorers.for_config(["embedded", "hh"])  # data.scorer unset: each data set's default
+    assert task.specs() == {"embedded": "preference_datasets:score_answer", "hh": None}
+    assert task("embedded", "sort 21=", "12") == {"exact": 1.0, "partial": 1.0}
+    assert task("hh", "sort 21=", "12") is None and task.common() is None
     with pytest.raises(ValueError, match="sort.*hello"):  # the error names the prompt
         pdata.score_answer("hello", "3")
     # leading zeros are ordinary digits of the answer

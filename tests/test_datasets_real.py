@@ -342,7 +342,10 @@ def test_sft_on_deita_and_dpo_on_a_local_file_train(tmp_path):
     over = common + ["loss=dpo", "datasets=[local]", f"data.local.path={d}", "data.skip_invalid=true", "exp_name=l"]
     run_dir = train.run(compose(over), over)
     with open(os.path.join(run_dir, "data_summary.json")) as f:
-        assert json.load(f) == {"local/train": {"examples": 8, "skipped": 1}, "local/test": {"examples": 4, "skipped": 0}}
+        summary = json.load(f)
+    assert {k: (v["source"], v["rows"], v["examples"], v["skipped"], v["format"]) for k, v in summary["splits"].items()} \
+        == {"local/train": ([str(d / "train.jsonl")], 9, 8, 1, "text"), "local/test": ([str(d / "test.jsonl")], 4, 4, 0, "text")}
+    assert summary["splits"]["local/train"]["truncation"]["truncated"] == 0 and summary["warnings"] == []
     assert "heldout_eval/logp_accuracy" in read_metrics(run_dir)[-1]
     over = common + ["loss=sft", "datasets=[deita]", f"data.paths.deita={FIXTURES}/deita", "batch_size=2",
                      "eval_batch_size=1", "n_examples=4", "exp_name=s"]
@@ -358,10 +361,11 @@ def test_sft_on_deita_and_dpo_on_a_local_file_train(tmp_path):
     assert res["n"] == 1 and res["pref_accuracy"] == 0.0 and res["pref_margin"] == 0.0  # policy == reference
     assert 0.0 <= res["logp_accuracy"] <= 1.0 and "task_exact" not in res
     row = json.loads(gens.read_text())
-    assert row["prompt"] == "<|user|>Name a fruit.<|end|><|assistant|>" and row["dataset"] == "dpomix"
+    assert row["model_input"] == "<|user|>Name a fruit.<|end|><|assistant|>" and row["dataset"] == "dpomix"
+    assert row["prompt"] == user("Name a fruit.") and row["prompt_text"] == "Name a fruit."
     res = evaluate.evaluate_checkpoint(run_dir, None, ["deita"], n_examples=1, batch_size=1, max_new_tokens=3,
                                        max_length=64, max_prompt_length=48, options=opts_for("deita"))
-    assert res == {"n": 1}
+    assert res["n"] == 1 and not [k for k in res if k.endswith("accuracy") or k.startswith("task_")]
 
 
 # ---------------------------------------------------------------------------

@@ -9,14 +9,14 @@ import pipeline
 import report
 
 TINY_STAGES = [
-    "stages.teacher_sft=[loss=sft,lr=2e-3,n_examples=64]",
-    "stages.teacher_dpo=[loss=dpo,lr=1e-4,n_examples=32]",
-    "stages.student_sft=[loss=sft,lr=2e-3,n_examples=64]",
-    "stages.methods=[lr=1e-4,n_examples=32,eval_every=16]",
+    "stages.teacher_sft.lr=2e-3", "stages.teacher_sft.n_examples=64",          # one key at a time
+    "stages.teacher_dpo.n_examples=32",
+    "stages.student_sft=[loss=sft,lr=2e-3,n_examples=64]",                     # a whole stage
+    "stages.methods.n_examples=32", "stages.methods.eval_every=16",
     "eval.n=16", "eval.batch_size=16", "eval.max_new_tokens=4",
 ]
 PASSTHROUGH = ["wandb.enabled=false", "progress_bar=false", "batch_size=16", "eval_batch_size=16",
-               "n_eval_examples=16", "eval_every=32"]
+               "n_eval_examples=16", "eval_every=32", "num_threads=1"]
 
 
 def test_pipeline_chains_stages_writes_the_table_and_skips_finished_stages(tmp_path, capfd):
@@ -89,11 +89,13 @@ def test_report_on_a_fixture_sweep(tmp_path):
     assert [r.split("|")[1].strip() for r in table[2:]] == ["DPO teacher", "SFT teacher", "SFT student", "dpo", "tvkd"]
     # tvkd: exact mean 0.6, sample std 0.1; margin mean 0.5, std sqrt(((.3)^2 + .1^2 + .4^2) / 2) = 0.361
     assert "| tvkd | 3 | 0.600 ± 0.100 | 0.800 ± 0.000 | 0.900 ± 0.000 | 0.750 ± 0.000 | 0.500 ± 0.361 |" in table
-    assert "| SFT student | 1 | 0.400 ± 0.000 | 0.700 ± 0.000 | 0.850 ± 0.000 | - | - |" in table
+    # one seed: the mean alone, no spread
+    assert "| SFT student | 1 | 0.400 | 0.700 | 0.850 | - | - |" in table
+    assert "| dpo | 1 | 0.450 | 0.750 | 0.880 | 0.800 | 0.500 |" in table
     with open(os.path.join(root, "results.csv")) as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert float(rows["tvkd"]["task_exact"]) == pytest.approx(0.6) and rows["tvkd"]["seeds"] == "3"
-    assert rows["SFT student"]["pref_accuracy"] == ""
+    assert rows["SFT student"]["pref_accuracy"] == "" and rows["dpo"]["task_exact_std"] == ""
     assert report.curves(root)["tvkd"] == [(0, 0.5), (100, pytest.approx(0.7))]
     assert open(os.path.join(root, "results.png"), "rb").read(4) == b"\x89PNG"
 
@@ -101,3 +103,109 @@ def test_report_on_a_fixture_sweep(tmp_path):
 def test_report_on_an_empty_directory_is_a_clear_error(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "no eval.json found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# A task of one's own: separate SFT and preference files, a scorer, the table (tests/fixtures/reverse)
+# ---------------------------------------------------------------------------------------------
+
+REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
+SCORER = f"{REVERSE}/reverse_scorer.py:score"
+REVERSE_ARGS = [
+    "methods=[dpo]", "seeds=1", "in_process=true",
+    f"sft_data.path={REVERSE}/sft_train.jsonl", "sft_data.options.test_fraction=0.25",  # SFT: one file, hash split
+    f"pref_data.path={REVERSE}",                                                       # preferences: train/test.jsonl
+    "stages.teacher_sft.n_examples=16", "stages.teacher_sft.lr=3e-3", "stages.teacher_dpo.n_examples=8",
+    "stages.student_sft.n_examples=16", "stages.methods.n_examples=8", "stages.methods.eval_every=0",
+    "eval.batch_size=16", "eval.max_new_tokens=8",
+    f"data.scorer={SCORER}", "max_length=80", "max_prompt_length=64", "wandb.enabled=false", "progress_bar=false",
+    "batch_size=8", "eval_batch_size=16", "n_eval_examples=8", "do_first_eval=false", "warmup_steps=1", "num_threads=1",
+]
+
+
+def load_scorer():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reverse_scorer_test", f"{REVERSE}/reverse_scorer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.score
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # num_threads=1 of an in-process run is process-wide
+
+
+def test_pipeline_on_a_task_of_ones_own(tmp_path, capfd, restore_threads):
+    out = tmp_path / "task"
+    assert pipeline.main([f"out={out}"] + REVERSE_ARGS) == 0
+    printed = capfd.readouterr().out
+    score = load_scorer()
+    runs = ["teacher_sft", "teacher_dpo", "student_sft", "methods/dpo_seed0"]
+    for run in runs:
+        cfg = (out / run / "config.yaml").read_text()
+        summary = json.loads((out / run / "data_summary.json").read_text())["splits"]
+        if run.endswith("_sft"):  # SFT stages: the SFT file, 25% of its prompts held out
+            assert f"path: {REVERSE}/sft_train.jsonl" in cfg
+            assert summary["local/train"]["source"] == [f"{REVERSE}/sft_train.jsonl"]
+            assert (summary["local/train"]["examples"], summary["local/test"]["examples"]) == (48, 16)
+            assert summary["local/test"]["holdout"] == 0.25 and summary["local/train"]["rows"] == 64
+        else:  # preference stages: train.jsonl / test.jsonl of the directory
+            assert f"path: {REVERSE}\n" in cfg
+            assert summary["local/train"]["source"] == [f"{REVERSE}/train.jsonl"]
+            assert (summary["local/train"]["examples"], summary["local/test"]["examples"]) == (48, 16)
+            assert summary["local/train"]["unread"] == ["sft_train.jsonl"]
+        assert {s["format"] for s in summary.values()} == {"chat"}
+        assert {s["truncation"]["truncated"] for s in summary.values()} == {0}  # max_length=80 fits every example
+        # every model is evaluated on the preference test split, scored by the task's scorer
+        ev = json.loads((out / run / "eval.json").read_text())
+        assert ev["n"] == 16 and ev["settings"]["datasets"] == ["local"] and ev["settings"]["max_length"] == 80
+        gens = [json.loads(line) for line in (out / run / "generations.jsonl").read_text().splitlines()]
+        assert len(gens) == 16 and gens[0]["prompt"][0]["role"] == "user"
+        assert gens[0]["prompt_text"].startswith("Write the letters of this word in reverse order: ")
+        assert gens[0]["model_input"].startswith("<|user|>Write the letters") and gens[0]["generator"] == run.split("/")[-1]
+        rescored = [score(g["prompt"], g["completion"]) for g in gens]
+        assert [g["scores"] for g in gens] == rescored
+        for name in ("correct", "letters"):
+            assert ev[f"task_{name}"] == pytest.approx(sum(r[name] for r in rescored) / 16)
+        alpaca = json.loads((out / run / "alpaca_eval.json").read_text())
+        assert [(a["instruction"], a["output"]) for a in alpaca] == [(g["prompt_text"], g["completion"]) for g in gens]
+        mt = [json.loads(line) for line in (out / run / "mt_bench.jsonl").read_text().splitlines()]
+        assert [m["question_id"] for m in mt] == list(range(1, 17))
+        assert mt[3]["choices"] == [{"index": 0, "turns": [gens[3]["completion"]]}]
+    assert "lr: 0.003" in (out / "teacher_sft" / "config.yaml").read_text()      # the one key changed ...
+    assert "n_examples: 16" in (out / "teacher_sft" / "config.yaml").read_text()  # ... the others kept
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == ("| method | seeds | task correct | task letters | held-out logp acc. | pref. acc. (vs ref) "
+                        "| pref. margin |")
+    assert [r.split("|")[1].strip() for r in table[2:]] == ["DPO teacher", "SFT teacher", "SFT student", "dpo"]
+    for row, run in zip(table[2:], ["teacher_dpo", "teacher_sft", "student_sft", "methods/dpo_seed0"]):
+        ev = json.loads((out / run / "eval.json").read_text())
+        cells = [c.strip() for c in row.split("|")[3:5]]
+        assert cells == [f"{ev['task_correct']:.3f}", f"{ev['task_letters']:.3f}"] and "±" not in row
+    assert "scorer of local: " + SCORER in printed
+    assert "WARNING" not in printed
+
+
+def test_pipeline_refuses_sft_and_preference_data_of_different_formats(tmp_path, capsys):
+    # the case: SFT rows as plain strings, preference rows as message lists
+    rows = [json.loads(line) for line in open(f"{REVERSE}/sft_train.jsonl")]
+    plain = tmp_path / "sft_train.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": r["prompt"][0]["content"], "completion": r["completion"][0]["content"]})
+                             + "\n" for r in rows))
+    args = [f"out={tmp_path}/out", f"sft_data.path={plain}", f"pref_data.path={REVERSE}", "in_process=true"]
+    assert pipeline.main(args) == 2
+    err = capsys.readouterr().err
+    assert "the SFT data (local (sft_train.jsonl)) is plain text" in err
+    assert "the preference data (local (train.jsonl)) is conversational" in err and "allow_mixed_formats" in err
+    assert not os.path.exists(tmp_path / "out")
+    # a scorer that cannot be imported is named before anything runs
+    assert pipeline.main(args[:1] + [f"sft_data.path={REVERSE}/sft_train.jsonl", f"pref_data.path={REVERSE}",
+                                     "data.scorer=no_such_module:score"]) == 2
+    assert "data.scorer='no_such_module:score': cannot import module 'no_such_module'" in capsys.readouterr().err
+    assert pipeline.main(args[:1] + ["stages.teacher_sfd.lr=1"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")

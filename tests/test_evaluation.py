@@ -1,0 +1,96 @@
+"""evaluate.py on a run of one's own task (tests/fixtures/reverse): every setting from the run's
+config, flags that override one each, every held-out row evaluated once, judge-ready files."""
+import json
+import os
+
+import pytest
+
+import evaluate
+
+REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
+SCORER = os.path.join(REVERSE, "reverse_scorer.py") + ":score"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """An SFT run (one step) on the reverse task's preference files, with its scorer and lengths."""
+    import torch
+    import train
+    from conftest import FAST, compose
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("eval_run")
+    over = list(FAST) + [f"runs_dir={root}", "loss=sft", "datasets=[local]", f"data.local.path={REVERSE}",
+                         f"data.scorer={SCORER}", "max_length=80", "max_prompt_length=64", "max_new_tokens=6",
+                         "n_examples=8", "eval_every=0", "n_eval_examples=8", "eval_batch_size=8", "exp_name=rev",
+                         "num_threads=1", f"data.cache_dir={root}/cache"]
+    try:
+        yield train.run(compose(over), over)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_defaults_come_from_the_run_and_every_row_is_evaluated_once(run_dir, tmp_path, capsys):
+    gens, alpaca, mt = tmp_path / "g.jsonl", tmp_path / "alpaca.json", tmp_path / "mt.jsonl"
+    assert evaluate.main([run_dir, "--n", "500", "--generations", str(gens), "--alpaca-eval", str(alpaca),
+                          "--mt-bench", str(mt)]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert "n=500 is more than the 16 held-out examples of ['local']: evaluating each of the 16 once" in err
+    s = result["settings"]
+    assert (s["datasets"], s["n"], s["max_length"], s["max_prompt_length"], s["max_new_tokens"], s["batch_size"]) == \
+        (["local"], 16, 80, 64, 6, 8)
+    assert s["scorers"] == {"local": SCORER} and s["config"].endswith("trainer_state.json") and s["generator"] == "rev"
+    assert result["n"] == 16 and {"task_correct", "task_letters", "logp_accuracy"} <= set(result)
+    rows = [json.loads(line) for line in gens.read_text().splitlines()]
+    test = [json.loads(line) for line in open(os.path.join(REVERSE, "test.jsonl"))]
+    # each held-out row exactly once, in order, with its original prompt beside the model's input
+    assert [r["prompt"] for r in rows] == [t["prompt"] for t in test] and [r["id"] for r in rows] == list(range(16))
+    assert [r["reference"] for r in rows] == [t["chosen"][0]["content"] for t in test]
+    r = rows[0]
+    assert r["prompt_text"] == test[0]["prompt"][0]["content"]
+    assert r["model_input"] == f"<|user|>{r['prompt_text']}<|end|><|assistant|>"
+    assert result["task_letters"] == pytest.approx(sum(x["scores"]["letters"] for x in rows) / 16)
+    # AlpacaEval: a JSON list of instruction / output / generator
+    assert json.loads(alpaca.read_text())[0] == {"instruction": r["prompt_text"], "output": r["completion"],
+                                                "generator": "rev", "dataset": "local"}
+    # MT-Bench answer file, and its question file beside it
+    answers = [json.loads(line) for line in mt.read_text().splitlines()]
+    assert set(answers[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    assert (answers[0]["question_id"], answers[0]["model_id"], answers[0]["choices"]) == \
+        (1, "rev", [{"index": 0, "turns": [r["completion"]]}])
+    assert len({a["answer_id"] for a in answers}) == 16
+    questions = [json.loads(line) for line in (tmp_path / "mt.questions.jsonl").read_text().splitlines()]
+    assert questions[0] == {"question_id": 1, "category": "local", "turns": [r["prompt_text"]]}
+
+
+def test_flags_override_one_setting_each_and_the_run_directory_forms_agree(run_dir, capsys):
+    step = os.path.join(run_dir, open(os.path.join(run_dir, "LATEST")).read().strip())
+    a = evaluate.evaluate_checkpoint(run_dir, n_examples=4)
+    b = evaluate.evaluate_checkpoint(step, n_examples=4)
+    assert {k: v for k, v in a.items() if k != "settings"} == {k: v for k, v in b.items() if k != "settings"}
+    c = evaluate.evaluate_checkpoint(os.path.join(run_dir, "LATEST"), n_examples=4, max_length=48,
+                                     max_prompt_length=24, max_new_tokens=2)
+    assert (c["settings"]["max_length"], c["settings"]["max_prompt_length"], c["settings"]["max_new_tokens"]) == \
+        (48, 24, 2)
+    assert c["settings"]["datasets"] == ["local"] and c["n"] == 4
+    # another data set and scorer by flag: the embedded task, with its default scorer
+    d = evaluate.evaluate_checkpoint(run_dir, datasets=["embedded"], n_examples=3, options={"scorer": None})
+    assert d["n"] == 3 and {"task_exact", "task_partial"} <= set(d) and "task_correct" not in d
+
+
+def test_a_bad_scorer_flag_fails_before_the_model_is_loaded(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("the model was loaded"))
+    assert evaluate.main([run_dir, "--scorer", "nowhere_module:score"]) == 2
+    assert "error: data.scorer='nowhere_module:score': cannot import module" in capsys.readouterr().err
+
+
+def test_training_time_evaluation_counts_each_held_out_row_once():
+    """trainers.BasicTrainer.batch_iterator("test") asks for n_eval_examples rows of one epoch:
+    256 requested of a 16-row split gives the 16 rows, once each."""
+    import preference_datasets as pdata
+    tok = pdata.get_tokenizer("embedded")
+    batches = list(pdata.get_batch_iterator(["local"], tok, split="test", batch_size=5, shuffle=False, max_length=80,
+                                            max_prompt_length=64, n_epochs=1, n_examples=256, silent=True,
+                                            options={"local": {"path": REVERSE}}))
+    prompts = [p[0]["content"] for b in batches for p in b["original_prompt"]]
+    assert len(prompts) == len(set(prompts)) == 16
