@@ -280,11 +280,11 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> None:
 
 # ---------------------------------------------------------------- stages
 
-def train(overrides: List[str], multirun: bool = False):
+def train(overrides: List[str], multirun: bool = False) -> int:
     cmd = [sys.executable, os.path.join(utils.REPO_DIR, "train.py")] + (["--multirun"] if multirun else []) + overrides
     print("\n$ " + " ".join(cmd), flush=True)
     # the working directory stays the caller's: relative data paths and a scorer module in it resolve as typed
-    subprocess.run(cmd, check=True)
+    return subprocess.run(cmd).returncode
 
 
 def train_in_process(overrides: List[str], multirun: bool = False):
@@ -294,6 +294,7 @@ def train_in_process(overrides: List[str], multirun: bool = False):
     import train as train_py
     sweep = {o.split("=", 1)[0]: o.split("=", 1)[1].split(",") for o in overrides
              if multirun and o.split("=", 1)[0] in ("loss", "seed")}
+    failures = 0
     for values in itertools.product(*sweep.values()):
         chosen = dict(zip(sweep, values))
         run = [f"{k}={chosen[k]}" if k in chosen else o for o in overrides for k in [o.split("=", 1)[0]]]
@@ -301,12 +302,28 @@ def train_in_process(overrides: List[str], multirun: bool = False):
         cfg = compose_stage(run)
         if cfg.exp_name is not None:
             cfg.exp_name = str(cfg.exp_name)  # resolve ${loss.name}_seed${seed} once
-        train_py.run(cfg, run)
+        try:
+            train_py.run(cfg, run)
+        except (ValueError, utils.RunError) as e:
+            if not multirun:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failures += 1
+    return 1 if failures else 0
 
 
-def run_stages(cfg, overrides: Dict[str, List[str]]):
+def run_stages(cfg, overrides: Dict[str, List[str]]) -> None:
+    """The stages in order. A failed teacher or SFT stage stops the pipeline (everything after
+    it needs it); a failed method does not: the others are still evaluated and reported."""
     for stage in STAGES:
-        (train_in_process if cfg.get("in_process") else train)(overrides[stage], multirun=stage == "methods")
+        rc = (train_in_process if cfg.get("in_process") else train)(overrides[stage], multirun=stage == "methods")
+        if rc and stage != "methods":
+            raise utils.RunError(f"stage {stage} failed (exit code {rc}); fix the cause and run the same command "
+                                 "again: complete stages are skipped, an interrupted one resumes")
+
+
+def failed_methods(cfg) -> List[str]:
+    return [run for run in method_runs(cfg) if not os.path.exists(os.path.join(run, "DONE"))]
 
 
 def evaluate_all(cfg, passthrough=None) -> None:
@@ -327,6 +344,9 @@ def evaluate_all(cfg, passthrough=None) -> None:
     for run, reference in jobs:
         out = os.path.join(run, "eval.json")
         done = os.path.join(run, "DONE")
+        if not os.path.exists(done):
+            print(f"not evaluated: {run} did not finish (see its error above)", flush=True)
+            continue
         if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(done):
             with open(out) as f:
                 if json.load(f).get("settings_key") == key:
@@ -351,16 +371,28 @@ def main(argv=None) -> int:
     except ValueError as e:  # DataError and ScorerError are ValueErrors: nothing has been trained
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if os.environ.get("WANDB_MODE") and not any("wandb.mode" in a for a in argv):
+        # wandb's convention: the environment's mode wins over a preset's
+        cfg.common.get("wandb", {}).pop("mode", None)
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     utils.atomic_write_text(os.path.join(cfg.out, "pipeline.yaml"), OmegaConf.to_yaml(cfg) +
                             "# train.py arguments of each stage:\n" +
                             "".join(f"#   {s}: {' '.join(o)}\n" for s, o in overrides.items()))
-    run_stages(cfg, overrides)
+    try:
+        run_stages(cfg, overrides)
+    except utils.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     evaluate_all(cfg)
     import report
     table = report.write_report(cfg.out)
     print(f"\n{table}\nwall time {time.time() - t0:.0f} s; results in {cfg.out}/results.md, results.csv, results.png")
+    failed = failed_methods(cfg)
+    if failed:
+        print(f"{len(failed)} method run(s) failed and are not in the table: " + ", ".join(map(os.path.basename, failed))
+              + "; fix the cause and run the same command again (finished runs are skipped)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_run")
     over = list(FAST) + [f"runs_dir={root}", "loss=sft", "datasets=[local]", f"data.local.path={REVERSE}",
                          f"data.scorer={SCORER}", "max_length=80", "max_prompt_length=64", "max_new_tokens=6",
-                         "n_examples=8", "eval_every=0", "n_eval_examples=8", "eval_batch_size=8", "exp_name=rev",
+                         "n_examples=8", "eval_every=null", "n_eval_examples=8", "eval_batch_size=8", "exp_name=rev",
                          "num_threads=1", f"data.cache_dir={root}/cache"]
     try:
         yield train.run(compose(over), over)

@@ -116,7 +116,7 @@ REVERSE_ARGS = [
     f"sft_data.path={REVERSE}/sft_train.jsonl", "sft_data.options.test_fraction=0.25",  # SFT: one file, hash split
     f"pref_data.path={REVERSE}",                                                       # preferences: train/test.jsonl
     "stages.teacher_sft.n_examples=16", "stages.teacher_sft.lr=3e-3", "stages.teacher_dpo.n_examples=8",
-    "stages.student_sft.n_examples=16", "stages.methods.n_examples=8", "stages.methods.eval_every=0",
+    "stages.student_sft.n_examples=16", "stages.methods.n_examples=8", "stages.methods.eval_every=null",
     "eval.batch_size=16", "eval.max_new_tokens=8",
     f"data.scorer={SCORER}", "max_length=80", "max_prompt_length=64", "wandb.enabled=false", "progress_bar=false",
     "batch_size=8", "eval_batch_size=16", "n_eval_examples=8", "do_first_eval=false", "warmup_steps=1", "num_threads=1",

@@ -188,7 +188,7 @@ def test_train_reports_truncation_and_a_model_too_short_for_max_length(tmp_path,
     import train
     from conftest import FAST, compose
     over = list(FAST) + [f"runs_dir={tmp_path}", "loss=sft", "datasets=[local]", f"data.local.path={REVERSE}",
-                         "max_length=200", "max_prompt_length=24", "n_examples=8", "eval_every=0", "n_eval_examples=8",
+                         "max_length=200", "max_prompt_length=24", "n_examples=8", "eval_every=null", "n_eval_examples=8",
                          "exp_name=short", one_thread]
     run_dir = train.run(compose(over), over)
     out = capsys.readouterr().out
@@ -274,7 +274,7 @@ def test_training_logs_the_task_scores_of_ones_own_scorer(tmp_path, one_thread):
     from conftest import train_run
     _, metrics = train_run(tmp_path, ["loss=sft", "datasets=[local]", f"data.local.path={REVERSE}",
                                       f"data.scorer={SCORER_FILE}:score", "max_length=80", "max_prompt_length=64",
-                                      "n_examples=8", "eval_every=0", "sample_during_eval=true", "n_eval_samples=8",
+                                      "n_examples=8", "eval_every=null", "sample_during_eval=true", "n_eval_samples=8",
                                       "max_new_tokens=6", "n_eval_examples=8", "exp_name=scored", one_thread])
     last = metrics[-1]
     assert {"task_eval/correct", "task_eval/letters"} <= set(last) and "task_eval/exact" not in last
