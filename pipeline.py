@@ -44,8 +44,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import utils
 
-PIPELINE_KEYS = {"out", "seeds", "methods", "model", "teacher", "preset", "eval", "stages", "common", "sft_data",
-                 "pref_data", "in_process"}
+PIPELINE_KEYS = {"out", "seeds", "methods", "variants", "model", "teacher", "preset", "base", "eval", "stages",
+                 "common", "sft_data", "pref_data", "in_process"}
 STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "methods")
 DATA_OF_STAGE = {"teacher_sft": "sft_data", "student_sft": "sft_data", "teacher_dpo": "pref_data",
                  "methods": "pref_data"}
@@ -75,6 +75,67 @@ def _as_dict(node, what: str) -> Dict:
     raise ValueError(f"{what} must be key: value settings, got {node!r}")
 
 
+def load_preset(path: str, seen=()) -> DictConfig:
+    """A preset, merged over the preset its `base:` names (if any)."""
+    cfg = OmegaConf.load(path)
+    base = cfg.get("base")
+    if base:
+        base_path = os.path.join(os.path.dirname(path), f"{base}.yaml")
+        if base in seen or not os.path.exists(base_path):
+            raise ValueError(f"{path}: base={base!r} is " + ("circular" if base in seen else f"not a preset ({base_path})"))
+        cfg = OmegaConf.merge(load_preset(base_path, seen + (base,)), cfg)
+        cfg.base = None
+    return cfg
+
+
+METHOD_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def variant_overrides(node, what: str) -> List[str]:
+    """A variant's train.py overrides, kept as written: a list of key=value strings (a group
+    choice such as loss=tvkd and its keys such as loss.potential=margin side by side), or a
+    mapping of override keys to values."""
+    if isinstance(node, (list, ListConfig)):
+        items = [str(x) for x in node]
+        bad = [x for x in items if "=" not in x]
+        if bad:
+            raise ValueError(f"{what}: {bad[0]!r} is not key=value")
+        return items
+    if isinstance(node, (dict, DictConfig)):
+        return [f"{k}={hydra_value(v)}" for k, v in OmegaConf.to_container(node, resolve=True).items()] \
+            if isinstance(node, DictConfig) else [f"{k}={hydra_value(v)}" for k, v in node.items()]
+    raise ValueError(f"{what} must be a list of key=value overrides, got {node!r}")
+
+
+def method_overrides(cfg) -> Dict[str, List[str]]:
+    """{method: its train.py overrides}, in the order of `methods`. A method is a loss name
+    (loss=<name>) or a name in `variants` (its own list of overrides, which names a loss):
+    e.g. variants: {tvkd_margin: [loss=tvkd, loss.potential=margin]}."""
+    import losses
+    variants = cfg.get("variants") or {}
+    out = {}
+    for m in cfg.methods:
+        m = str(m)
+        if not METHOD_NAME.match(m):
+            raise ValueError(f"methods: {m!r} is not a valid method name (letters, digits, _ . -)")
+        if m in out:
+            raise ValueError(f"methods: {m!r} is listed twice")
+        if m in variants:
+            ov = variant_overrides(variants[m], f"variants.{m}")
+            if not any(o.startswith("loss=") for o in ov):
+                raise ValueError(f"variants.{m} names no loss: add loss=<name> to its overrides")
+        else:
+            ov = [f"loss={m}"]
+        loss = next(o.split("=", 1)[1] for o in ov if o.startswith("loss="))
+        try:
+            losses.get_loss(loss)
+        except ValueError as e:
+            raise ValueError(f"method {m!r}: {e}" + ("" if m in variants else
+                             f"; or define it as a variant: 'variants.{m}=[loss=<name>,...]'")) from None
+        out[m] = ov
+    return out
+
+
 def parse_args(argv: List[str]):
     """Split key=value arguments into the pipeline's config and pass-through train.py overrides."""
     preset = "embedded"
@@ -85,7 +146,7 @@ def parse_args(argv: List[str]):
     if not os.path.exists(path):
         known = sorted(f[:-5] for f in os.listdir(os.path.dirname(path)))
         raise ValueError(f"preset={preset!r}: no {path}; known presets: {known}")
-    cfg = OmegaConf.load(path)
+    cfg = load_preset(path)
     for role in ("sft_data", "pref_data"):
         cfg[role] = OmegaConf.merge(EMPTY_DATA, cfg.get(role) or {})
     cfg.common = _as_dict(cfg.get("common"), "common")
@@ -119,9 +180,7 @@ def parse_args(argv: List[str]):
         cfg.merge_with(OmegaConf.from_dotlist([f"{key}={value}"]))
     if int(cfg.seeds) < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1")
-    import losses
-    for m in cfg.methods:
-        losses.get_loss(m)
+    method_overrides(cfg)  # every method resolves to a known loss
     cfg.out = os.path.abspath(cfg.out)
     for role in ("sft_data", "pref_data"):
         given = [o for o in passthrough if o.split("=", 1)[0].lstrip("+") in ("datasets", "data.local.path")]
@@ -203,24 +262,35 @@ def method_runs(cfg) -> List[str]:
     return [os.path.join(cfg.out, "methods", f"{m}_seed{s}") for m in cfg.methods for s in range(int(cfg.seeds))]
 
 
+def stage_of(key: str) -> str:
+    """The stage of an overrides key: `methods/<method>` belongs to the methods stage."""
+    return key.split("/", 1)[0]
+
+
 def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
-    """The train.py arguments of every stage: common, the pass-through arguments, the stage's
-    data (sft_data / pref_data), the stage's settings, then the chaining keys."""
+    """The train.py arguments of every stage, in running order: common, the pass-through
+    arguments, the stage's data (sft_data / pref_data), the stage's settings, then (for a
+    method) the method's own overrides, then the chaining keys. Each method is its own
+    multirun over the seeds, under the key `methods/<method>`."""
     d = stage_dirs(cfg)
     base = ["resume=true", f"runs_dir={cfg.out}", "seed=0"]
     fixed = {
         "teacher_sft": [f"model={cfg.teacher}", "exp_name=teacher_sft"],
         "teacher_dpo": [f"model={cfg.teacher}", "exp_name=teacher_dpo", f"model.archive={d['teacher_sft']}"],
         "student_sft": [f"model={cfg.model}", "exp_name=student_sft"],
-        "methods": [f"model={cfg.model}", f"model.archive={d['student_sft']}", f"teacher={cfg.teacher}",
-                    f"teacher.archive={d['teacher_dpo']}", f"runs_dir={os.path.join(cfg.out, 'methods')}",
-                    "loss=" + ",".join(cfg.methods), "seed=" + ",".join(str(s) for s in range(int(cfg.seeds))),
-                    "exp_name=${loss.name}_seed${seed}"],
     }
     common = flatten(OmegaConf.to_container(cfg.common, resolve=True))
-    return {s: merge_overrides(common, passthrough, base, data_overrides(cfg[DATA_OF_STAGE[s]]),
-                               flatten(OmegaConf.to_container(cfg.stages[s], resolve=True)), fixed[s])
-            for s in STAGES}
+    settings = lambda s: flatten(OmegaConf.to_container(cfg.stages[s], resolve=True))  # noqa: E731
+    out = {s: merge_overrides(common, passthrough, base, data_overrides(cfg[DATA_OF_STAGE[s]]), settings(s), fixed[s])
+           for s in fixed}
+    seeds = "seed=" + ",".join(str(k) for k in range(int(cfg.seeds)))
+    for m, own in method_overrides(cfg).items():
+        chain = [f"model={cfg.model}", f"model.archive={d['student_sft']}", f"teacher={cfg.teacher}",
+                 f"teacher.archive={d['teacher_dpo']}", f"runs_dir={os.path.join(cfg.out, 'methods')}", seeds,
+                 f"exp_name={m}_seed${{seed}}"]
+        out[f"methods/{m}"] = merge_overrides(common, passthrough, base, data_overrides(cfg.pref_data),
+                                              settings("methods"), own, chain)
+    return out
 
 
 # ---------------------------------------------------------------- checks before training
@@ -251,7 +321,13 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> None:
     import data_checks
     import losses
     import preference_datasets as data
-    configs = {s: compose_stage(overrides[s]) for s in STAGES}
+    import train as train_py
+    configs = {s: compose_stage(ov) for s, ov in overrides.items()}
+    for stage, c in configs.items():
+        try:  # every stage's and every method's settings, before the first one trains
+            train_py.validate_config(c, check_archives=False)
+        except ValueError as e:
+            raise ValueError(f"stage {stage}: {e}") from None
     formats: Dict[str, Dict] = {"sft_data": {}, "pref_data": {}}
     for stage, c in configs.items():
         names, options = list(c.datasets), c.get("data")
@@ -259,7 +335,7 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> None:
         data.check_datasets(names, data.get_tokenizer(c.model.tokenizer), options, need_pairs=need_pairs)
         f = data_checks.dataset_formats(names, options)
         data_checks.check_formats(f, options)
-        formats[DATA_OF_STAGE[stage]].update(f)
+        formats[DATA_OF_STAGE[stage_of(stage)]].update(f)
     sft, pref = configs["teacher_sft"], configs["teacher_dpo"]
     kinds = {role: data_checks.role_format(f) for role, f in formats.items()}
     if kinds["sft_data"] != kinds["pref_data"]:
@@ -315,9 +391,10 @@ def train_in_process(overrides: List[str], multirun: bool = False):
 def run_stages(cfg, overrides: Dict[str, List[str]]) -> None:
     """The stages in order. A failed teacher or SFT stage stops the pipeline (everything after
     it needs it); a failed method does not: the others are still evaluated and reported."""
-    for stage in STAGES:
-        rc = (train_in_process if cfg.get("in_process") else train)(overrides[stage], multirun=stage == "methods")
-        if rc and stage != "methods":
+    for stage, ov in overrides.items():
+        method = stage_of(stage) == "methods"
+        rc = (train_in_process if cfg.get("in_process") else train)(ov, multirun=method)
+        if rc and not method:
             raise utils.RunError(f"stage {stage} failed (exit code {rc}); fix the cause and run the same command "
                                  "again: complete stages are skipped, an interrupted one resumes")
 

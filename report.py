@@ -5,7 +5,9 @@
 Reads <dir>/{teacher_dpo,teacher_sft,student_sft}/eval.json and <dir>/methods/*/eval.json
 (written by pipeline.py / evaluate.py) and the runs' metrics.jsonl, and writes
 <dir>/results.md, results.csv and results.png. Rows: DPO teacher, SFT teacher, SFT student,
-then each student method (runs named <method>_seed<k>); columns: the task scores
+then each student method (runs named <method>_seed<k>): with a pipeline.yaml (written by
+pipeline.py) the methods and seeds it lists, in its order (the paper's row order in the
+presets); else every run found, by name; columns: the task scores
 (task_<name>, one per name the scorer returns), held-out logp accuracy, preference accuracy
 and margin: mean ± sample standard deviation over seeds (the mean alone for one seed; the
 CSV leaves the _std column empty then).
@@ -38,13 +40,32 @@ def collect(root: str) -> Dict[str, List[dict]]:
         path = os.path.join(root, sub, "eval.json")
         if os.path.exists(path):
             rows[name] = [load_json(path)]
+    found: Dict[str, List[dict]] = {}
+    order, n_seeds = pipeline_methods(root)
     for path in sorted(glob.glob(os.path.join(root, "methods", "*", "eval.json"))):
         run = os.path.basename(os.path.dirname(path))
-        method = re.sub(r"_seed\d+$", "", run)
-        rows.setdefault(method, []).append(load_json(path))
+        method, seed = re.match(r"^(.*?)(?:_seed(\d+))?$", run).groups()
+        if order and (method not in order or (seed is not None and int(seed) >= n_seeds)):
+            continue  # another pipeline command's run in the same directory
+        found.setdefault(method, []).append(load_json(path))
+    # the pipeline's order of methods (the paper's row order in the presets), else by name
+    for method in sorted(found, key=lambda m: (order.index(m) if m in order else len(order), m)):
+        rows[method] = found[method]
     if not rows:
         raise ValueError(f"{root}: no eval.json found (run pipeline.py, or evaluate.py on its runs)")
     return rows
+
+
+def pipeline_methods(root: str):
+    """(methods, seeds) of the last pipeline command that wrote `root` (its pipeline.yaml), or
+    ([], 0): the table shows what that command asked for, though several commands (the
+    embedded table and the table5 ablation, say) share the directory and its finished runs."""
+    path = os.path.join(root, "pipeline.yaml")
+    if not os.path.exists(path):
+        return [], 0
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(path)
+    return [str(m) for m in (cfg.get("methods") or [])], int(cfg.get("seeds") or 1)
 
 
 def mean_std(values: List[float]):

@@ -53,8 +53,10 @@ def derive_exp_name(cfg: DictConfig, overrides) -> str:
     return "_".join(x for x in (cfg.loss.name, cfg.model.name, tail) if x)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Fail fast, naming the config key, before any model or data is loaded."""
+def validate_config(cfg: DictConfig, check_archives: bool = True) -> None:
+    """Fail fast, naming the config key, before any model or data is loaded.
+    check_archives=False skips reading model.archive / teacher.archive (a pipeline checks its
+    later stages before the earlier ones have written them)."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ValueError(f"missing required config values: {sorted(missing)}; pass them as key=value")
@@ -84,7 +86,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"optimizer={cfg.optimizer!r} is not a torch.optim class")
     for key in ("model", "teacher"):
         archive = cfg[key].get("archive")
-        if archive:
+        if archive and check_archives:
             path = utils.resolve_checkpoint(archive)
             problem = utils.model_dir_problem(path) if os.path.isdir(path) else f"no directory {path}"
             if problem:

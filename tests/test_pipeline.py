@@ -209,3 +209,35 @@ def test_pipeline_refuses_sft_and_preference_data_of_different_formats(tmp_path,
     assert pipeline.main(args[:1] + ["stages.teacher_sfd.lr=1"]) == 2
     assert "unknown stage" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_method_variants_run_in_row_order_and_a_failed_method_does_not_stop_the_others(tmp_path, capfd,
+                                                                                       restore_threads):
+    out = tmp_path / "variants"
+    base = [a for a in REVERSE_ARGS if not a.startswith("methods=")] + [f"out={out}"]
+    # a variant with a bad value is refused before anything trains
+    assert pipeline.main(base + ["methods=[dpo,bad]", "variants.bad=[loss=dpo,loss.beta=-1]"]) == 2
+    assert "stage methods/bad: loss.beta must be > 0" in capfd.readouterr().err
+    assert not (out / "teacher_sft").exists()
+    # dpo_b is dpo with another beta; kd_bad fails at run time (top-k beyond the vocabulary)
+    args = base + ["methods=[dpo_b,kd_bad,dpo]", "variants.dpo_b=[loss=dpo,loss.beta=0.5]",
+                   "variants.kd_bad=[loss=vanillakd,loss.teacher_top_k=100000]"]
+    assert pipeline.main(args) == 1
+    err = capfd.readouterr().err
+    assert "1 method run(s) failed" in err and "kd_bad_seed0" in err
+    assert "beta: 0.5" in (out / "methods/dpo_b_seed0/config.yaml").read_text()
+    assert (out / "methods/dpo_seed0/DONE").exists() and not (out / "methods/kd_bad_seed0/DONE").exists()
+    rows = lambda: [r.split("|")[1].strip() for r in (out / "results.md").read_text().splitlines()[2:]]  # noqa: E731
+    assert rows() == ["DPO teacher", "SFT teacher", "SFT student", "dpo_b", "dpo"]  # the order of `methods`
+    # another command in the same directory reuses the finished runs; its table shows what it asked for
+    assert pipeline.main(base + ["methods=[dpo]"]) == 0
+    assert rows() == ["DPO teacher", "SFT teacher", "SFT student", "dpo"]
+
+
+def test_the_table5_preset_is_the_paper_ablation_over_the_embedded_preset():
+    cfg, _ = pipeline.parse_args(["preset=table5"])
+    methods = pipeline.method_overrides(cfg)
+    assert list(methods) == ["tvkd_logit", "tvkd_logprob", "tvkd_max", "tvkd_margin", "tvkd_expectation", "tvkd"]
+    assert methods["tvkd_margin"] == ["loss=tvkd", "loss.potential=margin"] and methods["tvkd"] == ["loss=tvkd"]
+    embedded, _ = pipeline.parse_args([])
+    assert cfg.stages == embedded.stages and cfg.out == embedded.out and int(cfg.seeds) == 3
