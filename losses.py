@@ -171,6 +171,7 @@ class Generation:
         responses); drawn from a generator seeded identically on every rank.
     temperature: None for greedy decoding (or beam search with num_beams > 1); > 0 samples
         at that temperature from the full distribution (no top-k / top-p).
+    num_beams: beam search width of greedy decoding (1: plain greedy).
     max_new_tokens: None: up to the run's max_length (prompt + response).
     train_only: evaluation batches keep the data's responses.
     Generations of a frozen source are cached per prompt: each prompt is generated once."""

@@ -5,7 +5,9 @@ The trainer knows nothing about individual losses. It reads the loss's ``LossSpe
 (losses.py): whether the loss trains on pairs or single targets, what it needs of the
 frozen reference (per-token log-probs or full logits) and whether it needs a teacher,
 whose logits it reduces with the spec's ``teacher_features`` right after the teacher's
-forward pass. Everything else (the loop, evaluation, sampling, checkpoints, resume,
+forward pass (likewise the teacher's own SFT reference, ``teacher_reference_features``),
+and which responses a model must generate for the batch's prompts (``generation``: the
+teacher's, the frozen starting student's or the current student's). Everything else (the loop, evaluation, sampling, checkpoints, resume,
 logging) is shared.
 
 Checkpoints. ``<run>/step-XXXXXXXX/`` is a Hugging Face directory (config.json,
@@ -131,6 +133,7 @@ class BasicTrainer:
     def setup_models(self):
         cfg = self.cfg
         validate_loss_models(cfg)
+        self._generation_cache = {}  # prompt ids -> response ids of a frozen generating model
         t_tok = None
         if self.spec.teacher_need(cfg.loss):
             # Tokenizers are cheap: check them before any model is loaded.
@@ -163,8 +166,10 @@ class BasicTrainer:
         self.teacher_reference = (self.wrap(teacher_reference, cfg.teacher, trainable=False)
                                   if teacher_reference is not None else None)
         n = sum(p.numel() for p in policy.parameters())
-        rank0_print(f"policy: {n / 1e6:.2f} M parameters; reference: {need_ref or 'none'}; "
-                    f"teacher: {cfg.teacher.name if teacher is not None else 'none'}; device {self.device}")
+        rank0_print(f"policy: {n / 1e6:.2f} M parameters; "
+                    f"reference: {need_ref or ('generation only' if reference is not None else 'none')}; "
+                    f"teacher: {cfg.teacher.name if teacher is not None else 'none'}"
+                    f"{' and its reference' if teacher_reference is not None else ''}; device {self.device}")
 
     def build_teacher_reference(self, t_tok):
         """The teacher's own SFT reference (`teacher.reference_archive`), frozen, when the loss's
@@ -195,7 +200,7 @@ class BasicTrainer:
         model = {"teacher": self.teacher, "reference": self.reference, "policy": self.policy}[gen.source]
         prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
         keys = [tuple(p) for p in prompts]
-        cache = self.__dict__.setdefault("_generation_cache", {}) if gen.frozen else None
+        cache = self._generation_cache if gen.frozen else None
         missing = cache is None or any(k not in cache for k in keys)
         if cache is not None:
             missing = self.any_rank(missing)

@@ -642,7 +642,8 @@ def test_dpkd_trains(tmp_path, teacher_runs):
 
 def test_gkd_trains_on_and_off_policy(tmp_path, teacher_runs):
     dpo, _ = teacher_runs
-    first, last, records = smoke(tmp_path, "gkd", ["teacher=tiny_teacher", f"teacher.archive={dpo}"], 96, 32)
+    first, last, records = smoke(tmp_path, "gkd", ["teacher=tiny_teacher", f"teacher.archive={dpo}",
+                                                 "loss.max_new_tokens=14"], 96, 32)
     assert last["loss/eval"] < 0.9 * first["loss/eval"], (first, last)
     fractions = [r["generated_train/fraction"] for r in records if "generated_train/fraction" in r]
     assert len(fractions) == 6 and 0 < sum(fractions) < 6, fractions   # some steps on-policy, some on data
@@ -656,7 +657,8 @@ def test_seqkd_trains_on_teacher_generations(tmp_path, teacher_runs, monkeypatch
     real = trainers.BasicTrainer.generate_responses
     monkeypatch.setattr(trainers.BasicTrainer, "generate_responses",
                         lambda self, *a: rows.append(a[1].shape[0]) or real(self, *a))
-    first, last, _ = smoke(tmp_path, "seqkd", ["teacher=tiny_teacher", f"teacher.archive={dpo}"], 96, 32)
+    first, last, _ = smoke(tmp_path, "seqkd", ["teacher=tiny_teacher", f"teacher.archive={dpo}",
+                                               "loss.max_new_tokens=14"], 96, 32)
     assert last["loss/eval"] < first["loss/eval"] - 0.5, (first, last)
     # 96 training prompts and 32 test prompts, each generated once (the final eval reuses them)
     assert sum(rows) == 96 + 32, rows
@@ -665,7 +667,8 @@ def test_seqkd_trains_on_teacher_generations(tmp_path, teacher_runs, monkeypatch
 def test_adpa_trains(tmp_path, teacher_runs):
     dpo, sft = teacher_runs
     first, last, _ = smoke(tmp_path, "adpa", ["teacher=tiny_teacher", f"teacher.archive={dpo}",
-                                              f"teacher.reference_archive={sft}/LATEST"], 96, 32)
+                                              f"teacher.reference_archive={sft}/LATEST", "loss.max_new_tokens=14"],
+                           64, 32)
     assert last["loss/eval"] < first["loss/eval"] - 0.5, (first, last)
     assert last["kd_eval/advantage"] > first["kd_eval/advantage"], (first, last)
     assert first["kd_eval/generated_length"] == last["kd_eval/generated_length"]   # y_s generated once, by the frozen start
