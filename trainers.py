@@ -7,8 +7,8 @@ frozen reference (per-token log-probs or full logits) and whether it needs a tea
 whose logits it reduces with the spec's ``teacher_features`` right after the teacher's
 forward pass (likewise the teacher's own SFT reference, ``teacher_reference_features``),
 and which responses a model must generate for the batch's prompts (``generation``: the
-teacher's, the frozen starting student's or the current student's). Everything else (the loop, evaluation, sampling, checkpoints, resume,
-logging) is shared.
+teacher's, the frozen starting student's or the current student's). Everything else (the
+loop, evaluation, sampling, checkpoints, resume, logging) is shared.
 
 Checkpoints. ``<run>/step-XXXXXXXX/`` is a Hugging Face directory (config.json,
 model.safetensors, tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` loads
