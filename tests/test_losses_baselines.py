@@ -675,6 +675,23 @@ def test_adpa_trains(tmp_path, teacher_runs):
 
 
 
+
+def test_gkd_resume_gives_the_losses_and_draws_of_an_uninterrupted_run(tmp_path, teacher_runs):
+    """On-policy draws are seeded by (seed, step, micro-batch) and the sampling RNG is restored from
+    the checkpoint: a resumed gkd run continues with the same draws, samples and losses."""
+    from conftest import train_run
+    dpo, _ = teacher_runs
+    common = ["loss=gkd", "n_examples=48", "eval_every=0", "exp_name=r", "lr=1e-3", "teacher=tiny_teacher",
+              f"teacher.archive={dpo}", "loss.max_new_tokens=8"]
+    _, full = train_run(tmp_path / "a", common)
+    train_run(tmp_path / "b", common[:1] + ["n_examples=24"] + common[2:])
+    _, both = train_run(tmp_path / "b", common + ["resume=true"])
+    for key in ("loss/train", "generated_train/fraction"):
+        a, b = [r[key] for r in full if key in r], [r[key] for r in both if key in r]
+        assert len(a) == len(b) == 6 and a[3:] == b[3:], (key, a, b)
+    fractions = [r["generated_train/fraction"] for r in full if "generated_train/fraction" in r]
+    assert 0 < sum(fractions[3:]) < 3, fractions   # the resumed half has both kinds of step
+
 # ------------------------------------------------------------------ FSDP: sharded teacher reference, generation
 
 def launch_fsdp(tmp_path, overrides):
