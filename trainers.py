@@ -5,8 +5,10 @@ The trainer knows nothing about individual losses. It reads the loss's ``LossSpe
 (losses.py): whether the loss trains on pairs or single targets, what it needs of the
 frozen reference (per-token log-probs or full logits) and whether it needs a teacher,
 whose logits it reduces with the spec's ``teacher_features`` right after the teacher's
-forward pass. Everything else (the loop, evaluation, sampling, checkpoints, resume,
-logging) is shared.
+forward pass (likewise the teacher's own SFT reference, ``teacher_reference_features``),
+and which responses a model must generate for the batch's prompts (``generation``: the
+teacher's, the frozen starting student's or the current student's). Everything else (the
+loop, evaluation, sampling, checkpoints, resume, logging) is shared.
 
 Checkpoints. ``<run>/step-XXXXXXXX/`` is a Hugging Face directory (config.json,
 model.safetensors, tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` loads
@@ -152,6 +154,8 @@ class BasicTrainer:
 
     def setup_models(self):
         cfg = self.cfg
+        validate_loss_models(cfg)
+        self._generation_cache = {}  # prompt ids -> response ids of a frozen generating model
         t_tok = None
         if self.spec.teacher_need(cfg.loss):
             # Tokenizers are cheap: check them before any model is loaded.
@@ -162,7 +166,7 @@ class BasicTrainer:
         policy = build_model(cfg.model, self.tokenizer, policy_dtype, resume_ckpt or cfg.model.archive, cfg.seed)
         need_ref = self.spec.reference_need(cfg.loss)
         reference = None
-        if need_ref:
+        if self.spec.reference_model_need(cfg.loss):  # its outputs, or generations (losses.Generation)
             ref_dtype = utils.get_dtype(cfg.model.reference_dtype)
             # The reference is the *starting* policy (never the resumed one): build it from the
             # same archive / seed the policy started from.
@@ -173,30 +177,125 @@ class BasicTrainer:
             teacher = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
                                   cfg.teacher.archive, cfg.seed + 1)
             freeze(teacher)
+        teacher_reference = self.build_teacher_reference(t_tok)
         if cfg.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = self.wrap(policy, cfg.model, trainable=True)
         self.reference = self.wrap(reference, cfg.model, trainable=False) if reference is not None else None
         self.teacher = self.wrap(teacher, cfg.teacher, trainable=False) if teacher is not None else None
+        self.teacher_reference = (self.wrap(teacher_reference, cfg.teacher, trainable=False)
+                                  if teacher_reference is not None else None)
         n = sum(p.numel() for p in policy.parameters())
-        rank0_print(f"policy: {n / 1e6:.2f} M parameters; reference: {need_ref or 'none'}; "
-                    f"teacher: {cfg.teacher.name if teacher is not None else 'none'}; device {self.device}")
+        rank0_print(f"policy: {n / 1e6:.2f} M parameters; "
+                    f"reference: {need_ref or ('generation only' if reference is not None else 'none')}; "
+                    f"teacher: {cfg.teacher.name if teacher is not None else 'none'}"
+                    f"{' and its reference' if teacher_reference is not None else ''}; device {self.device}")
+
+    def build_teacher_reference(self, t_tok):
+        """The teacher's own SFT reference (`teacher.reference_archive`), frozen, when the loss's
+        spec has `teacher_reference_features`; else None. Same model config, dtype and (in
+        setup_models) wrapping / sharding as the teacher."""
+        cfg = self.cfg
+        if not self.spec.teacher_reference_need(cfg.loss):
+            return None
+        model = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
+                            cfg.teacher.reference_archive, cfg.seed + 2)
+        return freeze(model)
 
     def wrap(self, model, model_cfg, trainable: bool):
         return model.to(self.device)
 
+    # -- generated responses (losses.Generation) --------------------------------
+    def generated_batch(self, batch: Dict, train: bool):
+        """The batch with the responses the loss's `Generation` asks for, generated for its prompts
+        (before any forward pass). Returns (batch, generated): generated is None when the loss
+        trains on data responses only, else whether this micro-batch was generated. The draw of a
+        probability < 1 and the cache decisions are identical on every rank (sharded models
+        generate together)."""
+        gen = self.spec.generation_need(self.cfg.loss)
+        if gen is None or (gen.train_only and not train):
+            return batch, None
+        if gen.probability < 1.0 and not self.draw_generation(gen.probability, train):
+            return batch, False
+        model = {"teacher": self.teacher, "reference": self.reference, "policy": self.policy}[gen.source]
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        keys = [tuple(p) for p in prompts]
+        cache = self._generation_cache if gen.frozen else None
+        missing = cache is None or any(k not in cache for k in keys)
+        if cache is not None:
+            missing = self.any_rank(missing)
+        if missing:
+            responses = self.generate_responses(model, batch["prompt_input_ids"], batch["prompt_attention_mask"], gen)
+            if cache is not None:  # a frozen source's generation is kept: each prompt is generated once
+                responses = [cache.setdefault(k, r) for k, r in zip(keys, responses)]
+        else:
+            responses = [cache[k] for k in keys]
+        out = replace_responses(batch, gen.replaces, prompts, [r.tolist() for r in responses],
+                                self.tokenizer.pad_token_id, self.cfg.max_length)
+        out[gen.replaces] = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return out, True
+
+    def draw_generation(self, probability: float, train: bool) -> bool:
+        """True with `probability`, from a generator seeded by (seed, step, micro-batch index):
+        the same on every rank and after a resume."""
+        key = (self.step, train)
+        self._draw_index = self._draw_index + 1 if getattr(self, "_draw_key", None) == key else 0
+        self._draw_key = key
+        g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + self.step * 1_009 + self._draw_index
+                                          + (0 if train else 500_000_000))
+        return bool(torch.rand((), generator=g) < probability)
+
+    def any_rank(self, flag: bool) -> bool:
+        if not utils.is_distributed():
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if self.dist_on_device else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    @torch.no_grad()
+    def generate_responses(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           gen: "losses_lib.Generation") -> List[torch.Tensor]:
+        """Responses of `model` to left-padded prompts: one CPU LongTensor per row, cut after the
+        first EOS (kept, as data responses end with it); at most max_length - prompt width tokens."""
+        ids, mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        budget = max(1, self.cfg.max_length - ids.shape[1])
+        max_new = min(gen.max_new_tokens or budget, budget)
+        if gen.temperature is None:
+            decoding = {"do_sample": False, "num_beams": gen.num_beams}
+        else:
+            decoding = {"do_sample": True, "temperature": float(gen.temperature), "top_k": 0, "top_p": 1.0}
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                                 **decoding, **self.generate_kwargs())
+        finally:
+            model.train(was_training)
+        eos, rows = self.tokenizer.eos_token_id, []
+        for row in out[:, ids.shape[1]:].cpu():
+            hits = (row == eos).nonzero()
+            rows.append(row[: int(hits[0]) + 1 if len(hits) else len(row)].clone())
+        return rows
+
     # -- forward / loss -------------------------------------------------------
     def compute_loss(self, batch: Dict, train: bool):
         """One (micro-)batch -> (loss, {metric: per-example tensor})."""
+        batch, generated = self.generated_batch(batch, train)
         inputs = utils.move_batch(concatenated_inputs(batch, self.pairwise), self.device)
         model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         labels = inputs["labels"]
         extra = {}
         with torch.no_grad():
-            if self.teacher is not None:
+            if self.spec.teacher_features is not None:
                 t_logits = self.teacher(**model_in, use_cache=False).logits
                 extra["teacher"] = self.spec.teacher_features(t_logits, labels, self.cfg.loss)
                 del t_logits
+                if self.teacher_reference is not None:
+                    tr_logits = self.teacher_reference(**model_in, use_cache=False).logits
+                    extra["teacher"] = self.spec.teacher_reference_features(tr_logits, labels, self.cfg.loss,
+                                                                            extra["teacher"])
+                    del tr_logits
             need = self.spec.reference_need(self.cfg.loss)
             if need:
                 r_logits = self.reference(**model_in, use_cache=False).logits
@@ -210,6 +309,8 @@ class BasicTrainer:
             inp = losses_lib.LossInputs(policy_logits=logits, labels=labels,
                                         n_pairs=len(batch["prompt"]), **extra)
             loss, metrics = self.spec.compute(inp, self.cfg.loss)
+        if generated is not None:
+            metrics["generated/fraction"] = torch.full((len(batch["prompt"]),), float(generated))
         return loss, metrics
 
     # -- the loop -------------------------------------------------------------
@@ -622,6 +723,46 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def validate_loss_models(cfg) -> None:
+    """What the loss's spec needs of the models that the config must provide, checked before any
+    model is loaded (train.validate_config and setup_models call it)."""
+    spec = losses_lib.get_loss(cfg.loss.name)
+    if spec.teacher_reference_need(cfg.loss):
+        archive = cfg.teacher.get("reference_archive")
+        if not archive:
+            raise ValueError(f"loss={cfg.loss.name} needs the teacher's own SFT reference as a second frozen model: "
+                             "pass teacher.reference_archive=<the SFT run the teacher was DPO-trained from>/LATEST")
+        path = utils.resolve_checkpoint(archive)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"teacher.reference_archive={archive!r} is not a checkpoint (no config.json at {path}); "
+                             "point it at a run directory, its LATEST file or a step-* directory")
+    gen = spec.generation_need(cfg.loss)
+    if gen is not None:
+        if gen.source not in losses_lib.GENERATION_SOURCES:
+            raise ValueError(f"loss={cfg.loss.name}: unknown generation source {gen.source!r}")
+        if gen.replaces not in (("chosen", "rejected") if spec.pairwise else ("chosen",)):
+            raise ValueError(f"loss={cfg.loss.name}: generations cannot replace {gen.replaces!r} responses")
+        if not 0.0 <= gen.probability <= 1.0:
+            raise ValueError(f"loss={cfg.loss.name}: generation probability {gen.probability} is not in [0, 1]")
+
+
+def replace_responses(batch: Dict, key: str, prompts: List[List[int]], responses: List[List[int]],
+                      pad_token_id: int, max_length: int) -> Dict:
+    """A copy of `batch` whose `key` ("chosen" / "rejected") responses are `responses`: per row,
+    ids = prompt + response (cut to max_length), labels = IGNORE_INDEX on the prompt, right-padded
+    like the data module's batches. prompts: unpadded prompt ids per row."""
+    ids, labels = [], []
+    for p, r in zip(prompts, responses):
+        r = list(r)[: max(0, max_length - len(p))]
+        ids.append(list(p) + r)
+        labels.append([losses_lib.IGNORE_INDEX] * len(p) + r)
+    out = dict(batch)
+    out[f"{key}_input_ids"] = data.pad_sequences(ids, pad_token_id)
+    out[f"{key}_attention_mask"] = data.pad_sequences([[1] * len(s) for s in ids], 0)
+    out[f"{key}_labels"] = data.pad_sequences(labels, losses_lib.IGNORE_INDEX)
+    return out
 
 
 def freeze(model):
