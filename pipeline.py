@@ -286,7 +286,8 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     seeds = "seed=" + ",".join(str(k) for k in range(int(cfg.seeds)))
     for m, own in method_overrides(cfg).items():
         chain = [f"model={cfg.model}", f"model.archive={d['student_sft']}", f"teacher={cfg.teacher}",
-                 f"teacher.archive={d['teacher_dpo']}", f"runs_dir={os.path.join(cfg.out, 'methods')}", seeds,
+                 f"teacher.archive={d['teacher_dpo']}", f"teacher.reference_archive={d['teacher_sft']}",
+                 f"runs_dir={os.path.join(cfg.out, 'methods')}", seeds,
                  f"exp_name={m}_seed${{seed}}"]
         out[f"methods/{m}"] = merge_overrides(common, passthrough, base, data_overrides(cfg.pref_data),
                                               settings("methods"), own, chain)
