@@ -95,7 +95,7 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> None:
     if cfg.model.name_or_path is None and cfg.model.get("init_config") is None:
         raise ValueError(f"model={cfg.model.name}: set model.name_or_path or model.init_config")
     import trainers
-    trainers.validate_loss_models(cfg)
+    trainers.validate_loss_models(cfg, check_archives=check_archives)
     if cfg.trainer.name not in trainers.TRAINERS:
         raise ValueError(f"unknown trainer {cfg.trainer.name!r}; choose one of {sorted(trainers.TRAINERS)}")
     if cfg.wandb.mode not in WANDB_MODES:

@@ -725,9 +725,10 @@ class StopSignals:
         return False
 
 
-def validate_loss_models(cfg) -> None:
+def validate_loss_models(cfg, check_archives: bool = True) -> None:
     """What the loss's spec needs of the models that the config must provide, checked before any
-    model is loaded (train.validate_config and setup_models call it)."""
+    model is loaded (train.validate_config and setup_models call it). check_archives=False: the
+    key must be set, but its checkpoint may not exist yet (a pipeline's later stage)."""
     spec = losses_lib.get_loss(cfg.loss.name)
     if spec.teacher_reference_need(cfg.loss):
         archive = cfg.teacher.get("reference_archive")
@@ -735,7 +736,7 @@ def validate_loss_models(cfg) -> None:
             raise ValueError(f"loss={cfg.loss.name} needs the teacher's own SFT reference as a second frozen model: "
                              "pass teacher.reference_archive=<the SFT run the teacher was DPO-trained from>/LATEST")
         path = utils.resolve_checkpoint(archive)
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        if check_archives and not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"teacher.reference_archive={archive!r} is not a checkpoint (no config.json at {path}); "
                              "point it at a run directory, its LATEST file or a step-* directory")
     gen = spec.generation_need(cfg.loss)
