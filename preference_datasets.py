@@ -76,10 +76,6 @@ EMBEDDED_TEST_SIZE = 500
 EMBEDDED_SEED = 0  # seed used by get_dataset("embedded", ...)
 EMBEDDED_TEST_PERCENT = 10  # share of answers (sorted digit multisets) held out for test
 EMBEDDED_MIN_LEN, EMBEDDED_MAX_LEN = 3, 12  # digits per list
-# Share of the training SFT targets of answers with a repeated digit that carry the systematic
-# flaw (each repeated digit written once): the majority, so that greedy decoding of an SFT model
-# follows it. The preference pairs tell the correct answer from the flawed one.
-EMBEDDED_SFT_FLAW_RATE = 0.7
 
 EMBEDDED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
 
@@ -196,50 +192,28 @@ def _corrupt(gold: str, n_errors: int, rng: random.Random) -> str:
     return out
 
 
-def has_repeat(gold: str) -> bool:
-    """Whether the answer has a digit more than once (the lists the systematic flaw applies to)."""
-    return len(set(gold)) < len(gold)
-
-
-def flawed_answer(gold: str) -> str:
-    """The systematic flaw of the SFT demonstrations: the sorted digits with every repeated
-    digit written once (``"011259" -> "01259"``); the answer itself when no digit repeats."""
-    return "".join(sorted(set(gold)))
-
-
-def make_sft_target(gold: str, rng: random.Random, flaw_rate: float = None) -> str:
-    """A demonstration of mixed quality: for an answer with a repeated digit, the flawed
-    answer (``flawed_answer``) with probability ``flaw_rate`` (EMBEDDED_SFT_FLAW_RATE), else
-    the correct one. One draw per example, also for answers without a repeat (so the stream
-    of draws does not depend on the answer)."""
-    flaw_rate = EMBEDDED_SFT_FLAW_RATE if flaw_rate is None else flaw_rate
-    flawed = rng.random() < flaw_rate
-    return flawed_answer(gold) if flawed and has_repeat(gold) else gold
-
-
 def make_preference_pair(gold: str, rng: random.Random) -> Tuple[str, str]:
-    """(chosen, rejected): chosen is the correct answer, and partial(chosen) = 1 >
-    partial(rejected) strictly.
+    """(chosen, rejected) with partial(chosen) > partial(rejected) strictly.
 
-    An answer with a repeated digit: rejected is the SFT demonstrations' systematic flaw
-    (``flawed_answer``), so the pairs tell exactly the good demonstrations from the flawed
-    ones. An answer without one (the flaw is then the correct answer): rejected is the
-    correct answer with 1-3 random errors (``_corrupt``), a graded margin."""
-    if has_repeat(gold):
-        return gold, flawed_answer(gold)
+    chosen is the gold answer half of the time, else the gold answer with one error;
+    rejected has 1-3 more errors than chosen. The margin is graded, and a wrong chosen
+    means the pair teaches "better", not only "right vs wrong"."""
+    n_wrong = 0 if rng.random() < 0.5 else 1
+    chosen = _one_error(gold, rng) if n_wrong else gold
+    chosen_score = partial_match(chosen, gold)
     for _ in range(100):
-        rejected = _corrupt(gold, rng.randint(1, 3), rng)
-        if rejected != gold and partial_match(rejected, gold) < 1.0:
-            return gold, rejected
-    # Practically unreachable: every digit changed.
-    return gold, "".join(rng.choice([d for d in "0123456789" if d != g]) for g in gold)
+        rejected = _corrupt(gold, n_wrong + rng.randint(1, 3), rng)
+        if rejected != chosen and partial_match(rejected, gold) < chosen_score:
+            return chosen, rejected
+    # Practically unreachable: reversing the digits of a sorted non-constant answer moves
+    # almost every position; a constant answer gets every digit changed.
+    bad = "".join(rng.choice([d for d in "0123456789" if d != g]) for g in gold)
+    return chosen, bad
 
 
-def make_task_examples(split: str, n: int, seed: int = EMBEDDED_SEED,
-                       flaw_rate: float = None) -> List[Dict[str, str]]:
+def make_task_examples(split: str, n: int, seed: int = EMBEDDED_SEED) -> List[Dict[str, str]]:
     """``n`` deterministic examples of ``split``; train samples with replacement, test
-    draws distinct prompts. ``sft_target``: a mixed-quality demonstration in train
-    (``make_sft_target``), the correct answer in test (the reference of the held-out data)."""
+    draws distinct prompts."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rng = random.Random(f"embedded-sort-{split}-{seed}")  # str seeds hash with sha512: stable
@@ -255,9 +229,7 @@ def make_task_examples(split: str, n: int, seed: int = EMBEDDED_SEED,
                 continue
             seen.add(digits)
         chosen, rejected = make_preference_pair(gold, rng)
-        target = make_sft_target(gold, rng, flaw_rate)
-        examples.append({"prompt": f"sort {digits}=", "chosen": chosen, "rejected": rejected,
-                         "sft_target": target if split == "train" else gold})
+        examples.append({"prompt": f"sort {digits}=", "chosen": chosen, "rejected": rejected, "sft_target": gold})
     return examples
 
 
@@ -934,8 +906,7 @@ def load_dataset_checked(name: str, split: str, options=None, silent: bool = Fal
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for data set {name!r}; expected one of {SPLITS}")
     if name == "embedded":
-        fp = (f"embedded-v2-{EMBEDDED_TRAIN_SIZE}-{EMBEDDED_TEST_SIZE}-{EMBEDDED_SEED}-{EMBEDDED_TEST_PERCENT}"
-              f"-{EMBEDDED_SFT_FLAW_RATE}")
+        fp = f"embedded-v1-{EMBEDDED_TRAIN_SIZE}-{EMBEDDED_TEST_SIZE}-{EMBEDDED_SEED}-{EMBEDDED_TEST_PERCENT}"
         return load_embedded(split, silent=silent), fp
     opts = data_options(options)
     examples, problems, fingerprint, _ = _load_source(name, split, opts)
