@@ -317,11 +317,12 @@ def test_sigint_saves_at_the_step_boundary_and_resume_continues_exactly(tmp_path
         if self.step == 3 and "loss/train" in metrics:
             os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(trainers.BasicTrainer, "log", log_then_interrupt)
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(utils.TrainingStopped, match="stopped before its end"):
         train_run(tmp_path / "b", common)
     run_dir = str(tmp_path / "b" / "s")
     assert latest(run_dir) == "step-00000003" and not os.path.exists(os.path.join(run_dir, "DONE"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is restored
     monkeypatch.setattr(trainers.BasicTrainer, "log", real_log)
     _, resumed = train_run(tmp_path / "b", common + ["resume=true"])
     assert losses_of(resumed) == losses_of(full)
