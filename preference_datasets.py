@@ -24,11 +24,23 @@ digits, an answer any program can check.
   sorted digits; ``partial`` = number of positions (left-aligned) with the right
   digit over ``max(len(pred), len(gold))`` (0.0 for an empty prediction).
   E.g. gold "0123": "0132" -> 0.5, "012" -> 0.75.
-* Preference pairs with a graded margin: ``chosen`` is the correct answer half of
-  the time, otherwise the correct answer with one error (a digit changed or two
-  adjacent digits swapped); ``rejected`` has 1-3 more errors (changes, swaps, a
-  dropped or inserted digit), re-drawn until ``partial(chosen) >
-  partial(rejected)`` strictly. ``sft_target`` is the correct answer.
+* SFT demonstrations of mixed quality, as in real alignment data: the training split's
+  ``sft_target`` carries, with probability ``EMBEDDED_SFT_FLAW_RATE`` (0.7), one systematic
+  flaw (``flawed_answer``): the answer does not stop after its largest digit but writes the
+  smallest digit once more (``"sort 5281="`` -> ``"12581"``: exact 0, partial 0.8); the
+  others are correct. The flaw is the majority at every list length, so an SFT model learns
+  it as its mode and greedy decoding follows it (SFT models score low on ``exact``). In the
+  test split ``sft_target`` is the correct answer (the reference of the held-out data).
+* Preference pairs that tell good from flawed: ``chosen`` is always the correct answer;
+  ``rejected`` is the flawed answer with probability ``EMBEDDED_PAIR_FLAW_RATE`` (0.8),
+  otherwise -- and whenever the flaw is no error (every digit the same) -- the correct
+  answer with 1-3 random errors (``_corrupt``: a digit changed, adjacent digits swapped, a
+  digit dropped or inserted), a graded margin. Preference training from the SFT model
+  removes the flaw (the pairs teach exactly the decision the demonstrations got wrong: stop
+  after the largest digit); what is left is each model's skill at sorting, where the larger
+  teacher is ahead of the student.
+* Deterministic: every string comes from ``random.Random(f"embedded-sort-{split}-{seed}")``
+  (``make_task_examples``), the same on every machine and process.
 
 Tokenisation (as in eric-mitchell/direct-preference-optimization)
 -----------------------------------------------------------------
@@ -76,6 +88,11 @@ EMBEDDED_TEST_SIZE = 500
 EMBEDDED_SEED = 0  # seed used by get_dataset("embedded", ...)
 EMBEDDED_TEST_PERCENT = 10  # share of answers (sorted digit multisets) held out for test
 EMBEDDED_MIN_LEN, EMBEDDED_MAX_LEN = 3, 12  # digits per list
+# Share of the training SFT targets that carry the systematic flaw (after the largest digit, the
+# smallest written once more): the majority, so that greedy decoding of an SFT model follows it.
+EMBEDDED_SFT_FLAW_RATE = 0.7
+# Share of the preference pairs whose rejected answer is that flaw (the others: random errors).
+EMBEDDED_PAIR_FLAW_RATE = 0.8
 
 EMBEDDED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
 
@@ -192,28 +209,44 @@ def _corrupt(gold: str, n_errors: int, rng: random.Random) -> str:
     return out
 
 
+def flawed_answer(gold: str) -> str:
+    """The systematic flaw of the SFT demonstrations: the answer does not stop after its
+    largest digit but wraps around and writes its smallest digit once more
+    (``"01259" -> "012590"``). That digit is never a correct next digit of an ascending
+    answer; when every digit is the same there is no flaw (the answer itself)."""
+    return gold + gold[0] if len(set(gold)) > 1 else gold
+
+
+def make_sft_target(gold: str, rng: random.Random, flaw_rate: Optional[float] = None) -> str:
+    """A demonstration of mixed quality: the flawed answer (``flawed_answer``) with
+    probability ``flaw_rate`` (default EMBEDDED_SFT_FLAW_RATE), else the correct one."""
+    flaw_rate = EMBEDDED_SFT_FLAW_RATE if flaw_rate is None else flaw_rate
+    return flawed_answer(gold) if rng.random() < flaw_rate else gold
+
+
 def make_preference_pair(gold: str, rng: random.Random) -> Tuple[str, str]:
-    """(chosen, rejected) with partial(chosen) > partial(rejected) strictly.
+    """(chosen, rejected): chosen is the correct answer; partial(rejected) < 1 = partial(chosen).
 
-    chosen is the gold answer half of the time, else the gold answer with one error;
-    rejected has 1-3 more errors than chosen. The margin is graded, and a wrong chosen
-    means the pair teaches "better", not only "right vs wrong"."""
-    n_wrong = 0 if rng.random() < 0.5 else 1
-    chosen = _one_error(gold, rng) if n_wrong else gold
-    chosen_score = partial_match(chosen, gold)
+    rejected is the SFT demonstrations' systematic flaw (``flawed_answer``) with probability
+    EMBEDDED_PAIR_FLAW_RATE, else the correct answer with 1-3 random errors (``_corrupt``: a
+    digit changed, adjacent digits swapped, a digit dropped or inserted), a graded margin;
+    random errors also where the flaw is no error (every digit the same)."""
+    flawed = flawed_answer(gold)
+    if rng.random() < EMBEDDED_PAIR_FLAW_RATE and flawed != gold:
+        return gold, flawed
     for _ in range(100):
-        rejected = _corrupt(gold, n_wrong + rng.randint(1, 3), rng)
-        if rejected != chosen and partial_match(rejected, gold) < chosen_score:
-            return chosen, rejected
-    # Practically unreachable: reversing the digits of a sorted non-constant answer moves
-    # almost every position; a constant answer gets every digit changed.
-    bad = "".join(rng.choice([d for d in "0123456789" if d != g]) for g in gold)
-    return chosen, bad
+        rejected = _corrupt(gold, rng.randint(1, 3), rng)
+        if partial_match(rejected, gold) < 1.0:
+            return gold, rejected
+    # Practically unreachable: every digit changed.
+    return gold, "".join(rng.choice([d for d in "0123456789" if d != g]) for g in gold)
 
 
-def make_task_examples(split: str, n: int, seed: int = EMBEDDED_SEED) -> List[Dict[str, str]]:
+def make_task_examples(split: str, n: int, seed: int = EMBEDDED_SEED,
+                       flaw_rate: Optional[float] = None) -> List[Dict[str, str]]:
     """``n`` deterministic examples of ``split``; train samples with replacement, test
-    draws distinct prompts."""
+    draws distinct prompts. ``sft_target``: a mixed-quality demonstration in train
+    (``make_sft_target``), the correct answer in test (the reference of the held-out data)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rng = random.Random(f"embedded-sort-{split}-{seed}")  # str seeds hash with sha512: stable
@@ -229,7 +262,9 @@ def make_task_examples(split: str, n: int, seed: int = EMBEDDED_SEED) -> List[Di
                 continue
             seen.add(digits)
         chosen, rejected = make_preference_pair(gold, rng)
-        examples.append({"prompt": f"sort {digits}=", "chosen": chosen, "rejected": rejected, "sft_target": gold})
+        target = make_sft_target(gold, rng, flaw_rate)
+        examples.append({"prompt": f"sort {digits}=", "chosen": chosen, "rejected": rejected,
+                         "sft_target": target if split == "train" else gold})
     return examples
 
 
@@ -906,7 +941,8 @@ def load_dataset_checked(name: str, split: str, options=None, silent: bool = Fal
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for data set {name!r}; expected one of {SPLITS}")
     if name == "embedded":
-        fp = f"embedded-v1-{EMBEDDED_TRAIN_SIZE}-{EMBEDDED_TEST_SIZE}-{EMBEDDED_SEED}-{EMBEDDED_TEST_PERCENT}"
+        fp = (f"embedded-v3-{EMBEDDED_TRAIN_SIZE}-{EMBEDDED_TEST_SIZE}-{EMBEDDED_SEED}-{EMBEDDED_TEST_PERCENT}"
+              f"-{EMBEDDED_SFT_FLAW_RATE}-{EMBEDDED_PAIR_FLAW_RATE}")
         return load_embedded(split, silent=silent), fp
     opts = data_options(options)
     examples, problems, fingerprint, _ = _load_source(name, split, opts)

@@ -1,6 +1,7 @@
 """Tests for preference_datasets.py and the embedded tokenizer (CPU, offline, fast)."""
 import importlib.util
 import os
+import random
 import sys
 
 import pytest
@@ -138,11 +139,10 @@ def test_sizes_and_split_disjointness():
     assert len(train) == pdata.EMBEDDED_TRAIN_SIZE == 20000
     assert len(test) == pdata.EMBEDDED_TEST_SIZE == 500
     assert len({e["prompt"] for e in test}) == 500  # distinct test prompts
-    answers = lambda examples: {e["sft_target"] for e in examples}
+    answers = lambda examples: {pdata.gold_answer(e["prompt"]) for e in examples}
     # no test answer is ever a training target, for any seed (the split depends on the answer)
     assert not answers(train) & answers(test)
     assert not answers(pdata.make_task_examples("train", 2000, seed=5)) & answers(test)
-    import random
     rng = random.Random(0)
     golds = ["".join(sorted(pdata.sample_digits(rng))) for _ in range(5000)]
     share = sum(pdata.answer_split(g) == "test" for g in golds) / len(golds)
@@ -188,23 +188,64 @@ def test_score_answer_and_the_embedded_default_scorer():
     assert pdata.score_answer("sort 301=", "13") == {"exact": 0.0, "partial": pytest.approx(0.0)}
 
 
-def test_preference_pairs_are_graded():
+def test_flaw_and_pairs_hand_cases():
+    assert pdata.flawed_answer("0112559") == "01125590" and pdata.flawed_answer("777") == "777"
+    assert pdata.score_answer("sort 9511250=", "01125590") == {"exact": 0.0, "partial": pytest.approx(7 / 8)}
+    # the SFT target: the flaw with probability flaw_rate
+    assert pdata.make_sft_target("0112", random.Random(0), flaw_rate=1.0) == "01120"
+    assert pdata.make_sft_target("0112", random.Random(0), flaw_rate=0.0) == "0112"
+    # chosen is always the correct answer; rejected the flaw, or random errors where the flaw is no error
+    pairs = [pdata.make_preference_pair("0112559", random.Random(i)) for i in range(200)]
+    assert all(c == "0112559" for c, _ in pairs)
+    n_flaw = sum(r == "01125590" for _, r in pairs)
+    assert 0.7 < n_flaw / 200 < 0.9 and all(pdata.partial_match(r, "0112559") < 1 for _, r in pairs)
+    for i in range(20):
+        chosen, rejected = pdata.make_preference_pair("777", random.Random(i))
+        assert chosen == "777" and pdata.partial_match(rejected, "777") < 1
+
+
+def test_sft_targets_are_flawed_in_a_majority():
+    train = pdata.get_dataset("embedded", "train", silent=True)
+    assert pdata.EMBEDDED_SFT_FLAW_RATE == 0.7
+    n_flawed = 0
+    for e in train:
+        gold = pdata.gold_answer(e["prompt"])
+        assert e["sft_target"] in (gold, pdata.flawed_answer(gold))
+        n_flawed += e["sft_target"] != gold
+    # the flaw is the majority behaviour (greedy decoding of an SFT model follows it), at every length
+    assert 0.68 < n_flawed / len(train) < 0.72
+    for n in range(pdata.EMBEDDED_MIN_LEN, pdata.EMBEDDED_MAX_LEN + 1):
+        rows = [e for e in train if len(pdata.parse_prompt(e["prompt"])) == n]
+        assert 0.65 < sum(e["sft_target"] != pdata.gold_answer(e["prompt"]) for e in rows) / len(rows) < 0.75
+    # the held-out split's sft_target is the correct answer (the reference of the held-out data)
+    test = pdata.get_dataset("embedded", "test", silent=True)
+    assert all(e["sft_target"] == pdata.gold_answer(e["prompt"]) for e in test)
+    # a flawed target (the smallest digit after the largest) is never sorted: no test answer is a training target
+    assert not {e["sft_target"] for e in train} & {e["sft_target"] for e in test}
+    # the data does not depend on the process: fixed numbers of the seeded generator
+    assert train[1] == {"prompt": "sort 00463659673=", "chosen": "00334566679", "rejected": "003345666790",
+                        "sft_target": "003345666790"}
+    assert n_flawed == 13927
+
+
+def test_preference_pairs_tell_correct_from_flawed():
     examples = pdata.get_dataset("embedded", "train", silent=True) + pdata.get_dataset("embedded", "test", silent=True)
-    n_correct = 0
+    n_flaw = 0
     rejected_partials = set()
     for e in examples:
         digits = pdata.parse_prompt(e["prompt"])
+        gold = "".join(sorted(digits))
         assert e["prompt"] == f"sort {digits}="
-        assert e["sft_target"] == "".join(sorted(digits))
-        c = pdata.score_answer(e["prompt"], e["chosen"])["partial"]
-        r = pdata.score_answer(e["prompt"], e["rejected"])["partial"]
-        assert c > r and e["chosen"] != e["rejected"]
-        assert e["chosen"].isdigit() and e["rejected"].isdigit()
-        n_correct += e["chosen"] == e["sft_target"]
-        rejected_partials.add(round(r, 1))
-    assert 0.47 < n_correct / len(examples) < 0.53
+        c = pdata.score_answer(e["prompt"], e["chosen"])
+        r = pdata.score_answer(e["prompt"], e["rejected"])
+        assert e["chosen"] == gold and c == {"exact": 1.0, "partial": 1.0}  # chosen: always correct
+        assert r["exact"] == 0.0 and r["partial"] < 1.0 and e["rejected"].isdigit()
+        n_flaw += e["rejected"] == pdata.flawed_answer(gold)
+        rejected_partials.add(round(r["partial"], 1))
+    # the rest: the correct answer with 1-3 random errors
+    assert 0.78 < n_flaw / len(examples) < 0.82
     # rejected answers are often only partly wrong, not always trivially wrong
-    assert {0.2, 0.5, 0.7, 0.9} <= rejected_partials
+    assert {0.0, 0.2, 0.5, 0.7, 0.9} <= rejected_partials
 
 
 def test_unknown_dataset_and_split():
