@@ -17,6 +17,9 @@ a re-run continues after the last complete row, and the file is renamed to `<out
 every prompt is done (an existing complete `<out>` is left alone). Sampling is seeded per
 row, so a resumed or re-run generation is identical to an uninterrupted one.
 
+A complete file has its settings beside it (`<out>.meta.json`: checkpoint, data, decoding),
+which a training run that reads it (`generations=[<file>, ...]`) checks.
+
 Distributed: under torchrun each rank generates every world_size-th batch and the rows are
 merged in prompt order; with `fsdp=true` the model is sharded with FSDP2 like the trainer's
 and every rank runs the same number of generate calls (synced_gpus).
@@ -163,7 +166,14 @@ def generate_rows(model, tokenizer, batch: List[Dict], cfg, first_index: int, de
         if cfg.do_sample else {"do_sample": False}
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                          pad_token_id=pad, synced_gpus=synced, **kwargs)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, input_ids.shape[1]:]]
+    # Cut each row at its first EOS (what follows is padding); special tokens before it are kept
+    # in the text, so that a trainer reading the file re-encodes the tokens the model generated.
+    texts = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=False))
+    return texts
 
 
 def count_complete_rows(path: str) -> int:
@@ -185,6 +195,21 @@ def count_complete_rows(path: str) -> int:
         with open(path, "r+b") as f:
             f.truncate(size)
     return good
+
+
+def meta_path(out: str) -> str:
+    """The settings file written beside a complete generation file."""
+    return out + ".meta.json"
+
+
+def generation_meta(cfg, rows: int) -> Dict:
+    """What produced a generation file: a trainer that reads it (`generations=`) checks the
+    checkpoint and the decoding against the loss's own before using a row."""
+    keys = ("datasets", "split", "n", "do_sample", "temperature", "top_p", "max_new_tokens",
+            "max_prompt_length", "truncation_mode", "seed", "dtype")
+    meta = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+    meta.update({"checkpoint": os.path.abspath(cfg.checkpoint), "rows": rows})
+    return meta
 
 
 def generate(cfg) -> str:
@@ -226,6 +251,8 @@ def generate(cfg) -> str:
                 os.fsync(f.fileno())
     utils.barrier()
     if rank == 0:
+        # the settings beside the rows first, so that a complete <out> always has them
+        utils.atomic_write_json(meta_path(out), generation_meta(cfg, len(examples)))
         os.replace(partial, out)
         utils.rank0_print(f"wrote {len(examples)} rows to {out}")
     utils.barrier()

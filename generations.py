@@ -76,3 +76,47 @@ def write_mt_bench(records: List[Dict], path: str, questions_path: Optional[str]
     questions_path = questions_path or mt_bench_questions_path(path)
     write_jsonl(questions, questions_path)
     return questions_path
+
+
+# ---------------------------------------------------------------- reading generate.py's files
+
+def generation_key(prompt) -> str:
+    """The key of an original prompt (a string or a message list) in a generation file."""
+    return json.dumps(prompt, sort_keys=True)
+
+
+def read_generation_meta(path: str) -> Dict:
+    """The settings generate.py wrote beside a complete generation file (`<file>.meta.json`)."""
+    meta = path + ".meta.json"
+    if not os.path.isfile(path):
+        raise ValueError(f"generations: no file {path} (write it with python generate.py <checkpoint> out={path})")
+    if not os.path.isfile(meta):
+        raise ValueError(f"generations: {path} has no {os.path.basename(meta)} beside it, so what generated it "
+                         "cannot be checked; write it with generate.py (which records its checkpoint and decoding)")
+    with open(meta) as f:
+        return json.load(f)
+
+
+def read_generations(paths: List[str]) -> Dict[str, str]:
+    """generation_key(prompt) -> completion text, from generate.py's prompt/completion rows (a
+    conversational completion: its assistant message's content). A prompt in several files must
+    have the same completion in each."""
+    out: Dict[str, str] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    completion = row["completion"]
+                    if isinstance(completion, list):
+                        completion = completion[-1]["content"]
+                    key = generation_key(row["prompt"])
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    raise ValueError(f"generations: {path} line {i} is not a prompt/completion row of "
+                                     f"generate.py ({type(e).__name__}: {e})") from None
+                if out.setdefault(key, completion) != completion:
+                    raise ValueError(f"generations: {path} line {i}: its prompt has another completion in an "
+                                     "earlier file; give each prompt's generation once")
+    return out

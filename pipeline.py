@@ -294,6 +294,43 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     return out
 
 
+def generation_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[str, List[str]]:
+    """The stages in running order with a generation stage before the methods for every model a
+    method's loss generates with (seqkd: the DPO teacher; adpa: the SFT student). generate.py
+    runs once per generating model and decoding, over the train and test splits of the
+    preference data, and is shared by every seed and method that needs it; those methods read
+    the files (`generations=`). A generation stage's key is `generate/<name>.<split>`."""
+    import losses
+    d = stage_dirs(cfg)
+    gens: Dict[str, List[str]] = {}
+    for stage, c in configs.items():
+        if stage_of(stage) != "methods" or c.get("generations"):
+            continue
+        gen = losses.get_loss(c.loss.name).generation_need(c.loss)
+        if gen is None or not gen.frozen or gen.num_beams != 1:
+            continue  # on-policy sampling (gkd) or beam search stays in the run
+        source = d["teacher_dpo"] if gen.source == "teacher" else d["student_sft"]
+        max_new = int(gen.max_new_tokens or (c.max_length - c.max_prompt_length))
+        decoding = (["do_sample=false"] if gen.temperature is None else
+                    ["do_sample=true", f"temperature={float(gen.temperature)}", "top_p=1.0"])
+        tag = os.path.basename(source) + ("_greedy" if gen.temperature is None else f"_t{float(gen.temperature):g}") \
+            + f"_n{max_new}"
+        files = []
+        for split in ("train", "test"):
+            path = os.path.join(cfg.out, "generations", f"{tag}.{split}.jsonl")
+            files.append(path)
+            gens[f"generate/{tag}.{split}"] = (
+                [source, f"out={path}", f"split={split}", f"datasets={hydra_value(list(c.datasets))}",
+                 f"max_new_tokens={max_new}", f"max_prompt_length={c.max_prompt_length}",
+                 f"truncation_mode={c.truncation_mode}"] + decoding
+                + flatten(OmegaConf.to_container(c.data, resolve=True), "data."))
+        overrides[stage] = overrides[stage] + [f"generations={hydra_value(files)}"]
+    if not gens:
+        return overrides
+    first = [k for k in overrides if stage_of(k) != "methods"]
+    return {**{k: overrides[k] for k in first}, **gens, **{k: v for k, v in overrides.items() if k not in first}}
+
+
 # ---------------------------------------------------------------- checks before training
 
 def compose_stage(overrides: List[str]):
@@ -315,7 +352,7 @@ def describe_role(c) -> str:
     return ", ".join(parts)
 
 
-def preflight(cfg, overrides: Dict[str, List[str]]) -> None:
+def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
     """Before any stage trains: load and validate every stage's data, refuse SFT and
     preference data formatted differently, and load and probe the scorer. Raises ValueError
     (DataError, ScorerError) naming the file, row or key."""
@@ -353,6 +390,7 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> None:
         lines += [x for x in data_checks.probe_scorers(list(c.datasets), c.get("data"))[1] if x not in lines]
     for line in lines:
         print(f"pipeline: {line}", flush=True)
+    return configs
 
 
 # ---------------------------------------------------------------- stages
@@ -389,10 +427,27 @@ def train_in_process(overrides: List[str], multirun: bool = False):
     return 1 if failures else 0
 
 
+def generate_stage(args: List[str], in_process: bool) -> int:
+    """One generate.py run (a generation stage); an existing complete file is kept."""
+    if in_process:
+        import generate
+        print("\n$ generate.py " + " ".join(args), flush=True)
+        return generate.main(args)
+    cmd = [sys.executable, os.path.join(utils.REPO_DIR, "generate.py")] + args
+    print("\n$ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd).returncode
+
+
 def run_stages(cfg, overrides: Dict[str, List[str]]) -> None:
-    """The stages in order. A failed teacher or SFT stage stops the pipeline (everything after
-    it needs it); a failed method does not: the others are still evaluated and reported."""
+    """The stages in order. A failed teacher, SFT or generation stage stops the pipeline
+    (everything after it needs it); a failed method does not: the others are still evaluated
+    and reported."""
     for stage, ov in overrides.items():
+        if stage_of(stage) == "generate":
+            if generate_stage(ov, bool(cfg.get("in_process"))):
+                raise utils.RunError(f"stage {stage} failed; fix the cause and run the same command again "
+                                     "(a generation resumes where it stopped)")
+            continue
         method = stage_of(stage) == "methods"
         rc = (train_in_process if cfg.get("in_process") else train)(ov, multirun=method)
         if rc and not method:
@@ -445,7 +500,7 @@ def main(argv=None) -> int:
     try:
         cfg, passthrough = parse_args(argv)
         overrides = stage_overrides(cfg, passthrough)
-        preflight(cfg, overrides)
+        overrides = generation_stages(cfg, overrides, preflight(cfg, overrides))
     except ValueError as e:  # DataError and ScorerError are ValueErrors: nothing has been trained
         print(f"error: {e}", file=sys.stderr)
         return 2

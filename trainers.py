@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+import generations as generations_lib
 import losses as losses_lib
 import preference_datasets as data
 import utils
@@ -156,6 +157,9 @@ class BasicTrainer:
         cfg = self.cfg
         validate_loss_models(cfg)
         self._generation_cache = {}  # prompt ids -> response ids of a frozen generating model
+        # original prompt -> response text, from generate.py files (`generations`, checked above)
+        self._generation_file = generations_lib.read_generations(list(cfg.get("generations") or []))
+        self._live_generation_warned = False
         t_tok = None
         if self.spec.teacher_need(cfg.loss):
             # Tokenizers are cheap: check them before any model is loaded.
@@ -221,6 +225,8 @@ class BasicTrainer:
         prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
         keys = [tuple(p) for p in prompts]
         cache = self._generation_cache if gen.frozen else None
+        if cache is not None and self._generation_file:
+            self.fill_from_generation_file(cache, keys, batch.get("original_prompt", batch["prompt"]))
         missing = cache is None or any(k not in cache for k in keys)
         if cache is not None:
             missing = self.any_rank(missing)
@@ -234,6 +240,24 @@ class BasicTrainer:
                                 self.tokenizer.pad_token_id, self.cfg.max_length)
         out[gen.replaces] = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return out, True
+
+    def fill_from_generation_file(self, cache: Dict, keys: List[tuple], originals: List) -> None:
+        """Put the `generations` file's responses for these prompts into the generation cache:
+        the text as the data module encodes a response (its tokens, then EOS)."""
+        absent = 0
+        for key, original in zip(keys, originals):
+            if key in cache:
+                continue
+            text = self._generation_file.get(generations_lib.generation_key(original))
+            if text is None:
+                absent += 1
+                continue
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            cache[key] = torch.tensor(ids, dtype=torch.long)
+        if absent and not self._live_generation_warned:
+            self._live_generation_warned = True
+            rank0_print(f"WARNING: {absent} prompt(s) of a batch are not in the generations files "
+                        f"{list(self.cfg.generations)}: they are generated in the run (warned once)")
 
     def draw_generation(self, probability: float, train: bool) -> bool:
         """True with `probability`, from a generator seeded by (seed, step, micro-batch index):
@@ -747,6 +771,46 @@ def validate_loss_models(cfg, check_archives: bool = True) -> None:
             raise ValueError(f"loss={cfg.loss.name}: generations cannot replace {gen.replaces!r} responses")
         if not 0.0 <= gen.probability <= 1.0:
             raise ValueError(f"loss={cfg.loss.name}: generation probability {gen.probability} is not in [0, 1]")
+    if cfg.get("generations"):
+        check_generation_files(cfg, gen, check_archives)
+
+
+def check_generation_files(cfg, gen, check_archives: bool) -> None:
+    """`generations=[files]` (written by generate.py) stand in for the responses a loss generates
+    with a frozen model; each file's recorded checkpoint and decoding must be the loss's own.
+    check_archives=False (a pipeline's later stage): the files may not exist yet."""
+    files = cfg.generations
+    if isinstance(files, str) or not all(isinstance(f, str) for f in files):
+        raise ValueError(f"generations={files!r} must be a list of files written by generate.py, e.g. "
+                         "generations=[gen_train.jsonl,gen_test.jsonl]")
+    if gen is None or not gen.frozen:
+        raise ValueError(f"generations=...: loss={cfg.loss.name} "
+                         + ("trains on the data's responses" if gen is None else "samples from the current policy")
+                         + "; a generations file is read only by losses whose responses come from a frozen model "
+                         "(seqkd: the teacher; adpa: the starting student). Remove the key")
+    if not check_archives:
+        return
+    source_key = "teacher.archive" if gen.source == "teacher" else "model.archive"
+    source = OmegaConf.select(cfg, source_key)
+    expected = {"checkpoint": utils.resolve_checkpoint(source) if source else None,
+                "do_sample": gen.temperature is not None, "max_prompt_length": cfg.max_prompt_length,
+                "truncation_mode": cfg.truncation_mode}
+    if gen.temperature is not None:
+        expected.update({"temperature": float(gen.temperature), "top_p": 1.0})
+    if gen.max_new_tokens is not None:
+        expected["max_new_tokens"] = int(gen.max_new_tokens)
+    for path in files:
+        meta = generations_lib.read_generation_meta(path)
+        if gen.num_beams != 1:
+            raise ValueError(f"generations: loss.num_beams={gen.num_beams}, but generate.py decodes greedily "
+                             f"or samples ({path}); set loss.num_beams=1 or drop generations=")
+        for key, want in expected.items():
+            got = meta.get(key)
+            same = (got == want) if not isinstance(want, float) else (got is not None and abs(float(got) - want) < 1e-9)
+            if not same:
+                raise ValueError(f"generations: {path} was written with {key}={got!r}, but this run's "
+                                 f"{source_key if key == 'checkpoint' else key} gives {want!r}; regenerate it "
+                                 "with generate.py for this run's settings, or drop generations=")
 
 
 def replace_responses(batch: Dict, key: str, prompts: List[List[int]], responses: List[List[int]],

@@ -105,3 +105,40 @@ def test_two_processes_write_the_rows_of_one(tmp_path, sft_run, fsdp):
         port = s.getsockname()[1]
     mp.spawn(_two_process_worker, args=(2, args + [f"out={tmp_path}/two.jsonl"], port), nprocs=2, join=True)
     assert rows(tmp_path / "two.jsonl") == one
+
+
+REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
+
+
+def test_seqkd_reading_the_teachers_generation_files_trains_as_it_does_generating(tmp_path, sft_run):
+    """The pipeline's generation stage: generate.py writes the teacher's greedy answers once;
+    a seqkd run reading them (generations=) computes the same losses as one that generates."""
+    local = ["datasets=[local]", f"data.local.path={REVERSE}", "data.local.train=train.jsonl",
+             "data.local.test=test.jsonl"]
+    files = [run_generate([sft_run, f"out={tmp_path}/t.{split}.jsonl", f"split={split}", "batch_size=8",
+                           "max_new_tokens=24"] + local[1:] + ["datasets=[local]"]) for split in ("train", "test")]
+    meta = json.load(open(files[0] + ".meta.json"))
+    assert meta["checkpoint"] == utils.resolve_checkpoint(sft_run) and meta["do_sample"] is False
+    assert meta["rows"] == len(rows(files[0])) == 48
+    common = ["loss=seqkd", "teacher=tiny_teacher", f"teacher.archive={sft_run}", "n_examples=24",
+              "eval_every=16", "lr=1e-3", "n_eval_examples=16"] + local
+    _, live = train_run(tmp_path, common + ["exp_name=live"])
+    _, cached = train_run(tmp_path, common + ["exp_name=file", f"generations=[{files[0]},{files[1]}]"])
+    key = lambda recs, k: [r[k] for r in recs if k in r]  # noqa: E731
+    assert len(key(live, "loss/train")) == 3 and len(key(live, "loss/eval")) >= 2
+    for k in ("loss/train", "loss/eval"):
+        assert key(cached, k) == pytest.approx(key(live, k), abs=1e-6)
+
+
+def test_generation_files_that_do_not_match_the_run_are_refused(tmp_path, sft_run):
+    import train
+    from conftest import compose
+    out = run_generate([sft_run, f"out={tmp_path}/g.jsonl", "n=4", "split=test", "do_sample=true"])
+    base = ["teacher=tiny_teacher", f"teacher.archive={sft_run}", f"generations=[{out}]"]
+    with pytest.raises(ValueError, match="do_sample=True, but this run's do_sample gives False"):
+        train.validate_config(compose(["loss=seqkd"] + base))
+    with pytest.raises(ValueError, match="loss=dpo trains on the data's responses"):
+        train.validate_config(compose(["loss=dpo"] + base))
+    os.remove(out + ".meta.json")
+    with pytest.raises(ValueError, match="has no g.jsonl.meta.json beside it"):
+        train.validate_config(compose(["loss=seqkd"] + base))

@@ -6,6 +6,7 @@ import os
 import pytest
 
 import pipeline
+import utils
 import report
 
 TINY_STAGES = [
@@ -241,3 +242,28 @@ def test_the_table5_preset_is_the_paper_ablation_over_the_embedded_preset():
     assert methods["tvkd_margin"] == ["loss=tvkd", "loss.potential=margin"] and methods["tvkd"] == ["loss=tvkd"]
     embedded, _ = pipeline.parse_args([])
     assert cfg.stages == embedded.stages and cfg.out == embedded.out and int(cfg.seeds) == 3
+
+
+def test_generation_stages_run_once_per_generating_model_and_are_shared_by_seeds(tmp_path, capfd,
+                                                                               restore_threads):
+    out = tmp_path / "gen"
+    args = [a for a in REVERSE_ARGS if not a.startswith(("methods=", "seeds="))] + [
+        f"out={out}", "methods=[seqkd,adpa]", "seeds=2"]
+    assert pipeline.main(args) == 0
+    stages = [line.split(":")[0].strip("# ") for line in (out / "pipeline.yaml").read_text().splitlines()
+              if line.startswith("#   ")]
+    # the teacher's and the SFT student's greedy answers, each split once, after the models exist
+    gen = ["generate/teacher_dpo_greedy_n16.train", "generate/teacher_dpo_greedy_n16.test",
+           "generate/student_sft_greedy_n16.train", "generate/student_sft_greedy_n16.test"]
+    assert stages == ["teacher_sft", "teacher_dpo", "student_sft"] + gen + ["methods/seqkd", "methods/adpa"]
+    for name, source in (("teacher_dpo", "teacher_dpo"), ("student_sft", "student_sft")):
+        meta = json.loads((out / f"generations/{name}_greedy_n16.train.jsonl.meta.json").read_text())
+        assert meta["checkpoint"] == utils.resolve_checkpoint(str(out / source)) and meta["rows"] == 48
+        assert meta["max_new_tokens"] == 16 and meta["do_sample"] is False
+    for method, name in (("seqkd", "teacher_dpo"), ("adpa", "student_sft")):
+        for seed in (0, 1):
+            cfg = (out / f"methods/{method}_seed{seed}/config.yaml").read_text()
+            assert f"generations/{name}_greedy_n16.train.jsonl" in cfg
+            assert (out / f"methods/{method}_seed{seed}/DONE").exists()
+    # every prompt was in the files: nothing was generated in the runs
+    assert "not in the generations files" not in capfd.readouterr().out
