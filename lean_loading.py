@@ -22,9 +22,9 @@ on by default):
    * ``broadcast``: anything else (random init from ``init_config``, a hub id that is not a
      local directory, a checkpoint whose names differ from the model's or with no safetensors).
      Rank 0 builds the model exactly as the single-process path does (same seed, so the same
-     random weights; ``from_pretrained`` for a checkpoint) and
-     ``set_model_state_dict(..., broadcast_from_rank0=True)`` sends one tensor at a time; each
-     rank keeps its shard. Rank 0 holds one full copy, the others their shard.
+     random weights; ``from_pretrained`` for a checkpoint), then scatters each rank its rows one
+     tensor at a time, dropping its own reference as it goes: rank 0 peaks at about one model
+     (plus its shards), the others at their shards plus one tensor's chunk.
 
 Tied embeddings: ``lm_head.weight`` is the same parameter as ``embed_tokens.weight`` (the meta
 model ties them; FSDP keeps them one parameter), so it is read once, under the embedding's name.
@@ -113,8 +113,9 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of dim 0 (the whole tensor for a 0-d one), as a new CPU tensor."""
+    def read_rows(self, name: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 (the whole tensor for a 0-d one), as a new CPU tensor, or
+        into `out` (contiguous, CPU, of the file's dtype and that many elements)."""
         e = self.entries[name]
         shape, dtype = list(e["shape"]), self.dtype(name)
         begin = self.base + e["data_offsets"][0]
@@ -125,7 +126,10 @@ class SafetensorsFile:
         row_bytes = dtype.itemsize
         for s in row_shape:
             row_bytes *= s
-        out = torch.empty([stop - start] + row_shape, dtype=dtype)
+        if out is None:
+            out = torch.empty([stop - start] + row_shape, dtype=dtype)
+        elif out.dtype != dtype or not out.is_contiguous() or out.numel() * dtype.itemsize != (stop - start) * row_bytes:
+            raise ValueError(f"{name}: read_rows(out=) needs a contiguous {dtype} tensor of rows {start}:{stop}")
         nbytes = (stop - start) * row_bytes
         if nbytes:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
@@ -135,7 +139,7 @@ class SafetensorsFile:
                 if got <= 0:
                     raise OSError(f"{self.path}: unexpected end of file reading {name}")
                 done += got
-        return out.reshape(shape) if not shape else out
+        return out.reshape(shape) if not shape and out.dim() else out
 
 
 def safetensors_index(path: str) -> Optional[Dict[str, str]]:
@@ -246,9 +250,13 @@ def _load_slices(model, plan: Dict[str, str], path: str) -> None:
             if any(o != 0 for o in offset[1:]) or any(s != g for s, g in zip(shape[1:], p.shape[1:])):
                 raise ValueError(f"{name}: lean loading handles dim-0 sharding only (placements {p.placements})")
             start = offset[0] if shape else 0
-            rows = f.read_rows(name, start, start + (shape[0] if shape else 1))
-            local.copy_(rows.to(local.dtype).reshape(local.shape))
-            del rows
+            stop = start + (shape[0] if shape else 1)
+            if f.dtype(name) == local.dtype and local.is_contiguous() and local.device.type == "cpu":
+                f.read_rows(name, start, stop, out=local)  # straight into the shard: no transient copy
+            else:
+                rows = f.read_rows(name, start, stop)
+                local.copy_(rows.to(local.dtype).reshape(local.shape))
+                del rows
         # persistent buffers stored in the checkpoint (Llama has none)
         index = safetensors_index(path) or {}
         persistent = set(model.state_dict().keys())
@@ -264,12 +272,70 @@ def _load_slices(model, plan: Dict[str, str], path: str) -> None:
 
 
 def _load_broadcast(model, source: Source) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    full_sd = {}
+    """Rank 0 builds the whole model the ordinary way; then, one tensor at a time, it scatters
+    each rank its rows (persistent buffers: broadcast whole) and drops its own reference, so its
+    full copy drains as the shards fill: rank 0 peaks at about one model, the others at their
+    shards plus one tensor's chunk."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    targets = list(model.named_parameters())
+    persistent = set(model.state_dict().keys())
+    targets += [(n, b) for n, b in model.named_buffers() if n in persistent]
+    full_sd: Dict[str, torch.Tensor] = {}
+    problem = None
     if rank == 0:
         full = source.build_full()
-        full_sd = full.state_dict()
+        full_sd = dict(full.state_dict())
         del full
-    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full_sd
+        for name, t in targets:
+            if name not in full_sd or tuple(full_sd[name].shape) != tuple(t.shape):
+                problem = f"{name}: {tuple(full_sd[name].shape) if name in full_sd else 'missing'} in the built " \
+                          f"model, {tuple(t.shape)} in the sharded one"
+                break
+    problem = _broadcast_object(problem)
+    if problem:
+        raise ValueError(f"lean loading: {problem}; set trainer.lean_loading=false")
+    for name, target in targets:
+        local, shape, offset = _local_slice(target)
+        full_t = full_sd.pop(name, None)
+        if not distributed:
+            local.copy_(full_t.to(local.dtype))
+        elif not _is_dim0_sharded(target):  # replicated: broadcast whole
+            buf = full_t.to(local.device, local.dtype).contiguous() if rank == 0 else torch.empty_like(local)
+            dist.broadcast(buf, src=0)
+            local.copy_(buf)
+        else:
+            if any(o != 0 for o in offset[1:]) or any(s != g for s, g in zip(shape[1:], target.shape[1:])):
+                raise ValueError(f"{name}: lean loading handles dim-0 sharding only (placements {target.placements})")
+            rows = -(-target.shape[0] // world)  # FSDP2: torch.chunk sizes, padded to the first's
+            recv = torch.empty([rows] + list(target.shape[1:]), dtype=local.dtype, device=local.device)
+            chunks = None
+            if rank == 0:
+                full_t = full_t.to(local.device, local.dtype)
+                chunks = []
+                for r in range(world):
+                    piece = full_t[r * rows:(r + 1) * rows]
+                    if piece.shape[0] < rows:
+                        padded = torch.zeros_like(recv)
+                        padded[:piece.shape[0]].copy_(piece)
+                        piece = padded
+                    chunks.append(piece.contiguous())
+            dist.scatter(recv, chunks, src=0)
+            if local.numel():
+                local.copy_(recv[:shape[0]])
+            del chunks, recv
+        del full_t
+    full_sd.clear()
+
+
+def _is_dim0_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor, Shard
+    return isinstance(t, DTensor) and any(isinstance(p, Shard) and p.dim == 0 for p in t.placements)
+
+
+def _broadcast_object(obj):
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
