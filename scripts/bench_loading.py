@@ -114,7 +114,8 @@ def main():
     print(f"checkpoint {args.ckpt}: model.safetensors {size:.0f} MiB (fp32)")
     runs = [("checkpoint", False)] + ([("random init", True)] if args.random else [])
     for what, random_init in runs:
-        for label, world, lean in (("1 process (from_pretrained)", 1, False), ("FSDP 2 ranks, old path", 2, False),
+        single = "1 process (from_config)" if random_init else "1 process (from_pretrained)"
+        for label, world, lean in ((single, 1, False), ("FSDP 2 ranks, old path", 2, False),
                                    ("FSDP 2 ranks, lean path", 2, True)):
             res = measure(world, args.ckpt, lean, random_init)
             n = res[0][3]
