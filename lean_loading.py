@@ -77,7 +77,7 @@ def meta_model(config, dtype: Optional[torch.dtype], path: Optional[str], build_
     from transformers import AutoModelForCausalLM, GenerationConfig
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if path and os.path.isdir(path):
+    if path:
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.eval()  # as from_pretrained leaves it

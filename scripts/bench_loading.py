@@ -105,6 +105,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="/tmp/bench_lean_ckpt")
     ap.add_argument("--random", action="store_true", help="also measure random init from init_config")
+    ap.add_argument("--random-only", action="store_true", help="measure random init only")
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.ckpt, "model.safetensors")):
         p = mp.get_context("spawn").Process(target=make_checkpoint, args=(args.ckpt,))
@@ -112,7 +113,8 @@ def main():
         p.join()
     size = os.path.getsize(os.path.join(args.ckpt, "model.safetensors")) / 2 ** 20
     print(f"checkpoint {args.ckpt}: model.safetensors {size:.0f} MiB (fp32)")
-    runs = [("checkpoint", False)] + ([("random init", True)] if args.random else [])
+    runs = ([] if args.random_only else [("checkpoint", False)]) + \
+        ([("random init", True)] if args.random or args.random_only else [])
     for what, random_init in runs:
         single = "1 process (from_config)" if random_init else "1 process (from_pretrained)"
         for label, world, lean in ((single, 1, False), ("FSDP 2 ranks, old path", 2, False),
