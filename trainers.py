@@ -38,6 +38,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 import generations as generations_lib
+import lean_loading
 import losses as losses_lib
 import preference_datasets as data
 import utils
@@ -61,16 +62,34 @@ def load_tokenizer(model_cfg):
 def build_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str] = None, seed: int = 0):
     """Instantiate a causal LM: from `archive` (a checkpoint of ours) if given, else from
     `name_or_path`, else randomly initialised from `init_config` (seeded, so every rank builds
-    the same weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    the same weights). Under lean_loading.deferred() (FSDPTrainer) the model is built on the
+    meta device instead, and FSDPTrainer.wrap gives each rank only its own shards of these
+    same weights (lean_loading.py)."""
+    if lean_loading.active():
+        from transformers import AutoConfig
+        path = utils.resolve_checkpoint(archive) if archive else model_cfg.name_or_path
+        config = AutoConfig.from_pretrained(path) if path else init_model_config(model_cfg, tokenizer)
+        return lean_loading.meta_model(config, dtype, path,
+                                       lambda: _build_full_model(model_cfg, tokenizer, dtype, archive, seed))
+    return _build_full_model(model_cfg, tokenizer, dtype, archive, seed)
+
+
+def init_model_config(model_cfg, tokenizer):
+    """The transformers config of a model randomly initialised from `init_config`."""
+    from transformers import AutoConfig
+    init = OmegaConf.to_container(model_cfg.init_config, resolve=True)
+    model_type = init.pop("model_type")
+    return AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **init)
+
+
+def _build_full_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str] = None, seed: int = 0):
+    from transformers import AutoModelForCausalLM
     if archive:
         return AutoModelForCausalLM.from_pretrained(utils.resolve_checkpoint(archive), dtype=dtype)
     if model_cfg.name_or_path:
         return AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
-    init = OmegaConf.to_container(model_cfg.init_config, resolve=True)
-    model_type = init.pop("model_type")
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **init)
+    config = init_model_config(model_cfg, tokenizer)
     with utils_fork_rng(seed):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
@@ -854,6 +873,12 @@ class FSDPTrainer(BasicTrainer):
         self.mesh = init_device_mesh(device.type, (self.world_size,))
         return device
 
+    def setup_models(self):
+        # trainer.lean_loading (default on): build_model returns meta-device models that wrap
+        # materialises shard by shard, so no rank ever holds a whole model it does not need.
+        with lean_loading.deferred(self.cfg.trainer.get("lean_loading", True)):
+            super().setup_models()
+
     def wrap(self, model, model_cfg, trainable: bool):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # No model.to(device) first: fully_shard moves each rank's shard to the mesh's device,
@@ -870,6 +895,11 @@ class FSDPTrainer(BasicTrainer):
             raise ValueError(f"{model_cfg.name}: block_name={block!r} matches no module of {type(model).__name__}: "
                              "set it to the model's decoder layer class")
         fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        # A model built deferred (meta device, see setup_models) gets its weights now: each
+        # rank only its own shards.
+        strategy = lean_loading.materialize(model, self.device)
+        if strategy:
+            rank0_print(f"{model_cfg.name}: loaded lean ({strategy})")
         return model
 
     def sync_context(self, last: bool):
