@@ -38,6 +38,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 import losses as losses_lib
+import output_cache
 import preference_datasets as data
 import utils
 from utils import RunError, TrainingStopped, rank0_print
@@ -161,19 +162,28 @@ class BasicTrainer:
             # Tokenizers are cheap: check them before any model is loaded.
             t_tok = load_tokenizer(cfg.teacher)
             check_same_tokenizer(self.tokenizer, t_tok)
+        # Caches of frozen models' outputs (output_cache.py): a cached model is not loaded.
+        caches = output_cache.configured(cfg)
+        note = output_cache.reference_cache_ignored(cfg)
+        if note:
+            rank0_print(note)
+            caches.pop(output_cache.REFERENCE, None)
+        self.teacher_cache, self.reference_cache = (
+            output_cache.open_for_run(cfg, kind, self.tokenizer) if kind in caches else None
+            for kind in (output_cache.TEACHER, output_cache.REFERENCE))
         resume_ckpt = self.resume_ckpt
         policy_dtype = utils.get_dtype(cfg.model.policy_dtype)
         policy = build_model(cfg.model, self.tokenizer, policy_dtype, resume_ckpt or cfg.model.archive, cfg.seed)
         need_ref = self.spec.reference_need(cfg.loss)
         reference = None
-        if self.spec.reference_model_need(cfg.loss):  # its outputs, or generations (losses.Generation)
+        if self.spec.reference_model_need(cfg.loss) and self.reference_cache is None:  # outputs, or generations
             ref_dtype = utils.get_dtype(cfg.model.reference_dtype)
             # The reference is the *starting* policy (never the resumed one): build it from the
             # same archive / seed the policy started from.
             reference = build_model(cfg.model, self.tokenizer, ref_dtype, cfg.model.archive, cfg.seed)
             freeze(reference)
         teacher = None
-        if self.spec.teacher_need(cfg.loss):
+        if self.spec.teacher_need(cfg.loss) and self.teacher_cache is None:
             teacher = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
                                   cfg.teacher.archive, cfg.seed + 1)
             freeze(teacher)
@@ -187,8 +197,10 @@ class BasicTrainer:
                                   if teacher_reference is not None else None)
         n = sum(p.numel() for p in policy.parameters())
         rank0_print(f"policy: {n / 1e6:.2f} M parameters; "
-                    f"reference: {need_ref or ('generation only' if reference is not None else 'none')}; "
-                    f"teacher: {cfg.teacher.name if teacher is not None else 'none'}"
+                    f"reference: {need_ref or ('generation only' if reference is not None else 'none')}"
+                    f"{' (cached: ' + self.reference_cache.path + ')' if self.reference_cache else ''}; "
+                    f"teacher: {cfg.teacher.name if teacher is not None or self.teacher_cache else 'none'}"
+                    f"{' (cached: ' + self.teacher_cache.path + ')' if self.teacher_cache else ''}"
                     f"{' and its reference' if teacher_reference is not None else ''}; device {self.device}")
 
     def build_teacher_reference(self, t_tok):
@@ -196,7 +208,7 @@ class BasicTrainer:
         spec has `teacher_reference_features`; else None. Same model config, dtype and (in
         setup_models) wrapping / sharding as the teacher."""
         cfg = self.cfg
-        if not self.spec.teacher_reference_need(cfg.loss):
+        if not self.spec.teacher_reference_need(cfg.loss) or self.teacher_cache is not None:
             return None
         model = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
                             cfg.teacher.reference_archive, cfg.seed + 2)
@@ -287,7 +299,10 @@ class BasicTrainer:
         labels = inputs["labels"]
         extra = {}
         with torch.no_grad():
-            if self.spec.teacher_features is not None:
+            if self.teacher_cache is not None:  # features precomputed by precompute.py
+                extra["teacher"] = self.teacher_cache.lookup(inputs["input_ids"], labels, inputs["attention_mask"],
+                                                             self.device)
+            elif self.spec.teacher_features is not None:
                 t_logits = self.teacher(**model_in, use_cache=False).logits
                 extra["teacher"] = self.spec.teacher_features(t_logits, labels, self.cfg.loss)
                 del t_logits
@@ -297,7 +312,10 @@ class BasicTrainer:
                                                                             extra["teacher"])
                     del tr_logits
             need = self.spec.reference_need(self.cfg.loss)
-            if need:
+            if need and self.reference_cache is not None:
+                extra["reference_logps"] = self.reference_cache.lookup(
+                    inputs["input_ids"], labels, inputs["attention_mask"], self.device)["reference_logps"]
+            elif need:
                 r_logits = self.reference(**model_in, use_cache=False).logits
                 if need == "logps":
                     extra["reference_logps"] = losses_lib.token_logps(r_logits, labels)
@@ -315,16 +333,8 @@ class BasicTrainer:
 
     # -- the loop -------------------------------------------------------------
     def batch_iterator(self, split: str, skip_batches: int = 0, pairs: bool = False) -> Iterator[Dict]:
-        cfg = self.cfg
-        train = split == "train"
-        return data.get_batch_iterator(
-            list(cfg.datasets), self.tokenizer, split=split,
-            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            sft_mode=self.spec.sft_targets and not pairs, n_epochs=cfg.n_epochs if train else 1,
-            n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
-            rank=self.rank, world_size=self.world_size, truncation_mode=cfg.truncation_mode,
-            skip_batches=skip_batches, options=cfg.get("data"), cache_dir=data.cache_dir_of(cfg.get("data")))
+        return run_batch_iterator(self.cfg, self.tokenizer, split, self.rank, self.world_size, skip_batches,
+                                  sft_mode=self.spec.sft_targets and not pairs)
 
     def train(self):
         cfg = self.cfg
@@ -725,6 +735,21 @@ class StopSignals:
         return False
 
 
+def run_batch_iterator(cfg, tokenizer, split: str, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
+                       sft_mode: bool = False) -> Iterator[Dict]:
+    """The batches of a run's `split` on `rank` (the training plan: shuffled, n_examples / n_epochs;
+    or the held-out plan: n_eval_examples), as the trainer and precompute.py read them."""
+    train = split == "train"
+    return data.get_batch_iterator(
+        list(cfg.datasets), tokenizer, split=split,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        sft_mode=sft_mode, n_epochs=cfg.n_epochs if train else 1,
+        n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
+        rank=rank, world_size=world_size, truncation_mode=cfg.truncation_mode,
+        skip_batches=skip_batches, options=cfg.get("data"), cache_dir=data.cache_dir_of(cfg.get("data")))
+
+
 def validate_loss_models(cfg, check_archives: bool = True) -> None:
     """What the loss's spec needs of the models that the config must provide, checked before any
     model is loaded (train.validate_config and setup_models call it). check_archives=False: the
@@ -747,6 +772,8 @@ def validate_loss_models(cfg, check_archives: bool = True) -> None:
             raise ValueError(f"loss={cfg.loss.name}: generations cannot replace {gen.replaces!r} responses")
         if not 0.0 <= gen.probability <= 1.0:
             raise ValueError(f"loss={cfg.loss.name}: generation probability {gen.probability} is not in [0, 1]")
+    if output_cache.configured(cfg):  # teacher.cache / reference_cache: usable by this loss, and up to date
+        output_cache.check_config(cfg, load_tokenizer(cfg.model), check_exists=check_archives)
 
 
 def replace_responses(batch: Dict, key: str, prompts: List[List[int]], responses: List[List[int]],
