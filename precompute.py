@@ -26,6 +26,7 @@ import copy
 import os
 import sys
 import time
+import types
 from typing import Dict, List, Optional
 
 import torch
@@ -111,6 +112,15 @@ class FrozenModels:
         return out
 
 
+def run_batches(cfg, tokenizer, split: str):
+    """The batches the trainer reads of `split` (one process): BasicTrainer.batch_iterator itself,
+    called on the few attributes it reads, so that precompute sees exactly the run's examples."""
+    import trainers
+    reader = types.SimpleNamespace(cfg=cfg, tokenizer=tokenizer, spec=losses_lib.get_loss(cfg.loss.name),
+                                   rank=0, world_size=1)
+    return trainers.BasicTrainer.batch_iterator(reader, split)
+
+
 def precompute(cfg, kind: str, log=print) -> Dict:
     """Write the `kind` cache ("teacher" or "reference") that the run `cfg` names; returns its manifest."""
     import preference_datasets as data
@@ -127,7 +137,7 @@ def precompute(cfg, kind: str, log=print) -> Dict:
     try:
         for split in ("train", "test"):
             rows = 0
-            for batch in trainers.run_batch_iterator(cfg, tokenizer, split, sft_mode=spec.sft_targets):
+            for batch in run_batches(cfg, tokenizer, split):
                 inputs = utils.move_batch(trainers.concatenated_inputs(batch, spec.pairwise), device)
                 keys, _ = output_cache.row_keys(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])
                 if all(int(k) in writer.seen for k in keys):

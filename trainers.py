@@ -333,8 +333,16 @@ class BasicTrainer:
 
     # -- the loop -------------------------------------------------------------
     def batch_iterator(self, split: str, skip_batches: int = 0, pairs: bool = False) -> Iterator[Dict]:
-        return run_batch_iterator(self.cfg, self.tokenizer, split, self.rank, self.world_size, skip_batches,
-                                  sft_mode=self.spec.sft_targets and not pairs)
+        cfg = self.cfg
+        train = split == "train"
+        return data.get_batch_iterator(
+            list(cfg.datasets), self.tokenizer, split=split,
+            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+            sft_mode=self.spec.sft_targets and not pairs, n_epochs=cfg.n_epochs if train else 1,
+            n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
+            rank=self.rank, world_size=self.world_size, truncation_mode=cfg.truncation_mode,
+            skip_batches=skip_batches, options=cfg.get("data"), cache_dir=data.cache_dir_of(cfg.get("data")))
 
     def train(self):
         cfg = self.cfg
@@ -733,21 +741,6 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
-
-
-def run_batch_iterator(cfg, tokenizer, split: str, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
-                       sft_mode: bool = False) -> Iterator[Dict]:
-    """The batches of a run's `split` on `rank` (the training plan: shuffled, n_examples / n_epochs;
-    or the held-out plan: n_eval_examples), as the trainer and precompute.py read them."""
-    train = split == "train"
-    return data.get_batch_iterator(
-        list(cfg.datasets), tokenizer, split=split,
-        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-        shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-        sft_mode=sft_mode, n_epochs=cfg.n_epochs if train else 1,
-        n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
-        rank=rank, world_size=world_size, truncation_mode=cfg.truncation_mode,
-        skip_batches=skip_batches, options=cfg.get("data"), cache_dir=data.cache_dir_of(cfg.get("data")))
 
 
 def validate_loss_models(cfg, check_archives: bool = True) -> None:
