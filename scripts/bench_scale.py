@@ -129,7 +129,7 @@ def main():
                 bare_dpo_step(bare_policy, bare_reference, bare_opt, bare_inputs, len(bare_batch["prompt"]))
             return (time.perf_counter() - start) / a.steps
         t = runs[name]
-        t.t0 = time.time()
+        t.t0, t.nonfinite_in_a_row, t.nonfinite_total = time.time(), 0, 0  # what BasicTrainer.train sets up
         start = time.perf_counter()
         for _ in range(a.steps):
             t.train_step(batches[name])
@@ -156,8 +156,7 @@ def main():
     print(f"(c) framework dpo step / bare dpo step: {dpo / med['bare dpo']:.2f}x "
           f"({dpo * 1e3:.1f} vs {med['bare dpo'] * 1e3:.1f} ms)")
     print("\ncache size, bytes a token: " + ", ".join(f"{n} {v:.1f}" for n, v in sizes.items()))
-    tv = a.losses[0] if "tvkd" in a.losses else None
-    print("targets: tvkd cached <= 1.05x dpo: " + (f"{med['tvkd cached'] / dpo:.2f}x" if tv else "n/a")
+    print("targets: tvkd cached <= 1.05x dpo: " + (f"{med['tvkd cached'] / dpo:.2f}x" if "tvkd" in a.losses else "n/a")
           + f"; dpo cached-ref <= 0.8x: {med['dpo cached-ref'] / dpo:.2f}x; framework <= 1.10x bare: "
           f"{dpo / med['bare dpo']:.2f}x")
     utils.remove_tree(tmp)

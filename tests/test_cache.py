@@ -39,7 +39,8 @@ def precompute(tmp_path, kind, overrides):
 
 
 def losses_of(records):
-    return [r["loss/train"] for r in records if "loss/train" in r], [r["loss/eval"] for r in records if "loss/eval" in r]
+    pick = lambda key: [r[key] for r in records if key in r]
+    return pick("loss/train"), pick("loss/eval")
 
 
 def counting_build(monkeypatch):
@@ -199,7 +200,8 @@ def test_an_interrupted_precompute_leaves_no_cache(tmp_path, teachers, monkeypat
 
 def test_fsdp_two_processes_with_caches_match_the_live_run(tmp_path, teachers):
     from test_distributed import assert_same, free_port, launch
-    common = SHORT + ["loss=tvkd", "loss.gamma=0.9", "lr=1e-3", "exp_name=d", "teacher=tiny_teacher", f"teacher.archive={teachers[0]}"]
+    common = SHORT + ["loss=tvkd", "loss.gamma=0.9", "lr=1e-3", "exp_name=d", "teacher=tiny_teacher",
+                      f"teacher.archive={teachers[0]}"]
     caches = [f"teacher.cache={tmp_path}/t", f"reference_cache={tmp_path}/r"]
     precompute(tmp_path, "teacher", common + caches[:1])
     precompute(tmp_path, "reference", common + caches[1:])
