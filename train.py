@@ -40,7 +40,7 @@ import utils
 # Overrides that do not change what is computed: they stay out of the derived run name so
 # that `resume=true` (or a new wandb mode) lands in the same directory as the original run.
 NAME_NEUTRAL = {"resume", "overwrite", "wandb", "progress_bar", "num_threads", "runs_dir", "trainer.port",
-                "hydra", "exp_name"}
+                "hydra", "exp_name", "teacher.cache", "reference_cache"}  # caches give the live models' numbers
 
 
 def derive_exp_name(cfg: DictConfig, overrides) -> str:

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 import generations as generations_lib
 import lean_loading
 import losses as losses_lib
+import output_cache
 import preference_datasets as data
 import utils
 from utils import RunError, TrainingStopped, rank0_print
@@ -184,19 +185,28 @@ class BasicTrainer:
             # Tokenizers are cheap: check them before any model is loaded.
             t_tok = load_tokenizer(cfg.teacher)
             check_same_tokenizer(self.tokenizer, t_tok)
+        # Caches of frozen models' outputs (output_cache.py): a cached model is not loaded.
+        caches = output_cache.configured(cfg)
+        note = output_cache.reference_cache_ignored(cfg)
+        if note:
+            rank0_print(note)
+            caches.pop(output_cache.REFERENCE, None)
+        self.teacher_cache, self.reference_cache = (
+            output_cache.open_for_run(cfg, kind, self.tokenizer) if kind in caches else None
+            for kind in (output_cache.TEACHER, output_cache.REFERENCE))
         resume_ckpt = self.resume_ckpt
         policy_dtype = utils.get_dtype(cfg.model.policy_dtype)
         policy = build_model(cfg.model, self.tokenizer, policy_dtype, resume_ckpt or cfg.model.archive, cfg.seed)
         need_ref = self.spec.reference_need(cfg.loss)
         reference = None
-        if self.spec.reference_model_need(cfg.loss):  # its outputs, or generations (losses.Generation)
+        if self.spec.reference_model_need(cfg.loss) and self.reference_cache is None:  # outputs, or generations
             ref_dtype = utils.get_dtype(cfg.model.reference_dtype)
             # The reference is the *starting* policy (never the resumed one): build it from the
             # same archive / seed the policy started from.
             reference = build_model(cfg.model, self.tokenizer, ref_dtype, cfg.model.archive, cfg.seed)
             freeze(reference)
         teacher = None
-        if self.spec.teacher_need(cfg.loss):
+        if self.spec.teacher_need(cfg.loss) and self.teacher_cache is None:
             teacher = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
                                   cfg.teacher.archive, cfg.seed + 1)
             freeze(teacher)
@@ -210,8 +220,10 @@ class BasicTrainer:
                                   if teacher_reference is not None else None)
         n = sum(p.numel() for p in policy.parameters())
         rank0_print(f"policy: {n / 1e6:.2f} M parameters; "
-                    f"reference: {need_ref or ('generation only' if reference is not None else 'none')}; "
-                    f"teacher: {cfg.teacher.name if teacher is not None else 'none'}"
+                    f"reference: {need_ref or ('generation only' if reference is not None else 'none')}"
+                    f"{' (cached: ' + self.reference_cache.path + ')' if self.reference_cache else ''}; "
+                    f"teacher: {cfg.teacher.name if teacher is not None or self.teacher_cache else 'none'}"
+                    f"{' (cached: ' + self.teacher_cache.path + ')' if self.teacher_cache else ''}"
                     f"{' and its reference' if teacher_reference is not None else ''}; device {self.device}")
 
     def build_teacher_reference(self, t_tok):
@@ -219,7 +231,7 @@ class BasicTrainer:
         spec has `teacher_reference_features`; else None. Same model config, dtype and (in
         setup_models) wrapping / sharding as the teacher."""
         cfg = self.cfg
-        if not self.spec.teacher_reference_need(cfg.loss):
+        if not self.spec.teacher_reference_need(cfg.loss) or self.teacher_cache is not None:
             return None
         model = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
                             cfg.teacher.reference_archive, cfg.seed + 2)
@@ -330,7 +342,10 @@ class BasicTrainer:
         labels = inputs["labels"]
         extra = {}
         with torch.no_grad():
-            if self.spec.teacher_features is not None:
+            if self.teacher_cache is not None:  # features precomputed by precompute.py
+                extra["teacher"] = self.teacher_cache.lookup(inputs["input_ids"], labels, inputs["attention_mask"],
+                                                             self.device)
+            elif self.spec.teacher_features is not None:
                 t_logits = self.teacher(**model_in, use_cache=False).logits
                 extra["teacher"] = self.spec.teacher_features(t_logits, labels, self.cfg.loss)
                 del t_logits
@@ -340,7 +355,10 @@ class BasicTrainer:
                                                                             extra["teacher"])
                     del tr_logits
             need = self.spec.reference_need(self.cfg.loss)
-            if need:
+            if need and self.reference_cache is not None:
+                extra["reference_logps"] = self.reference_cache.lookup(
+                    inputs["input_ids"], labels, inputs["attention_mask"], self.device)["reference_logps"]
+            elif need:
                 r_logits = self.reference(**model_in, use_cache=False).logits
                 if need == "logps":
                     extra["reference_logps"] = losses_lib.token_logps(r_logits, labels)
@@ -792,6 +810,8 @@ def validate_loss_models(cfg, check_archives: bool = True) -> None:
             raise ValueError(f"loss={cfg.loss.name}: generation probability {gen.probability} is not in [0, 1]")
     if cfg.get("generations"):
         check_generation_files(cfg, gen, check_archives)
+    if output_cache.configured(cfg):  # teacher.cache / reference_cache: usable by this loss, and up to date
+        output_cache.check_config(cfg, load_tokenizer(cfg.model), check_exists=check_archives)
 
 
 def check_generation_files(cfg, gen, check_archives: bool) -> None:

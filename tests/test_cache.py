@@ -1,0 +1,211 @@
+"""Teacher and reference caches (precompute.py, output_cache.py): a run that reads a cache has the
+losses of the run with the live model, the cached model is not loaded, and a cache computed with
+other settings (or for a loss that cannot use one) is refused with an error naming the key.
+
+The teachers are randomly initialised tiny_teacher checkpoints (equality does not need trained
+ones); every run is 2 training steps of 8 pairs plus one evaluation of 16.
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import FAST, compose, read_metrics, train_run
+
+SHORT = ["n_examples=16", "n_eval_examples=16", "eval_every=null", "data.check_lengths=null"]
+TINY = FAST + SHORT
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Two tiny_teacher checkpoints with different random weights: (teacher, other)."""
+    import preference_datasets as data
+    import trainers
+    root = tmp_path_factory.mktemp("teachers")
+    tok = data.get_tokenizer("embedded")
+    out = []
+    for seed in (1, 2):
+        path = str(root / f"t{seed}")
+        model = trainers.build_model(compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=seed)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out.append(path)
+    return out
+
+
+def precompute(tmp_path, kind, overrides):
+    import precompute as pc
+    return pc.precompute(compose(TINY + [f"runs_dir={tmp_path}"] + overrides), kind, log=lambda *a: None)
+
+
+def losses_of(records):
+    pick = lambda key: [r[key] for r in records if key in r]
+    return pick("loss/train"), pick("loss/eval")
+
+
+def counting_build(monkeypatch):
+    """Count the models trainers.build_model builds."""
+    import trainers
+    built, real = [], trainers.build_model
+    monkeypatch.setattr(trainers, "build_model", lambda *a, **k: built.append(1) or real(*a, **k))
+    return built
+
+
+TEACHER_CASES = {
+    "tvkd": ["loss=tvkd"],
+    "tvkd_max": ["loss=tvkd", "loss.potential=max", "loss.gamma=0.9"],
+    "tvkd_logprob": ["loss=tvkd", "loss.potential=logprob"],
+    "tvkd_tau": ["loss=tvkd", "loss.value_temperature=0.5", "loss.gamma=0.9"],
+    "tvkd_released": ["loss=tvkd", "loss.variant=released", "loss.top_k=5"],
+    "tvkd_released_tv": ["loss=tvkd", "loss.variant=released_teacher_value", "loss.top_k=5"],
+    "vanillakd_topk": ["loss=vanillakd", "loss.teacher_top_k=5"],
+    "dckd_topk": ["loss=dckd", "loss.teacher_top_k=7"],
+    "ddpo": ["loss=ddpo", "teacher.reference_archive={other}"],
+    "dpo": ["loss=dpo"],
+}
+
+
+def trainer_losses(tmp_path, name, overrides):
+    """The training losses of a short run (BasicTrainer's train_step over the run's batches) and
+    its held-out losses, without the run's start-up report and checkpoint (the caches are
+    checked by train.prepare, as train.py does)."""
+    import train
+    import trainers
+    cfg = train.prepare(compose(TINY + [f"runs_dir={tmp_path}", f"exp_name={name}"] + overrides))
+    os.makedirs(train.run_dir_of(cfg))
+    t = trainers.BasicTrainer(cfg, train.run_dir_of(cfg))
+    t.t0, t.nonfinite_in_a_row, t.nonfinite_total = 0.0, 0, 0
+    steps = [t.train_step(batch)["loss/train"] for batch in t.batch_iterator("train")]
+    t.policy.eval()
+    held_out = [float(t.compute_loss(batch, train=False)[0]) for batch in t.batch_iterator("test")]
+    return steps, held_out
+
+
+@pytest.mark.parametrize("case", sorted(TEACHER_CASES))
+def test_cached_run_has_the_live_runs_losses(tmp_path, teachers, case, monkeypatch):
+    import losses
+    teacher, other = teachers
+    overrides = [o.format(other=other) for o in TEACHER_CASES[case]] + ["lr=1e-3", "n_examples=24"]
+    if case != "dpo":
+        overrides += ["teacher=tiny_teacher", f"teacher.archive={teacher}"]
+    cfg = compose(TINY + overrides)
+    spec = losses.get_loss(cfg.loss.name)
+    caches = []
+    if spec.teacher_features is not None:
+        caches.append(f"teacher.cache={tmp_path}/teacher_cache")
+        manifest = precompute(tmp_path, "teacher", overrides + caches[-1:])
+        assert manifest["rows"] > 0
+    if spec.reference_need(cfg.loss) == "logps":
+        caches.append(f"reference_cache={tmp_path}/reference_cache")
+        manifest = precompute(tmp_path, "reference", overrides + caches[-1:])
+        assert list(manifest["features"]) == ["reference_logps"]
+    live = trainer_losses(tmp_path, "live", overrides)
+    built = counting_build(monkeypatch)
+    cached = trainer_losses(tmp_path, "cached", overrides + caches)
+    assert len(built) == 1  # the policy: no teacher, teacher reference or reference was loaded
+    assert len(live[0]) == 3 and len(live[1]) == 1
+    assert cached[0] == pytest.approx(live[0], abs=1e-6, rel=0)
+    assert cached[1] == pytest.approx(live[1], abs=1e-6, rel=0)
+
+
+def test_train_py_run_with_both_caches_has_the_live_losses(tmp_path, teachers):
+    """The whole train.py path (start-up, training, evaluation, checkpoint) with cached models."""
+    overrides = ["loss=tvkd", "loss.gamma=0.9", "exp_name=r", "teacher=tiny_teacher", f"teacher.archive={teachers[0]}"]
+    caches = [f"teacher.cache={tmp_path}/t", f"reference_cache={tmp_path}/r"]
+    precompute(tmp_path, "teacher", overrides + caches[:1])
+    precompute(tmp_path, "reference", overrides + caches[1:])
+    _, live = train_run(tmp_path / "live", SHORT + overrides)
+    _, cached = train_run(tmp_path / "cached", SHORT + overrides + caches)
+    (lt, le), (ct, ce) = losses_of(live), losses_of(cached)
+    assert len(ct) == 2 and len(ce) == 1 and ct == pytest.approx(lt, abs=1e-6, rel=0)
+    assert ce == pytest.approx(le, abs=1e-6, rel=0)
+
+
+def test_cache_sizes_per_token(tmp_path, teachers):
+    common = ["teacher=tiny_teacher", f"teacher.archive={teachers[0]}"]
+    tvkd = precompute(tmp_path, "teacher", common + ["loss=tvkd", f"teacher.cache={tmp_path}/a"])
+    assert tvkd["bytes_per_token"] == 4.0 and list(tvkd["features"]) == ["values"]
+    topk = precompute(tmp_path, "teacher", common + ["loss=vanillakd", "loss.teacher_top_k=50",
+                                                     f"teacher.cache={tmp_path}/b"])
+    assert topk["bytes_per_token"] == 50 * 4 + 51 * 4  # int32 ids + float32 collapsed log-probs
+
+
+def test_a_cache_computed_with_other_settings_is_refused(tmp_path, teachers):
+    import train
+    import output_cache
+    teacher, other = teachers
+    base = ["loss=tvkd", "loss.variant=released", "loss.top_k=5", "teacher=tiny_teacher",
+            f"teacher.archive={teacher}", f"teacher.cache={tmp_path}/c", "exp_name=x", f"runs_dir={tmp_path}"]
+    precompute(tmp_path, "teacher", base)
+    train.prepare(compose(TINY + base))  # the run's own settings: accepted
+    for change, message in [(f"teacher.archive={other}", r"teacher.archive: other weights"),
+                            ("loss.top_k=6", r"loss.top_k: 5 in the cache, 6 now"),
+                            ("max_length=40", r"max_length: 48 in the cache, 40 now")]:
+        with pytest.raises(output_cache.CacheMismatch, match=message):
+            train.prepare(compose(TINY + base + [change]))
+    # settings the features do not depend on are free (alpha, beta of the released recipe; the seed)
+    train.prepare(compose(TINY + base + ["loss.alpha=0.9", "seed=3"]))
+    # a row the cache does not hold is an error at lookup, never a silent zero
+    cache = output_cache.FeatureCache(f"{tmp_path}/c", "teacher")
+    ids = torch.tensor([[1, 50, 51, 52, 2]])
+    with pytest.raises(output_cache.CacheError, match="1 of the 1 rows of this batch are not in the cache"):
+        cache.lookup(ids, torch.tensor([[-100, -100, 51, 52, 2]]), torch.ones_like(ids))
+
+
+def test_losses_that_cannot_use_a_cache_refuse_it(tmp_path, teachers, capsys):
+    import train
+    import output_cache
+    t = ["teacher=tiny_teacher", f"teacher.archive={teachers[0]}", f"runs_dir={tmp_path}", "exp_name=x"]
+    tc = f"teacher.cache={tmp_path}/none"
+    for overrides, message in [
+            (["loss=vanillakd"], r"vocabulary-sized teacher features \(teacher_logp.*loss.teacher_top_k=K"),
+            (["loss=dpkd"], r"vocabulary-sized teacher features"),
+            (["loss=seqkd"], r"generates its training responses with the teacher"),
+            (["loss=gkd", "loss.lam=0.5", "loss.teacher_top_k=5"], r"sampled from the current student"),
+            (["loss=adpa", "loss.teacher_top_k=5", f"teacher.reference_archive={teachers[1]}"],
+             r"generated during the run by the starting student")]:
+        with pytest.raises(output_cache.CacheError, match=message):
+            train.prepare(compose(TINY + t + overrides + [tc]))
+        with pytest.raises(output_cache.CacheError, match=message):  # precompute refuses before any model loads
+            precompute(tmp_path, "teacher", t + overrides + [tc])
+    with pytest.raises(output_cache.CacheError, match="reads no reference log-probs"):
+        train.prepare(compose(TINY + ["loss=sft", f"reference_cache={tmp_path}/r"]))
+    with pytest.raises(output_cache.CacheError, match="full logits"):
+        precompute(tmp_path, "reference", ["loss=tdpo", f"reference_cache={tmp_path}/r"])
+    # tdpo keeps its live reference, and says so
+    _, records = train_run(tmp_path, SHORT + ["loss=tdpo", "n_examples=8", "exp_name=tdpo",
+                                              f"reference_cache={tmp_path}/r"])
+    assert "reference_cache" in capsys.readouterr().out and records
+
+
+def test_an_interrupted_precompute_leaves_no_cache(tmp_path, teachers, monkeypatch):
+    import output_cache
+    calls = []
+    real = output_cache.CacheWriter.add
+
+    def crash(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(output_cache.CacheWriter, "add", crash)
+    with pytest.raises(KeyboardInterrupt):
+        precompute(tmp_path, "teacher", ["loss=tvkd", "teacher=tiny_teacher", f"teacher.archive={teachers[0]}",
+                                         f"teacher.cache={tmp_path}/c"])
+    assert not [n for n in os.listdir(tmp_path) if n == "c" or n.startswith("c.tmp")]  # temporary dir removed
+    with pytest.raises(output_cache.CacheError, match="no finished cache"):
+        output_cache.FeatureCache(f"{tmp_path}/c", "teacher")
+
+
+def test_fsdp_two_processes_with_caches_match_the_live_run(tmp_path, teachers):
+    from test_distributed import assert_same, free_port, launch
+    common = SHORT + ["loss=tvkd", "loss.gamma=0.9", "lr=1e-3", "exp_name=d", "teacher=tiny_teacher",
+                      f"teacher.archive={teachers[0]}"]
+    caches = [f"teacher.cache={tmp_path}/t", f"reference_cache={tmp_path}/r"]
+    precompute(tmp_path, "teacher", common + caches[:1])
+    precompute(tmp_path, "reference", common + caches[1:])
+    _, single = train_run(tmp_path / "single", common)
+    fsdp = read_metrics(launch(tmp_path / "fsdp", common + caches + [
+        "trainer=FSDPTrainer", "trainer.cpu_workers=2", f"trainer.port={free_port()}"]))
+    assert_same(single, fsdp, ["loss/train", "shaping_train/margin", "value_train/chosen_last", "loss/eval"], tol=1e-5)
