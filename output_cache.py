@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch

@@ -8,7 +8,6 @@ The FSDP training runs on the lean path are tests/test_distributed.py."""
 import os
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
@@ -113,7 +112,7 @@ def worker(rank, world, port, root, paths, errors):
             if rank == 0 and not torch.equal(logits, ref(input_ids=ids).logits):
                 problems.append(f"{name}: logits differ")
         errors[rank] = "\n".join(problems)
-    except Exception as e:  # reported by the parent
+    except Exception:  # reported by the parent
         import traceback
         errors[rank] = traceback.format_exc()
         raise
