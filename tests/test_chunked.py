@@ -184,3 +184,86 @@ def test_models_with_scaled_logits_keep_their_full_logits():
     ids = torch.randint(1, V, (2, 6))
     out = trainers.output_logits(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, chunk=True)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 6, V)
+
+
+# ------------------------------------------------------------------ FSDP2, 2 gloo processes
+
+FSDP_WORKER = r"""
+import copy, json, os, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+import torch, torch.distributed as dist
+from omegaconf import OmegaConf
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+import losses as L, trainers
+import test_chunked as T
+
+fresh = dict(T.models())
+T.MODELS.clear()
+batches = [T.make_batch(seed=10 * step + rank) for step in range(3)]   # each rank its own data
+out = {}
+for name, kw in [("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released_teacher_value", "top_k": 5})]:
+    for chunking in (False, True):
+        L.CHUNK_ELEMENTS = T.SMALL_CHUNKS if chunking else 1 << 25
+        wrapper = trainers.FSDPTrainer.__new__(trainers.FSDPTrainer)
+        wrapper.mesh = init_device_mesh("cpu", (2,))
+        mcfg = OmegaConf.create({"fsdp_policy_mp": None, "block_name": "LlamaDecoderLayer", "name": "tiny"})
+        T.MODELS.update({k: wrapper.wrap(copy.deepcopy(m), mcfg, trainable=k == "policy") for k, m in fresh.items()})
+        t = T.fake_trainer(T.loss_config(name, **kw), chunking)
+        opt = torch.optim.AdamW(t.policy.parameters(), lr=1e-2)
+        losses, norms, grads = [], [], None
+        for step, batch in enumerate(batches):
+            loss, _ = t.compute_loss(batch, train=True)
+            loss.backward()
+            assert set(t.kinds) == {L.LazyLogits if chunking else torch.Tensor}
+            norm = torch.nn.utils.clip_grad_norm_(t.policy.parameters(), 1e9)
+            norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+            if step == 0:
+                grads = {n: p.grad.full_tensor().tolist() for n, p in t.policy.named_parameters()}
+                assert isinstance(t.policy.lm_head.weight, DTensor)   # resharded after backward
+            opt.step(); opt.zero_grad(set_to_none=True)
+            l = loss.detach().clone(); dist.all_reduce(l)
+            losses.append(float(l) / 2)
+        out[f"{name}/{chunking}"] = {"losses": losses, "norms": norms, "grads": grads}
+        T.MODELS.clear()
+if rank == 0:
+    print("RESULT" + json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_two_processes_chunked_equals_unchunked(tmp_path):
+    """2 gloo processes, FSDP2 on every decoder block and the root (FSDPTrainer.wrap), tied
+    policy embedding: tdpo (the reference's lazy logits), dckd (the teacher's lazy log-probs)
+    and released TVKD (top-k) give the same losses, gradient norms and full gradients, three
+    AdamW steps long, with and without the chunked output layer."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), REPO], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, o[-2000:] + e[-4000:]
+    res = json.loads(next(line for line in outs[0][0].splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    for name in ("tdpo", "dckd", "tvkd"):
+        a, b = res[f"{name}/False"], res[f"{name}/True"]
+        assert a["losses"][0] != a["losses"][-1]  # the steps changed the policy
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6), name
+        assert b["norms"] == pytest.approx(a["norms"], rel=1e-5), name
+        assert sorted(a["grads"]) == sorted(b["grads"]) and "model.embed_tokens.weight" in a["grads"]
+        for k in a["grads"]:
+            torch.testing.assert_close(torch.tensor(b["grads"][k]), torch.tensor(a["grads"][k]),
+                                       rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
