@@ -18,6 +18,12 @@ the per-token tensors used below are *shifted*: index j of a ``[N, L-1]`` tensor
 response token ``labels[:, j+1]`` and the state before it (logits position j). The logits
 at the position of the last response token (the EOS) are the state after the response,
 s_{T+1}; losses that need it (TVKD) read it from the unshifted logits.
+
+Chunked output layer. With `output_chunking: true` (the default) the trainer hands the losses
+`LazyLogits` (a model's final hidden states [N, L, H] and output weight [V, H]) in place of
+every [N, L, V] logits tensor; `chunked` projects one chunk of positions at a time inside the
+chunk functions (recomputed in backward), so no [N, L, V] tensor of any model exists. The
+losses' code is the same for both.
 """
 import math
 from dataclasses import dataclass, field
@@ -136,12 +142,16 @@ def ipo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: t
 
 @dataclass
 class LossInputs:
-    """What the trainer hands a loss. N = 2B rows for pairwise losses (chosen first), B otherwise."""
-    policy_logits: torch.Tensor                      # [N, L, V], with grad
+    """What the trainer hands a loss. N = 2B rows for pairwise losses (chosen first), B otherwise.
+
+    With the chunked output layer (config `output_chunking`), policy_logits, reference_logits
+    and the teacher's full-vocabulary features are `LazyLogits` of that shape: the losses read
+    them only through `chunked` / `token_logps` / slicing / `.shape` / `.detach()`."""
+    policy_logits: "Logits"                          # [N, L, V], with grad
     labels: torch.LongTensor                         # [N, L]
     n_pairs: int                                     # B
     reference_logps: Optional[torch.Tensor] = None   # [N, L-1] if spec.reference == "logps"
-    reference_logits: Optional[torch.Tensor] = None  # [N, L, V] if spec.reference == "logits"
+    reference_logits: Optional["Logits"] = None      # [N, L, V] if spec.reference == "logits"
     teacher: Optional[Dict[str, torch.Tensor]] = None  # spec.teacher_features(teacher_logits, labels, cfg)
     _cache: Dict[str, torch.Tensor] = field(default_factory=dict)
 
