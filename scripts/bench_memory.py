@@ -84,17 +84,24 @@ def main():
     p.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096])
     p.add_argument("--full-max", type=int, default=1024, help="longest sequence for the full-logits path")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--results", default=None,
+                   help="a JSON-lines file: each point is appended as it finishes, and points already in it "
+                        "are not run again (the table is printed from all of them)")
     p.add_argument("--one", nargs=3, metavar=("LOSS", "LENGTH", "CHUNKING"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
         print("RESULT" + json.dumps(one(a.one[0], int(a.one[1]), a.one[2] == "1", a.threads)))
         return
     results = {}
-    for loss in a.losses:
-        for length in a.lengths:
+    if a.results and os.path.exists(a.results):
+        with open(a.results) as f:
+            for line in f:
+                r = json.loads(line)
+                results[(r["loss"], r["length"], r["chunking"])] = r
+    for length in a.lengths:          # all losses at one length before the next (longest last)
+        for loss in a.losses:
             for chunking in (True, False):
-                if not chunking and length > a.full_max:
+                if (not chunking and length > a.full_max) or (loss, length, chunking) in results:
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(a.threads),
                        "--one", loss, str(length), "1" if chunking else "0"]
@@ -104,7 +111,11 @@ def main():
                     print(f"{loss} L={length} chunking={chunking}: failed\n{out.stderr[-2000:]}", flush=True)
                     continue
                 r = json.loads(line[len("RESULT"):])
+                r.update(loss=loss, length=length, chunking=chunking)
                 results[(loss, length, chunking)] = r
+                if a.results:
+                    with open(a.results, "a") as f:
+                        f.write(json.dumps(r) + "\n")
                 print(f"  {loss:5s} L={length:5d} {'chunked' if chunking else 'full   '} peak {r['peak_mib'] / 1024:6.2f} GiB"
                       f"  step +{r['step_mib'] / 1024:6.2f} GiB  {r['seconds']:6.1f} s  loss {r['loss']:.6f}", flush=True)
     print("\nPeak RSS of one training step (GiB; N = 4 rows, V = 128,256, hidden 64, 2 layers, tied)")
@@ -127,9 +138,6 @@ def main():
                 full, ratio, fstep = f"{'-':>10s}", f"{'-':>7s}", f"{'-':>10s}"
             print(f"{loss:6s} {length:5d} {c['peak_mib'] / 1024:9.2f} {full} {ratio}   {c['step_mib'] / 1024:12.2f} {fstep}")
     print("e: estimated (not run), linear in L from the longest measured full-logits point")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({f"{k[0]}/{k[1]}/{'chunked' if k[2] else 'full'}": v for k, v in results.items()}, f, indent=1)
 
 
 if __name__ == "__main__":

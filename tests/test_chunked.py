@@ -176,6 +176,17 @@ def test_lazy_logits_slices_and_materializes_like_the_logits():
     torch.testing.assert_close(ww.grad, want[1], rtol=1e-5, atol=1e-6)
 
 
+def test_evaluate_sequence_logps_through_the_chunked_output_layer(monkeypatch):
+    import evaluate
+    m, batch = tiny_llama(0), make_batch(seed=4)
+    inp = trainers.concatenated_inputs(batch, pairwise=True)
+    with torch.no_grad():
+        logits = m(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
+    want = L.sequence_logps(L.token_logps(logits, inp["labels"]), L.response_mask(inp["labels"]))
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", SMALL_CHUNKS)
+    torch.testing.assert_close(evaluate.sequence_logps(m, batch), want, rtol=1e-6, atol=1e-5)
+
+
 def test_models_with_scaled_logits_keep_their_full_logits():
     m = tiny_llama(5)
     assert trainers.output_head(m) == ("lm_head", m.lm_head)
@@ -202,6 +213,13 @@ import losses as L, trainers
 import test_chunked as T
 
 fresh = dict(T.models())
+plain_output_logits, weights_seen = trainers.output_logits, []
+def spy(model, model_in, chunk):
+    out = plain_output_logits(model, model_in, chunk)
+    if isinstance(out, L.LazyLogits):  # the output layer the chunks read: full, not a sharded DTensor
+        weights_seen.append((isinstance(out.weight, DTensor), tuple(out.weight.shape), out.weight.requires_grad))
+    return out
+trainers.output_logits = spy
 T.MODELS.clear()
 batches = [T.make_batch(seed=10 * step + rank) for step in range(3)]   # each rank its own data
 out = {}
@@ -229,6 +247,8 @@ for name, kw in [("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released_teac
             losses.append(float(l) / 2)
         out[f"{name}/{chunking}"] = {"losses": losses, "norms": norms, "grads": grads}
         T.MODELS.clear()
+assert weights_seen and all(not d and shape[0] == T.V for d, shape, _ in weights_seen), weights_seen
+assert {g for _, _, g in weights_seen} == {True, False}  # the policy's (with grad) and the frozen models'
 if rank == 0:
     print("RESULT" + json.dumps(out))
 dist.destroy_process_group()
