@@ -70,12 +70,12 @@ def one(loss: str, length: int, chunking: bool, threads: int) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = rss_mib("VmRSS")
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds of this process (robust to a loaded machine)
     loss_value, _ = t.compute_loss(batch, train=True)
     loss_value.backward()
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     peak = rss_mib("VmHWM")
-    return {"peak_mib": peak, "step_mib": peak - before, "seconds": seconds, "loss": float(loss_value)}
+    return {"peak_mib": peak, "step_mib": peak - before, "seconds": seconds, "loss_value": float(loss_value)}
 
 
 def main():
@@ -117,12 +117,12 @@ def main():
                     with open(a.results, "a") as f:
                         f.write(json.dumps(r) + "\n")
                 print(f"  {loss:5s} L={length:5d} {'chunked' if chunking else 'full   '} peak {r['peak_mib'] / 1024:6.2f} GiB"
-                      f"  step +{r['step_mib'] / 1024:6.2f} GiB  {r['seconds']:6.1f} s  loss {r['loss']:.6f}", flush=True)
+                      f"  step +{r['step_mib'] / 1024:6.2f} GiB  {r['seconds']:6.1f} cpu-s  loss {r['loss_value']:.6f}", flush=True)
     print("\nPeak RSS of one training step (GiB; N = 4 rows, V = 128,256, hidden 64, 2 layers, tied)")
     print(f"{'loss':6s} {'L':>5s} {'chunked':>9s} {'full':>10s} {'ratio':>7s}   {'chunked step':>12s} {'full step':>10s}")
     for loss in a.losses:
-        measured = [(n, results[(loss, n, False)]) for n in a.lengths if (loss, n, False) in results]
-        for length in a.lengths:
+        measured = [(n, results[(loss, n, False)]) for n in sorted(a.lengths) if (loss, n, False) in results]
+        for length in sorted(a.lengths):
             c = results.get((loss, length, True))
             f = results.get((loss, length, False))
             if c is None:
