@@ -24,6 +24,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, HIDDEN, LAYERS, PAIRS, PROMPT = 128256, 64, 2, 2, 16
 
 
+# Peak of the full-logits path measured before this change (GB as quoted, 1e9 bytes), shown for
+# points not measured here ("m"); 4096 is then estimated as twice 2048 ("e").
+EARLIER_GB = {("dpo", 1024): 8.5, ("tdpo", 1024): 8.7, ("tvkd", 1024): 8.5, ("dckd", 1024): 12.5,
+              ("dpo", 2048): 16.6, ("tdpo", 2048): 16.7, ("tvkd", 2048): 16.6, ("dckd", 2048): 23.7}
+
+
 def rss_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
@@ -87,6 +93,7 @@ def main():
     p.add_argument("--results", default=None,
                    help="a JSON-lines file: each point is appended as it finishes, and points already in it "
                         "are not run again (the table is printed from all of them)")
+    p.add_argument("--table-only", action="store_true", help="print the table of --results, run nothing")
     p.add_argument("--one", nargs=3, metavar=("LOSS", "LENGTH", "CHUNKING"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -101,7 +108,7 @@ def main():
     for length in a.lengths:          # all losses at one length before the next (longest last)
         for loss in a.losses:
             for chunking in (True, False):
-                if (not chunking and length > a.full_max) or (loss, length, chunking) in results:
+                if (not chunking and length > a.full_max) or (loss, length, chunking) in results or a.table_only:
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(a.threads),
                        "--one", loss, str(length), "1" if chunking else "0"]
@@ -130,14 +137,20 @@ def main():
             if f is not None:
                 full, ratio, fstep = f"{f['peak_mib'] / 1024:10.2f}", f"{c['peak_mib'] / f['peak_mib']:7.3f}", \
                     f"{f['step_mib'] / 1024:10.2f}"
+            elif (loss, length) in EARLIER_GB or (loss, length // 2) in EARLIER_GB:
+                earlier = EARLIER_GB.get((loss, length))
+                mark = "m" if earlier is not None else "e"
+                mib = (earlier if earlier is not None else 2 * EARLIER_GB[(loss, length // 2)]) * 1e9 / 2 ** 20
+                full, ratio, fstep = f"{mib / 1024:9.2f}{mark}", f"{c['peak_mib'] / mib:7.3f}", f"{'-':>10s}"
             elif measured:
                 n0, r0 = measured[-1]
                 est = r0["peak_mib"] * length / n0
-                full, ratio, fstep = f"~{est / 1024:8.1f}e", f"{c['peak_mib'] / est:7.3f}", f"{'-':>10s}"
+                full, ratio, fstep = f"{est / 1024:9.2f}e", f"{c['peak_mib'] / est:7.3f}", f"{'-':>10s}"
             else:
                 full, ratio, fstep = f"{'-':>10s}", f"{'-':>7s}", f"{'-':>10s}"
             print(f"{loss:6s} {length:5d} {c['peak_mib'] / 1024:9.2f} {full} {ratio}   {c['step_mib'] / 1024:12.2f} {fstep}")
-    print("e: estimated (not run), linear in L from the longest measured full-logits point")
+    print("m: the full-logits path measured before this change (quoted: 8.5 ... 23.7 GB, shown in GiB), not rerun; "
+          "e: estimated, not run (4096: twice 2048; else linear in L from the longest measured point)")
 
 
 if __name__ == "__main__":
