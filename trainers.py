@@ -142,8 +142,13 @@ def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool):
     layer once and keep it unsharded until the end of backward, where the gradient that the
     chunks accumulated on the unsharded weight, tied embedding included, is reduce-scattered):
     only the output layer is swapped, for this pass, for one that returns the hidden states.
-    The weight is the unsharded tensor the forward pass used, never a sharded DTensor."""
+    The weight is the unsharded tensor the forward pass used, never a sharded DTensor.
+    Logits of at most losses.CHUNK_ELEMENTS entries (one chunk) are returned whole."""
     found = output_head(model) if chunk else None
+    if found is not None:
+        n, length = model_in["input_ids"].shape[:2]
+        if n * length * found[1].weight.shape[0] <= losses_lib.CHUNK_ELEMENTS:
+            found = None  # the logits fit in one chunk: chunking would only add recomputation
     if found is None:
         return model(**model_in, use_cache=False).logits
     name, head = found
