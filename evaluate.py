@@ -125,10 +125,11 @@ def resolve_settings(path: str, datasets=None, n_examples=None, batch_size=None,
 
 @torch.no_grad()
 def sequence_logps(model, batch: Dict) -> torch.Tensor:
-    """[2B] summed response log-probs: chosen rows first, then rejected."""
-    from trainers import concatenated_inputs
+    """[2B] summed response log-probs: chosen rows first, then rejected (through the chunked
+    output layer, trainers.output_logits: no [2B, L, V] logits tensor)."""
+    from trainers import concatenated_inputs, output_logits
     inp = concatenated_inputs(batch, pairwise=True)
-    logits = model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"], use_cache=False).logits
+    logits = output_logits(model, {"input_ids": inp["input_ids"], "attention_mask": inp["attention_mask"]}, chunk=True)
     return losses.sequence_logps(losses.token_logps(logits, inp["labels"]), losses.response_mask(inp["labels"]))
 
 

@@ -18,6 +18,12 @@ the per-token tensors used below are *shifted*: index j of a ``[N, L-1]`` tensor
 response token ``labels[:, j+1]`` and the state before it (logits position j). The logits
 at the position of the last response token (the EOS) are the state after the response,
 s_{T+1}; losses that need it (TVKD) read it from the unshifted logits.
+
+Chunked output layer. With `output_chunking: true` (the default) the trainer hands the losses
+`LazyLogits` (a model's final hidden states [N, L, H] and output weight [V, H]) in place of
+every [N, L, V] logits tensor; `chunked` projects one chunk of positions at a time inside the
+chunk functions (recomputed in backward), so no [N, L, V] tensor of any model exists. The
+losses' code is the same for both.
 """
 import math
 from dataclasses import dataclass, field
@@ -38,18 +44,25 @@ def response_mask(labels: torch.LongTensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).float()
 
 
-def token_logps(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+def token_logps(logits: "Logits", labels: torch.LongTensor) -> torch.Tensor:
     """Per-token log p(y_t | s_t), zero off the response.
 
     Args:
-        logits: [N, L, V] unshifted logits.
+        logits: [N, L, V] unshifted logits, or a `LazyLogits` of that shape.
         labels: [N, L] with IGNORE_INDEX off the response.
     Returns:
         [N, L-1] float32 log-probs (shifted indexing).
 
     Uses gather - logsumexp rather than log_softmax so that no second [N, L, V] tensor is
-    materialised.
+    materialised. A `LazyLogits` is projected chunk by chunk along the sequence (recomputed in
+    backward), so no [N, L, V] tensor exists at all.
     """
+    if isinstance(logits, LazyLogits):
+        def pick(z, y):
+            z = z.float()
+            return torch.gather(z, -1, y) - torch.logsumexp(z, dim=-1, keepdim=True)
+        out = chunked(pick, logits[:, :-1], shifted_targets(labels).unsqueeze(-1), grad=True).squeeze(-1)
+        return out * response_mask(labels)
     logits = logits[:, :-1].float()
     targets = labels[:, 1:].clone()
     mask = targets != IGNORE_INDEX
@@ -129,12 +142,16 @@ def ipo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: t
 
 @dataclass
 class LossInputs:
-    """What the trainer hands a loss. N = 2B rows for pairwise losses (chosen first), B otherwise."""
-    policy_logits: torch.Tensor                      # [N, L, V], with grad
+    """What the trainer hands a loss. N = 2B rows for pairwise losses (chosen first), B otherwise.
+
+    With the chunked output layer (config `output_chunking`), policy_logits, reference_logits
+    and the teacher's full-vocabulary features are `LazyLogits` of that shape: the losses read
+    them only through `chunked` / `token_logps` / slicing / `.shape` / `.detach()`."""
+    policy_logits: "Logits"                          # [N, L, V], with grad
     labels: torch.LongTensor                         # [N, L]
     n_pairs: int                                     # B
     reference_logps: Optional[torch.Tensor] = None   # [N, L-1] if spec.reference == "logps"
-    reference_logits: Optional[torch.Tensor] = None  # [N, L, V] if spec.reference == "logits"
+    reference_logits: Optional["Logits"] = None      # [N, L, V] if spec.reference == "logits"
     teacher: Optional[Dict[str, torch.Tensor]] = None  # spec.teacher_features(teacher_logits, labels, cfg)
     _cache: Dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -341,27 +358,114 @@ def chunk_positions(n_rows: int, vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, n_rows * vocab))
 
 
-def chunked(fn: Callable, *tensors: torch.Tensor, grad: bool = False) -> torch.Tensor:
+class LazyLogits:
+    """A vocabulary-sized [N, L, V] tensor that is never materialised whole (the chunked output
+    layer, config key `output_chunking`).
+
+    A leaf is a model's output layer applied to its final hidden states,
+
+        logits = hidden @ weight.T (+ bias)      hidden [N, L, H], weight [V, H], bias [V] or None
+
+    and a node applies a position-wise function to the chunks of its children
+    (``map``: the teacher's log-softmax; ``combine``: ADPA's advantage, a difference of two
+    models' log-softmaxes). ``chunked`` slices it along the sequence and projects each slice
+    inside its (checkpointed) chunk function, so at most one chunk's [N, c, V] logits exist;
+    the losses read it exactly as they read a logits tensor, through ``chunked`` and
+    ``token_logps``. Gradients reach `hidden` and `weight` (a tied embedding included) through
+    ordinary autograd.
+
+    Supported: ``shape``, ``t[rows, positions]`` with slices on the first two dims only,
+    ``detach()``, ``map(fn)``, ``combine(fn, *parts)`` and ``materialize()`` (the full tensor,
+    for tests and small inputs)."""
+
+    def __init__(self, hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None, *, fn: Optional[Callable] = None,
+                 children: Tuple["LazyLogits", ...] = ()):
+        if fn is None:
+            if hidden is None or weight is None or hidden.dim() != 3 or weight.dim() != 2 \
+                    or hidden.shape[-1] != weight.shape[-1]:
+                raise ValueError("LazyLogits needs hidden [N, L, H] and weight [V, H]")
+        elif not children:
+            raise ValueError("a LazyLogits node needs children")
+        self.hidden, self.weight, self.bias, self.fn, self.children = hidden, weight, bias, fn, tuple(children)
+
+    @property
+    def shape(self) -> torch.Size:
+        if self.fn is None:
+            return torch.Size((*self.hidden.shape[:2], self.weight.shape[0]))
+        return self.children[0].shape
+
+    @property
+    def requires_grad(self) -> bool:
+        if self.fn is None:
+            return any(t is not None and t.requires_grad for t in (self.hidden, self.weight, self.bias))
+        return any(c.requires_grad for c in self.children)
+
+    def __getitem__(self, idx) -> "LazyLogits":
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) > 2 or not all(isinstance(i, slice) for i in idx):
+            raise IndexError(f"LazyLogits takes slices of its rows and positions only, got {idx!r}")
+        if self.fn is None:
+            return LazyLogits(self.hidden[idx], self.weight, self.bias)
+        return LazyLogits(fn=self.fn, children=tuple(c[idx] for c in self.children))
+
+    def detach(self) -> "LazyLogits":
+        if self.fn is None:
+            return LazyLogits(self.hidden.detach(), self.weight.detach(),
+                              None if self.bias is None else self.bias.detach())
+        return LazyLogits(fn=self.fn, children=tuple(c.detach() for c in self.children))
+
+    def map(self, fn: Callable) -> "LazyLogits":
+        """fn([N, c, V] chunk) -> [N, c, V], applied lazily."""
+        return LazyLogits(fn=fn, children=(self,))
+
+    @staticmethod
+    def combine(fn: Callable, *parts: "LazyLogits") -> "LazyLogits":
+        """fn(chunk of parts[0], chunk of parts[1], ...) -> [N, c, V], applied lazily."""
+        return LazyLogits(fn=fn, children=parts)
+
+    def materialize(self) -> torch.Tensor:
+        if self.fn is None:
+            return F.linear(self.hidden, self.weight, self.bias)
+        return self.fn(*(c.materialize() for c in self.children))
+
+
+Logits = Union[torch.Tensor, LazyLogits]
+
+
+def _materialized(fn: Callable, *parts):
+    """fn applied to the parts, each LazyLogits projected (this chunk only) first."""
+    return fn(*(p.materialize() if isinstance(p, LazyLogits) else p for p in parts))
+
+
+def log_softmax_f32(z: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [..., V] float32 log-softmax."""
+    return torch.log_softmax(z.float(), -1)
+
+
+def chunked(fn: Callable, *tensors: Logits, grad: bool = False) -> torch.Tensor:
     """Apply ``fn`` to slices [:, i:i+c] of every tensor (dim 1 = sequence) and concatenate
     the results along dim 1. ``fn`` must be position-wise (output dim 1 = the slice's length).
+    A `LazyLogits` argument reaches ``fn`` as the projected [N, c, V] logits of its slice.
 
     c = chunk_positions(N, V) with N, V the first tensor's first and last dims.
     ``grad=True`` (and grad enabled): each chunk is recomputed in backward (activation
-    checkpointing), so autograd keeps only the inputs' slices, never a full-size temporary.
+    checkpointing), so autograd keeps only the inputs' slices, never a full-size temporary
+    (for a LazyLogits: the hidden states' slice; the projection is recomputed too).
     Otherwise the chunks are written into one preallocated output, so the peak is the output
     plus one chunk's temporaries (no list of chunks plus a concatenated copy)."""
     n, length, vocab = tensors[0].shape[0], tensors[0].shape[1], tensors[0].shape[-1]
     c = chunk_positions(n, vocab)
     use_checkpoint = grad and torch.is_grad_enabled()
     if length <= c and not use_checkpoint:
-        return fn(*tensors)
+        return _materialized(fn, *tensors)
     outs, out = [], None
     for i in range(0, length, c):
         parts = [t[:, i:i + c] for t in tensors]
         if use_checkpoint:
-            outs.append(torch.utils.checkpoint.checkpoint(fn, *parts, use_reentrant=False))
+            outs.append(torch.utils.checkpoint.checkpoint(_materialized, fn, *parts, use_reentrant=False))
             continue
-        y = fn(*parts)
+        y = _materialized(fn, *parts)
         if y.requires_grad:  # an autograd graph through the chunks: keep them and concatenate
             outs.append(y)
             continue
@@ -750,7 +854,9 @@ def _kd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTensor,
     teacher_top_k K: `topk_ids` [N, L, K] and `teacher_collapsed` [N, L, K+1] only."""
     k = cfg.get("teacher_top_k")
     if k is None:
-        return {"teacher_logp": chunked(lambda z: torch.log_softmax(z.float(), -1), teacher_logits)}
+        if isinstance(teacher_logits, LazyLogits):  # projected chunk by chunk where the loss reads it
+            return {"teacher_logp": teacher_logits.map(log_softmax_f32)}
+        return {"teacher_logp": chunked(log_softmax_f32, teacher_logits)}
     ids = teacher_topk_ids(teacher_logits, k, "teacher_top_k")
     return {"topk_ids": ids, "teacher_collapsed": chunked(collapse_topk, teacher_logits, ids)}
 
@@ -1038,7 +1144,9 @@ def dpkd_loss(policy_logps: torch.Tensor, margins: torch.Tensor, mask: torch.Ten
 def _full_teacher_logp(teacher_logits, labels, cfg):
     """The teacher's full log-softmax [N, L, V] (exact for losses that read the teacher at a token
     chosen by the student, which is unknown when the teacher runs)."""
-    return {"teacher_logp": chunked(lambda z: torch.log_softmax(z.float(), -1), teacher_logits)}
+    if isinstance(teacher_logits, LazyLogits):
+        return {"teacher_logp": teacher_logits.map(log_softmax_f32)}
+    return {"teacher_logp": chunked(log_softmax_f32, teacher_logits)}
 
 
 def _validate_dpkd(cfg):
@@ -1177,6 +1285,9 @@ def _adpa_teacher_reference_features(teacher_reference_logits, labels, cfg, teac
     if adv.shape[-1] != ref.shape[-1]:
         raise ValueError(f"the DPO teacher has {adv.shape[-1]} logits per position and its SFT reference "
                          f"(teacher.reference_archive) {ref.shape[-1]}: they must share one vocabulary")
+    if isinstance(adv, LazyLogits) and isinstance(ref, LazyLogits):  # both chunked output layers
+        return {"advantage": LazyLogits.combine(lambda a, r: a - log_softmax_f32(r), adv, ref)}
+    adv, ref = (x.materialize() if isinstance(x, LazyLogits) else x for x in (adv, ref))
     c = chunk_positions(adv.shape[0], adv.shape[-1])
     for i in range(0, adv.shape[1], c):
         adv[:, i:i + c] -= torch.log_softmax(ref[:, i:i + c].float(), -1)

@@ -257,8 +257,8 @@ def check_run_dir(cfg: DictConfig) -> None:
 RESUME_FREE = NAME_NEUTRAL | {"n_examples", "n_epochs", "eval_every", "n_eval_examples", "eval_batch_size",
                               "do_first_eval", "sample_during_eval", "n_eval_samples", "max_new_tokens",
                               "save_every", "save_every_minutes", "keep_checkpoints", "max_nonfinite_steps",
-                              "resume_allow_changes", "trainer", "activation_checkpointing", "data.cache_dir",
-                              "generations"}
+                              "resume_allow_changes", "trainer", "activation_checkpointing", "output_chunking",
+                              "data.cache_dir", "generations"}
 
 
 def _flatten(d, prefix=""):

@@ -117,6 +117,81 @@ def check_same_tokenizer(student_tok, teacher_tok, probe: str = "The quick brown
             f"(model.tokenizer) or choose a teacher of the same family")
 
 
+# ------------------------------------------------------------------ the output layer
+
+# Config attributes of models whose logits are not just lm_head(final hidden states): the
+# chunked output layer does not apply to them (their full logits are used).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class _HiddenStatesHead(torch.nn.Module):
+    """Stands in for a causal LM's output layer during one forward pass: returns the final
+    hidden states [N, L, H] instead of the logits, and records the output layer's weight [V, H]
+    and bias as they are at that moment (under FSDP2: the root's unsharded parameters)."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.__dict__["head"] = head  # not a submodule: the model's module tree is unchanged
+        self.weight = self.bias = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.__dict__["weight"], self.__dict__["bias"] = self.head.weight, getattr(self.head, "bias", None)
+        # a fresh tensor, not a view of the model's last hidden state (FSDP2 hooks the output)
+        return hidden.clone()
+
+
+def output_head(model):
+    """(name, module) of the model's output layer when its logits are exactly
+    `module(final hidden states)` with a Linear-like module that is a direct child; else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
+        return None
+    names = [n for n, m in model.named_children() if m is head]
+    return (names[0], head) if names else None
+
+
+def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool):
+    """The model's logits for one batch: the [N, L, V] tensor, or with chunk=True (and an
+    `output_head`) a `losses.LazyLogits` of its final hidden states [N, L, H] and output-layer
+    weight [V, H] (+ bias), which the losses project chunk by chunk along the sequence.
+
+    The whole model runs its forward pass (under FSDP2 the root's hooks unshard the output
+    layer once and keep it unsharded until the end of backward, where the gradient that the
+    chunks accumulated on the unsharded weight, tied embedding included, is reduce-scattered):
+    only the output layer is swapped, for this pass, for one that returns the hidden states.
+    The weight is the unsharded tensor the forward pass used, never a sharded DTensor.
+    Logits of at most losses.CHUNK_ELEMENTS entries (one chunk) are returned whole."""
+    found = output_head(model) if chunk else None
+    if found is not None:
+        n, length = model_in["input_ids"].shape[:2]
+        if n * length * found[1].weight.shape[0] <= losses_lib.CHUNK_ELEMENTS:
+            found = None  # the logits fit in one chunk: chunking would only add recomputation
+    if found is None:
+        return model(**model_in, use_cache=False).logits
+    name, head = found
+    stand_in = _HiddenStatesHead(head)
+    model._modules[name] = stand_in
+    try:
+        hidden = model(**model_in, use_cache=False).logits
+    finally:
+        model._modules[name] = head
+    weight, bias = stand_in.weight, stand_in.bias
+    from torch.distributed.tensor import DTensor
+    if head.weight is not weight or isinstance(weight, DTensor):
+        # resharded after the forward pass (or never unsharded): a frozen model gathers the
+        # full weight once; a trained one cannot (its gradient would bypass FSDP)
+        if torch.is_grad_enabled() and weight.requires_grad:
+            raise RuntimeError("output_chunking: the policy's output layer was resharded after its forward pass "
+                               "(reshard_after_forward on the FSDP root?); set output_chunking=false")
+        with torch.no_grad():
+            weight, bias = (t.full_tensor() if isinstance(t, DTensor) else t for t in (head.weight, head.bias))
+    return losses_lib.LazyLogits(hidden, weight, bias)
+
+
 # ------------------------------------------------------------------ batches
 
 def concatenated_inputs(batch: Dict, pairwise: bool) -> Dict[str, torch.Tensor]:
@@ -346,11 +421,11 @@ class BasicTrainer:
                 extra["teacher"] = self.teacher_cache.lookup(inputs["input_ids"], labels, inputs["attention_mask"],
                                                              self.device)
             elif self.spec.teacher_features is not None:
-                t_logits = self.teacher(**model_in, use_cache=False).logits
+                t_logits = self.logits(self.teacher, model_in)
                 extra["teacher"] = self.spec.teacher_features(t_logits, labels, self.cfg.loss)
                 del t_logits
                 if self.teacher_reference is not None:
-                    tr_logits = self.teacher_reference(**model_in, use_cache=False).logits
+                    tr_logits = self.logits(self.teacher_reference, model_in)
                     extra["teacher"] = self.spec.teacher_reference_features(tr_logits, labels, self.cfg.loss,
                                                                             extra["teacher"])
                     del tr_logits
@@ -359,20 +434,29 @@ class BasicTrainer:
                 extra["reference_logps"] = self.reference_cache.lookup(
                     inputs["input_ids"], labels, inputs["attention_mask"], self.device)["reference_logps"]
             elif need:
-                r_logits = self.reference(**model_in, use_cache=False).logits
+                r_logits = self.logits(self.reference, model_in)
                 if need == "logps":
                     extra["reference_logps"] = losses_lib.token_logps(r_logits, labels)
                     del r_logits
                 else:
                     extra["reference_logits"] = r_logits
         with contextlib.nullcontext() if train else torch.no_grad():
-            logits = self.policy(**model_in, use_cache=False).logits
+            logits = self.logits(self.policy, model_in)
             inp = losses_lib.LossInputs(policy_logits=logits, labels=labels,
                                         n_pairs=len(batch["prompt"]), **extra)
             loss, metrics = self.spec.compute(inp, self.cfg.loss)
         if generated is not None:
             metrics["generated/fraction"] = torch.full((len(batch["prompt"]),), float(generated))
         return loss, metrics
+
+    def logits(self, model, model_in: Dict[str, torch.Tensor]):
+        """`model`'s logits: [N, L, V], or with output_chunking a losses.LazyLogits (output_logits)."""
+        return output_logits(model, model_in, chunk=bool(self.cfg.get("output_chunking", False))
+                             and self.chunkable(model))
+
+    def chunkable(self, model) -> bool:
+        """Whether the chunked output layer applies to this (wrapped) model."""
+        return True
 
     # -- the loop -------------------------------------------------------------
     def batch_iterator(self, split: str, skip_batches: int = 0, pairs: bool = False) -> Iterator[Dict]:
@@ -551,8 +635,8 @@ class BasicTrainer:
             return {}  # SFT-only data sets have no pairs to rank
         for batch in self.batch_iterator("test", pairs=True):
             inputs = utils.move_batch(concatenated_inputs(batch, pairwise=True), self.device)
-            logits = self.policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                 use_cache=False).logits
+            logits = self.logits(self.policy, {"input_ids": inputs["input_ids"],
+                                               "attention_mask": inputs["attention_mask"]})
             lp = losses_lib.sequence_logps(losses_lib.token_logps(logits, inputs["labels"]),
                                            losses_lib.response_mask(inputs["labels"]))
             chosen, rejected = losses_lib.split_pairs(lp, len(batch["prompt"]))
@@ -938,6 +1022,10 @@ class TensorParallelTrainer(BasicTrainer):
     """One process; the policy split over several devices by ``tensor_parallel.TensorParallel``.
     Its ``tensor_parallel()`` entry point cannot shard HF Llama on transformers 5 (see README),
     so the generic module wrapper is used. The reference and teacher stay unsharded."""
+
+    def chunkable(self, model) -> bool:
+        # the wrapper splits the policy's output layer over devices: its full logits are used
+        return model is not self.policy
 
     def wrap(self, model, model_cfg, trainable: bool):
         model = model.to(self.device)
