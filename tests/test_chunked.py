@@ -70,6 +70,7 @@ def fake_trainer(loss_cfg, chunking):
     t.teacher = m["teacher"] if t.spec.teacher_need(t.cfg.loss) else None
     t.teacher_reference = m["teacher_reference"] if t.spec.teacher_reference_need(t.cfg.loss) else None
     t.generated_batch = lambda batch, train: (batch, None)
+    t.teacher_cache = t.reference_cache = None  # live models (output_cache.py's caches are not used here)
     t.kinds = []
     plain = t.logits
     t.logits = lambda model, model_in: t.kinds.append(type(out := plain(model, model_in))) or out
@@ -227,7 +228,7 @@ for name, kw in [("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released_teac
     for chunking in (False, True):
         L.CHUNK_ELEMENTS = T.SMALL_CHUNKS if chunking else 1 << 25
         wrapper = trainers.FSDPTrainer.__new__(trainers.FSDPTrainer)
-        wrapper.mesh = init_device_mesh("cpu", (2,))
+        wrapper.mesh, wrapper.device = init_device_mesh("cpu", (2,)), torch.device("cpu")
         mcfg = OmegaConf.create({"fsdp_policy_mp": None, "block_name": "LlamaDecoderLayer", "name": "tiny"})
         T.MODELS.update({k: wrapper.wrap(copy.deepcopy(m), mcfg, trainable=k == "policy") for k, m in fresh.items()})
         t = T.fake_trainer(T.loss_config(name, **kw), chunking)
