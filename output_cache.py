@@ -344,6 +344,26 @@ class CacheWriter:
             new += 1
         return new
 
+    def append(self, part: "FeatureCache") -> int:
+        """Append every row of the finished cache `part` (rows this writer holds already are an
+        error: the parts of a parallel precompute are disjoint); returns its row count."""
+        part._load_index()
+        if self.schema and part.schema != self.schema:
+            raise CacheError(f"{part.path}: features {part.schema} differ from {self.schema}")
+        keys = np.load(os.path.join(part.path, "keys.npy")).tolist()
+        if self.seen.intersection(keys):
+            raise CacheError(f"{part.path}: rows already stored by another part")
+        for name, entry in part.schema.items():
+            if name not in self.files:
+                self.schema[name] = entry
+                self.files[name] = open(os.path.join(self.tmp, f"{name}.bin"), "wb")
+            with open(os.path.join(part.path, f"{name}.bin"), "rb") as f:
+                shutil.copyfileobj(f, self.files[name], 1 << 24)
+        self.keys += keys
+        self.lengths += part._lengths.tolist()
+        self.seen.update(keys)
+        return len(keys)
+
     def finish(self, key: Dict, info: Dict) -> Dict:
         """Flush everything, write the manifest last and rename the directory into place."""
         for f in self.files.values():
@@ -436,12 +456,14 @@ class FeatureCache:
         rows = [self._index.get(int(k)) for k in keys]
         missing = sum(r is None for r in rows)
         if missing:
-            info = self.manifest.get("coverage", {})
+            plans = self.manifest.get("coverage", {}).get("plans") or [self.manifest.get("coverage", {})]
+            info = "; ".join(", ".join(f"{k}={v}" for k, v in p.items() if k not in ("train", "test"))
+                             for p in plans)
             raise CacheError(
                 f"{self.name}: {missing} of the {len(rows)} rows of this batch are not in the cache (it holds "
-                f"{self.manifest['rows']} rows: the examples of the run it was computed for, {info}). Recompute it "
-                "with this run's data settings (seed, n_examples / n_epochs, n_eval_examples, batch_size; "
-                "n_epochs=1 n_examples=null covers a whole train split)")
+                f"{self.manifest['rows']} rows: the examples of the runs it was computed for: {info}). Recompute "
+                "it with this run's data settings (seed, n_examples / n_epochs, n_eval_examples, batch_size; "
+                "n_epochs=1 n_examples=null covers a whole train split; seed=0,1,2 covers several seeds)")
         width = input_ids.shape[1]
         out = {}
         for name, s in self.schema.items():

@@ -11,6 +11,9 @@ Stages (config/pipeline/<preset>.yaml), each an ordinary train.py run under <out
 
     teacher_sft  -> teacher_dpo  (model=<teacher>)
     student_sft                  (model=<model>)
+    generate/<model>...          (generate.py: the frozen answers seqkd / adpa train on)
+    precompute/<cache>           (precompute.py: the DPO teacher's features and the SFT
+                                  student's reference log-probs, once for every seed; caches.*)
     methods/<loss>_seed<k>       (one Hydra multirun over methods x seeds, from student_sft,
                                   with teacher=<teacher> teacher.archive=<out>/teacher_dpo)
 
@@ -26,7 +29,7 @@ results.png). Every stage runs with resume=true: re-running the command skips st
 are complete and resumes an interrupted one; evaluations are cached next to their checkpoint.
 
 Arguments are key=value. Keys of the preset (out, seeds, methods, model, teacher, preset,
-common, stages.*, sft_data.*, pref_data.*, eval.*) configure the pipeline; a stage's settings
+common, stages.*, sft_data.*, pref_data.*, eval.*, caches.*) configure the pipeline; a stage's settings
 change one key at a time (stages.teacher_sft.lr=3e-4), or all at once with a list
 (stages.teacher_sft=[loss=sft,lr=3e-4]). Any other key=value is passed to every train.py
 stage (e.g. trainer=FSDPTrainer, data.scorer=mytask:score, max_length=256); the stage's own
@@ -45,7 +48,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import utils
 
 PIPELINE_KEYS = {"out", "seeds", "methods", "variants", "model", "teacher", "preset", "base", "eval", "stages",
-                 "common", "sft_data", "pref_data", "in_process"}
+                 "common", "sft_data", "pref_data", "in_process", "caches"}
+CACHE_KINDS = ("teacher", "reference")
 STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "methods")
 DATA_OF_STAGE = {"teacher_sft": "sft_data", "student_sft": "sft_data", "teacher_dpo": "pref_data",
                  "methods": "pref_data"}
@@ -180,6 +184,10 @@ def parse_args(argv: List[str]):
         cfg.merge_with(OmegaConf.from_dotlist([f"{key}={value}"]))
     if int(cfg.seeds) < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1")
+    cfg.caches = OmegaConf.merge({k: True for k in CACHE_KINDS}, _as_dict(cfg.get("caches"), "caches"))
+    for k, v in cfg.caches.items():
+        if k not in CACHE_KINDS or not isinstance(v, bool):
+            raise ValueError(f"caches.{k}={v}: caches has the keys {list(CACHE_KINDS)}, each true or false")
     method_overrides(cfg)  # every method resolves to a known loss
     cfg.out = os.path.abspath(cfg.out)
     for role in ("sft_data", "pref_data"):
@@ -331,6 +339,61 @@ def generation_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Di
     return {**{k: overrides[k] for k in first}, **gens, **{k: v for k, v in overrides.items() if k not in first}}
 
 
+def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[str, List[str]]:
+    """The stages in running order with a precompute stage before the methods for every teacher
+    and reference cache the methods can read (output_cache.py): the DPO teacher's features for
+    a teacher-based loss that can read them from a cache (tvkd, ddpo, top-K KD; not full-vocabulary
+    KD or losses that generate), the SFT student's log-probs for the losses that read only the
+    reference's log-probs (dpo, wpo, tvkd...; not tdpo). A cache covers every seed's examples,
+    so it is computed once for all seeds (more seeds later: it is recomputed); methods whose
+    cache would hold the same content share it (one reference cache for all of them, one
+    teacher cache per loss and feature setting). caches.teacher / caches.reference = false
+    keep the live models. A stage's key is `precompute/<name>`; the methods read the caches
+    through teacher.cache / reference_cache."""
+    import hashlib
+    import losses
+    import output_cache
+    import preference_datasets as data
+    stages: Dict[str, List[str]] = {}
+    for stage, c in configs.items():
+        if stage_of(stage) != "methods":
+            continue
+        spec, named = losses.get_loss(c.loss.name), output_cache.configured(c)
+        # what the examples and their rows depend on (the seeds are not: a cache grows to more seeds)
+        plan = {k: c.get(k) for k in ("batch_size", "n_examples", "n_epochs", "n_eval_examples", "eval_batch_size",
+                                      "datasets", "max_length", "max_prompt_length", "truncation_mode")}
+        plan.update(data=OmegaConf.to_container(c.data, resolve=True), rows=[spec.pairwise, spec.sft_targets])
+        add = []
+        for kind in CACHE_KINDS:
+            if not cfg.caches[kind] or kind in named:
+                continue
+            if kind == output_cache.TEACHER:
+                vocab = len(data.get_tokenizer(c.model.tokenizer))
+                try:
+                    if not spec.teacher_need(c.loss) or output_cache.teacher_cache_problem(c, vocab):
+                        continue
+                except ValueError:  # a setting the loss refuses: the run itself says so, the others go on
+                    continue
+                settings = spec.teacher_feature_settings(c.loss) if spec.teacher_feature_settings is not None \
+                    else OmegaConf.to_container(c.loss, resolve=True)
+                what = {"loss": c.loss.name, "features": settings, "teacher": OmegaConf.to_container(c.teacher)}
+            else:
+                if spec.reference_need(c.loss) != "logps" or output_cache.reference_cache_problem(c):
+                    continue
+                what = {"model": OmegaConf.to_container(c.model)}
+            digest = hashlib.sha256(json.dumps({**plan, **what}, sort_keys=True, default=str).encode()).hexdigest()
+            name = (f"teacher_{c.loss.name}_" if kind == output_cache.TEACHER else "reference_") + digest[:8]
+            path = os.path.join(cfg.out, "caches", name)
+            stages.setdefault(f"precompute/{name}", [kind] + overrides[stage] + [
+                f"{output_cache.CONFIG_KEY[kind]}={path}"])
+            add.append(f"{output_cache.CONFIG_KEY[kind]}={path}")
+        overrides[stage] = overrides[stage] + add
+    if not stages:
+        return overrides
+    first = [k for k in overrides if stage_of(k) != "methods"]
+    return {**{k: overrides[k] for k in first}, **stages, **{k: v for k, v in overrides.items() if k not in first}}
+
+
 # ---------------------------------------------------------------- checks before training
 
 def compose_stage(overrides: List[str]):
@@ -427,26 +490,39 @@ def train_in_process(overrides: List[str], multirun: bool = False):
     return 1 if failures else 0
 
 
-def generate_stage(args: List[str], in_process: bool) -> int:
-    """One generate.py run (a generation stage); an existing complete file is kept."""
+def script_stage(script: str, args: List[str], in_process: bool) -> int:
+    """One run of generate.py (a generation stage: an existing complete file is kept) or
+    precompute.py (a cache stage, with --if-needed: a cache with the same key and examples is kept)."""
     if in_process:
-        import generate
-        print("\n$ generate.py " + " ".join(args), flush=True)
-        return generate.main(args)
-    cmd = [sys.executable, os.path.join(utils.REPO_DIR, "generate.py")] + args
+        import importlib
+        print(f"\n$ {script}.py " + " ".join(args), flush=True)
+        return importlib.import_module(script).main(args)
+    cmd = [sys.executable, os.path.join(utils.REPO_DIR, f"{script}.py")] + args
     print("\n$ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode
 
 
 def run_stages(cfg, overrides: Dict[str, List[str]]) -> None:
-    """The stages in order. A failed teacher, SFT or generation stage stops the pipeline
+    """The stages in order. A failed teacher, SFT, generation or cache stage stops the pipeline
     (everything after it needs it); a failed method does not: the others are still evaluated
     and reported."""
     for stage, ov in overrides.items():
         if stage_of(stage) == "generate":
-            if generate_stage(ov, bool(cfg.get("in_process"))):
+            if script_stage("generate", ov, bool(cfg.get("in_process"))):
                 raise utils.RunError(f"stage {stage} failed; fix the cause and run the same command again "
                                      "(a generation resumes where it stopped)")
+            continue
+        if stage_of(stage) == "precompute":
+            readers = [key for key, o in overrides.items()
+                       if stage_of(key) == "methods" and ov[-1] in o]
+            runs = [os.path.join(cfg.out, "methods", f"{m.split('/', 1)[1]}_seed{k}") for m in readers
+                    for k in range(int(cfg.seeds))]
+            if all(os.path.exists(os.path.join(run, "DONE")) for run in runs):
+                print(f"\nstage {stage}: every run that reads it is complete (DONE); not computed", flush=True)
+                continue
+            if script_stage("precompute", ov + ["--if-needed"], bool(cfg.get("in_process"))):
+                raise utils.RunError(f"stage {stage} failed; fix the cause and run the same command again, or "
+                                     f"pass caches.{ov[0]}=false to run the methods with the live {ov[0]} model")
             continue
         method = stage_of(stage) == "methods"
         rc = (train_in_process if cfg.get("in_process") else train)(ov, multirun=method)
@@ -500,7 +576,8 @@ def main(argv=None) -> int:
     try:
         cfg, passthrough = parse_args(argv)
         overrides = stage_overrides(cfg, passthrough)
-        overrides = generation_stages(cfg, overrides, preflight(cfg, overrides))
+        configs = preflight(cfg, overrides)
+        overrides = cache_stages(cfg, generation_stages(cfg, overrides, configs), configs)
     except ValueError as e:  # DataError and ScorerError are ValueErrors: nothing has been trained
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,10 +17,18 @@ truncation are exactly the run's. `teacher` stores the dict the loss's ``teacher
 (and ``teacher_reference_features``, e.g. ddpo) return; `reference` the reference's per-token
 log-probs. The examples covered are those the run reads: its training plan (``seed``,
 ``batch_size``, ``n_examples`` / ``n_epochs``) and its held-out plan (``n_eval_examples``);
-``n_epochs=1 n_examples=null`` covers a whole train split. The cache is written to a temporary
-directory and renamed into place at the end (``overwrite=true`` replaces an existing one); its
-key and layout are described in output_cache.py. The models run in one process (GPU if
-available, in their ``reference_dtype``).
+``n_epochs=1 n_examples=null`` covers a whole train split. A list of seeds, as in a multirun
+(``seed=0,1,2``), covers the union of those seeds' plans in one cache (each example once), for
+a sweep over seeds that reads one cache; the cached model must then come from a checkpoint
+(an ``archive``), not a random initialisation that changes with the seed.
+
+The cache is written to a temporary directory and renamed into place at the end
+(``overwrite=true`` replaces an existing one; ``--if-needed`` keeps an existing cache whose key
+matches and whose recorded plans include the requested ones, and replaces any other); its key
+and layout are described in output_cache.py. The models run in one process (GPU if available,
+in their ``reference_dtype``); with ``trainer=FSDPTrainer``, one process per GPU (on the CPU
+``trainer.cpu_workers``), each with a whole copy of the frozen model(s), computes its share of
+the batches (the same rows, and the same values, as one process).
 """
 import copy
 import os
@@ -38,7 +46,9 @@ import utils
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)
 USAGE = ("usage: python precompute.py {teacher|reference} <train.py overrides> "
-         "{teacher.cache|reference_cache}=<dir>")
+         "{teacher.cache|reference_cache}=<dir> [seed=0,1,...] [--if-needed]")
+# The settings that decide which examples a run reads (with the seed): a cache records them per seed.
+PLAN_KEYS = ("batch_size", "n_examples", "n_epochs", "n_eval_examples", "eval_batch_size")
 
 
 def compose(overrides: List[str]):
@@ -121,46 +131,187 @@ def run_batches(cfg, tokenizer, split: str):
     return trainers.BasicTrainer.batch_iterator(reader, split)
 
 
-def precompute(cfg, kind: str, log=print) -> Dict:
-    """Write the `kind` cache ("teacher" or "reference") that the run `cfg` names; returns its manifest."""
-    import preference_datasets as data
+def plans_of(cfg, seeds: List[int]) -> List[Dict]:
+    """The example plans of `cfg` run with each of `seeds`: what a cache must cover."""
+    return [{"seed": int(s), **{k: cfg.get(k) for k in PLAN_KEYS}} for s in seeds]
+
+
+def up_to_date(path: str, kind: str, key: Dict, plans: List[Dict]) -> Optional[Dict]:
+    """The manifest of the finished cache at `path` if its key is `key` and it covers `plans`."""
+    if not os.path.isfile(os.path.join(path, output_cache.MANIFEST)):
+        return None
+    try:
+        cache = output_cache.FeatureCache(path, kind)
+    except output_cache.CacheError:
+        return None
+    covered = cache.manifest.get("coverage", {}).get("plans", [])
+    same = not output_cache.describe_differences(cache.manifest["key"], key)
+    return cache.manifest if same and all(p in covered for p in plans) else None
+
+
+def check_seeds(cfg, kind: str, seeds: List[int]) -> None:
+    """Several seeds share one cache only if the cached model does not change with the seed."""
+    if len(seeds) < 2:
+        return
+    model, archive = (cfg.teacher, "teacher.archive") if kind == output_cache.TEACHER else (cfg.model, "model.archive")
+    if not OmegaConf.select(cfg, archive) and not model.get("name_or_path"):
+        raise ValueError(f"seed={','.join(map(str, seeds))}: the {kind} model is randomly initialised with each "
+                         f"run's seed (no {archive}), so each seed needs its own cache: precompute one per seed, "
+                         f"or give {archive}")
+    if kind == output_cache.TEACHER and losses_lib.get_loss(cfg.loss.name).teacher_reference_need(cfg.loss) \
+            and not cfg.teacher.get("reference_archive") and not model.get("name_or_path"):
+        raise ValueError(f"seed={','.join(map(str, seeds))}: the teacher's reference is randomly initialised with "
+                         "each run's seed (no teacher.reference_archive): precompute one cache per seed")
+
+
+def workers_for(cfg) -> int:
+    """How many processes precompute in parallel: with trainer=FSDPTrainer one per GPU (on the CPU
+    trainer.cpu_workers), each holding a whole copy of the frozen model(s) on its own device (a
+    frozen model is only run forward, so it is not sharded); otherwise one."""
+    if cfg.trainer.name != "FSDPTrainer":
+        return 1
+    if cfg.trainer.get("device", "auto") != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return int(cfg.trainer.cpu_workers)
+
+
+def device_for(cfg, rank: int = 0) -> torch.device:
+    want = cfg.trainer.get("device", "auto")
+    if want in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: torch.device, rank: int = 0,
+                 world: int = 1) -> Dict[str, int]:
+    """Run the frozen model(s) over the batches of every seed's plan and add each row the first time
+    it occurs to `writer`; returns the rows added per split. With `world` processes, process
+    `rank` computes the batches i with i % world == rank, and every process follows which rows
+    the earlier batches held, so the processes compute disjoint rows, exactly those of one process."""
     import trainers
+    spec = losses_lib.get_loss(cfg.loss.name)
+    models = FrozenModels(cfg, kind, tokenizer, device)
+    seen, counts, index = set(), {"train": 0, "test": 0}, 0
+    for seed in seeds:
+        cfg.seed = seed
+        for split in ("train", "test"):
+            for batch in run_batches(cfg, tokenizer, split):
+                mine, index = index % world == rank, index + 1
+                inputs = trainers.concatenated_inputs(batch, spec.pairwise)
+                keys = output_cache.row_keys(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])[0]
+                keys = keys.tolist()
+                new = [i for i, k in enumerate(keys) if k not in seen and k not in keys[:i]]
+                seen.update(keys)
+                if not new or not mine:
+                    continue  # a later epoch or another seed's plan (nothing new), or another process's batch
+                if len(new) < len(keys):  # only the rows not stored yet (each row's features are its own)
+                    inputs = {k: v[new] for k, v in inputs.items()}
+                inputs = utils.move_batch(inputs, device)
+                counts[split] += writer.add(models.features(inputs), inputs["input_ids"], inputs["labels"],
+                                            inputs["attention_mask"])
+    return counts
+
+
+def part_worker(rank: int, world: int, cfg_container: Dict, kind: str, seeds: List[int], parts: str, key: Dict):
+    """One process of a parallel precompute: its rows into the finished cache `<parts>/<rank>`."""
+    import preference_datasets as data
+    cfg = OmegaConf.create(cfg_container)
+    torch.set_num_threads(int(cfg.num_threads or max(1, (os.cpu_count() or 1) // world)))
+    tokenizer = data.get_tokenizer(cfg.model.tokenizer)
+    writer = output_cache.CacheWriter(os.path.join(parts, str(rank)), overwrite=True)
+    try:
+        counts = compute_rows(cfg, kind, tokenizer, seeds, writer, device_for(cfg, rank), rank, world)
+        writer.finish(key, {"coverage": counts})
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def compute_in_parallel(cfg, kind: str, seeds: List[int], writer, key: Dict, world: int) -> Dict[str, int]:
+    """`world` processes compute disjoint rows into caches of their own, appended to `writer`."""
+    import shutil
+    import torch.multiprocessing as mp
+    parts = f"{writer.path}.parts-{os.getpid()}"
+    shutil.rmtree(parts, ignore_errors=True)
+    os.makedirs(parts)
+    try:
+        try:
+            mp.start_processes(part_worker, nprocs=world, join=True, start_method="spawn",
+                               args=(world, OmegaConf.to_container(cfg, resolve=True), kind, seeds, parts, key))
+        except mp.ProcessRaisedException as e:
+            last = [line for line in str(e).strip().splitlines() if line.strip()][-1]
+            raise utils.RunError(f"a precompute process failed: {last}") from None
+        counts = {"train": 0, "test": 0}
+        for rank in range(world):
+            part = output_cache.FeatureCache(os.path.join(parts, str(rank)), kind)
+            writer.append(part)
+            for split in counts:
+                counts[split] += part.manifest["coverage"][split]
+        return counts
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+
+
+def precompute(cfg, kind: str, log=print, seeds: Optional[List[int]] = None, if_needed: bool = False) -> Dict:
+    """Write the `kind` cache ("teacher" or "reference") that the run `cfg` names, covering the
+    examples of `cfg` run with each of `seeds` (default: cfg.seed); returns its manifest. With
+    `if_needed`, an existing cache with the same key that covers those plans is kept."""
+    import preference_datasets as data
+    seeds = [int(cfg.seed)] if seeds is None else [int(s) for s in seeds]
+    cfg = copy.deepcopy(cfg)
+    cfg.seed = seeds[0]
     tokenizer = data.get_tokenizer(cfg.model.tokenizer)
     path = check(cfg, kind, tokenizer)
-    spec = losses_lib.get_loss(cfg.loss.name)
-    want = cfg.trainer.get("device", "auto")
-    device = torch.device("cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    check_seeds(cfg, kind, seeds)
     key = output_cache.cache_key(cfg, kind, tokenizer)
-    models = FrozenModels(cfg, kind, tokenizer, device)
-    writer = output_cache.CacheWriter(path, overwrite=bool(cfg.get("overwrite", False)))
-    start, coverage = time.time(), {}
+    plans = plans_of(cfg, seeds)
+    if if_needed:
+        manifest = up_to_date(path, kind, key, plans)
+        if manifest is not None:
+            log(f"{output_cache.CONFIG_KEY[kind]}={path}: up to date ({manifest['rows']} rows, "
+                f"{manifest['tokens']} tokens; seeds {', '.join(str(p['seed']) for p in plans)}): kept")
+            return manifest
+    world = workers_for(cfg)
+    writer = output_cache.CacheWriter(path, overwrite=bool(cfg.get("overwrite", False)) or if_needed)
+    start = time.time()
     try:
-        for split in ("train", "test"):
-            rows = 0
-            for batch in run_batches(cfg, tokenizer, split):
-                inputs = utils.move_batch(trainers.concatenated_inputs(batch, spec.pairwise), device)
-                keys, _ = output_cache.row_keys(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])
-                if all(int(k) in writer.seen for k in keys):
-                    continue  # a later epoch: nothing new
-                rows += writer.add(models.features(inputs), inputs["input_ids"], inputs["labels"],
-                                   inputs["attention_mask"])
-            coverage[split] = rows
-        coverage.update({"seed": cfg.seed, "batch_size": cfg.batch_size, "n_examples": cfg.n_examples,
-                         "n_epochs": cfg.n_epochs, "n_eval_examples": cfg.n_eval_examples})
+        if world > 1:
+            coverage = compute_in_parallel(cfg, kind, seeds, writer, key, world)
+        else:
+            coverage = compute_rows(cfg, kind, tokenizer, seeds, writer, device_for(cfg))
+        coverage["plans"] = plans
         manifest = writer.finish(key, {"coverage": coverage, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                       "seconds": round(time.time() - start, 3)})
+                                       "seconds": round(time.time() - start, 3), "processes": world})
     except BaseException:
         writer.abort()
         raise
     log(f"{output_cache.CONFIG_KEY[kind]}={path}: {manifest['rows']} rows ({coverage['train']} train, "
-        f"{coverage['test']} test), {manifest['tokens']} tokens, {manifest['bytes_per_token']:.1f} bytes a token "
-        f"({', '.join(manifest['features'])}), in {manifest['seconds']:.1f} s")
+        f"{coverage['test']} test; seeds {', '.join(map(str, seeds))}), {manifest['tokens']} tokens, "
+        f"{manifest['bytes_per_token']:.1f} bytes a token ({', '.join(manifest['features'])}), "
+        f"in {manifest['seconds']:.1f} s" + (f" ({world} processes)" if world > 1 else ""))
     return manifest
 
 
-def run(kind: str, overrides: List[str], log=print) -> Dict:
+def split_seeds(overrides: List[str]):
+    """(overrides with one seed, the list of seeds or None): `seed=0,1,2` lists a multirun's seeds."""
+    seeds, out = None, []
+    for o in overrides:
+        k, _, v = o.partition("=")
+        if k == "seed" and "," in v:
+            try:
+                seeds = [int(x) for x in v.split(",")]
+            except ValueError:
+                raise ValueError(f"{o}: seed takes an integer or a comma-separated list of integers") from None
+            o = f"seed={seeds[0]}"
+        out.append(o)
+    return out, seeds
+
+
+def run(kind: str, overrides: List[str], log=print, if_needed: bool = False) -> Dict:
     """The command line's entry point as a function: precompute.run("teacher", [overrides...])."""
-    return precompute(compose(overrides), kind, log=log)
+    overrides, seeds = split_seeds(list(overrides))
+    return precompute(compose(overrides), kind, log=log, seeds=seeds, if_needed=if_needed)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -169,8 +320,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__ + "\n" + USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("WANDB_MODE", "disabled")
+    rest = [a for a in argv[1:] if a != "--if-needed"]
     try:
-        run(argv[0], argv[1:])
+        run(argv[0], rest, if_needed=len(rest) < len(argv) - 1)
     except (ValueError, utils.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -121,6 +121,83 @@ def test_train_py_run_with_both_caches_has_the_live_losses(tmp_path, teachers):
     assert ce == pytest.approx(le, abs=1e-6, rel=0)
 
 
+def test_one_cache_covers_several_seeds_and_is_recomputed_only_when_needed(tmp_path, teachers):
+    """seed=0,1 caches the union of both seeds' examples (each once); --if-needed keeps a cache with
+    the same key that covers the requested seeds and replaces one that does not."""
+    import precompute as pc
+    overrides = TINY + [f"runs_dir={tmp_path}", "loss=tvkd", "teacher=tiny_teacher", f"teacher.archive={teachers[0]}",
+                        "n_examples=24", "lr=1e-3"]
+    cache = f"teacher.cache={tmp_path}/t"
+    logs = []
+    both = pc.run("teacher", overrides + ["seed=0,1", cache], log=logs.append)
+    one = pc.precompute(compose(overrides + ["seed=0", f"teacher.cache={tmp_path}/t0"]), "teacher", log=logs.append)
+    # the two seeds draw different examples; a seed's own cache holds fewer rows than the union
+    assert one["coverage"]["train"] < both["coverage"]["train"] <= 2 * one["coverage"]["train"]
+    assert [p["seed"] for p in both["coverage"]["plans"]] == [0, 1]
+    for seed in (0, 1):
+        live = trainer_losses(tmp_path, f"live{seed}", overrides[len(TINY) + 1:] + [f"seed={seed}"])
+        cached = trainer_losses(tmp_path, f"cached{seed}", overrides[len(TINY) + 1:] + [f"seed={seed}", cache])
+        assert cached[0] == pytest.approx(live[0], abs=1e-6, rel=0) and len(live[0]) == 3
+    with pytest.raises(Exception, match="rows of this batch are not in the cache"):
+        trainer_losses(tmp_path, "seed2", overrides[len(TINY) + 1:] + ["seed=2", cache])
+    stamp = os.path.getmtime(f"{tmp_path}/t/manifest.json")
+    for seeds in ("seed=0,1", "seed=1"):  # covered: kept
+        assert pc.main(["teacher"] + overrides + [seeds, cache, "--if-needed"]) == 0
+    assert os.path.getmtime(f"{tmp_path}/t/manifest.json") == stamp
+    assert pc.main(["teacher"] + overrides + ["seed=0,1,2", cache, "--if-needed"]) == 0  # seed 2 is not: replaced
+    assert [p["seed"] for p in output_cache_manifest(f"{tmp_path}/t")["coverage"]["plans"]] == [0, 1, 2]
+    # another teacher checkpoint: the key differs, the cache is replaced rather than reused
+    assert pc.main(["teacher"] + overrides[:-2] + [f"teacher.archive={teachers[1]}", "seed=0,1,2", cache,
+                                                   "--if-needed"]) == 0
+    assert teachers[1] in output_cache_manifest(f"{tmp_path}/t")["key"]["teacher.archive"]["source"]
+    # without a checkpoint the reference (the starting policy) is initialised from each run's seed: one
+    # cache cannot serve several seeds
+    with pytest.raises(ValueError, match="randomly initialised with each run's seed"):
+        pc.run("reference", TINY + ["loss=dpo", "seed=0,1", f"reference_cache={tmp_path}/x"])
+
+
+def cache_rows(path, kind):
+    """{row key: {feature: array}} of a finished cache."""
+    import numpy as np
+    import output_cache
+    cache = output_cache.FeatureCache(path, kind)
+    cache._load_index()
+    return {k: {name: np.asarray(m[int(cache._offsets[name][i]):int(cache._offsets[name][i + 1])])
+                for name, m in cache._maps.items()} for k, i in cache._index.items()}
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("teacher", ["loss=ddpo", "teacher.reference_archive={other}"]),
+    ("reference", ["loss=dpo", "model=tiny_teacher", "model.archive={other}"]),
+])
+def test_two_processes_precompute_the_rows_and_values_of_one(tmp_path, teachers, kind, overrides):
+    """trainer=FSDPTrainer precomputes with one process per device (2 CPU workers here), each a share
+    of the batches: the cache holds the same rows with the same values as one process's."""
+    import numpy as np
+    import output_cache
+    common = [o.format(other=teachers[1]) for o in overrides] + [
+        "teacher=tiny_teacher", f"teacher.archive={teachers[0]}", "n_examples=40", "seed=0,1"]
+    key = output_cache.CONFIG_KEY[kind]
+    import precompute as pc
+    run = lambda extra: pc.run(kind, TINY + [f"runs_dir={tmp_path}"] + common + extra, log=lambda *a: None)  # noqa
+    one = run([f"{key}={tmp_path}/one"])
+    two = run([f"{key}={tmp_path}/two", "trainer=FSDPTrainer", "trainer.cpu_workers=2"])
+    assert two["processes"] == 2 and two["rows"] == one["rows"] > 0 and two["tokens"] == one["tokens"]
+    assert two["coverage"] == {**one["coverage"]} and two["key"] == one["key"]
+    a, b = cache_rows(f"{tmp_path}/one", kind), cache_rows(f"{tmp_path}/two", kind)
+    assert set(a) == set(b)
+    for k in a:
+        for name in a[k]:
+            np.testing.assert_allclose(b[k][name], a[k][name], atol=1e-6, rtol=0)
+    assert not [n for n in os.listdir(tmp_path) if ".parts-" in n or ".tmp-" in n]  # the parts are removed
+
+
+def output_cache_manifest(path):
+    import json
+    with open(os.path.join(path, "manifest.json")) as f:
+        return json.load(f)
+
+
 def test_cache_sizes_per_token(tmp_path, teachers):
     common = ["teacher=tiny_teacher", f"teacher.archive={teachers[0]}"]
     tvkd = precompute(tmp_path, "teacher", common + ["loss=tvkd", f"teacher.cache={tmp_path}/a"])

@@ -267,3 +267,50 @@ def test_generation_stages_run_once_per_generating_model_and_are_shared_by_seeds
             assert (out / f"methods/{method}_seed{seed}/DONE").exists()
     # every prompt was in the files: nothing was generated in the runs
     assert "not in the generations files" not in capfd.readouterr().out
+
+
+def test_cache_stages_run_once_for_all_seeds_and_the_methods_match_live_runs(tmp_path, capfd, restore_threads):
+    import train as train_py
+    from conftest import compose, read_metrics
+    out = tmp_path / "cached"
+    args = [a for a in REVERSE_ARGS if not a.startswith(("methods=", "seeds=", "stages.methods.n_examples="))] + [
+        f"out={out}", "methods=[dpo,tvkd,tdpo]", "seeds=2", "stages.methods.n_examples=16"]
+    assert pipeline.main(args) == 0
+    printed = capfd.readouterr().out
+    plan = {line.split(":")[0].strip("# "): line.split(": ", 1)[1].split()
+            for line in (out / "pipeline.yaml").read_text().splitlines() if line.startswith("#   ")}
+    caches = [k for k in plan if k.startswith("precompute/")]
+    # one reference cache (the SFT student's log-probs) shared by dpo and tvkd, one teacher cache for tvkd;
+    # tdpo reads the reference's full distribution and keeps the live reference
+    assert [k.split("_")[0] for k in caches] == ["precompute/reference", "precompute/teacher"]
+    assert list(plan) == ["teacher_sft", "teacher_dpo", "student_sft"] + caches + [
+        "methods/dpo", "methods/tvkd", "methods/tdpo"]
+    ref, teacher = (str(out / "caches" / k.split("/")[1]) for k in caches)
+    assert f"reference_cache={ref}" in plan["methods/dpo"] and f"reference_cache={ref}" in plan["methods/tvkd"]
+    assert f"teacher.cache={teacher}" in plan["methods/tvkd"]
+    assert not [a for a in plan["methods/tdpo"] if a.startswith(("reference_cache=", "teacher.cache="))]
+    for cache in (ref, teacher):  # computed once, for both seeds
+        manifest = json.loads(open(os.path.join(cache, "manifest.json")).read())
+        assert [p["seed"] for p in manifest["coverage"]["plans"]] == [0, 1] and manifest["rows"] > 0
+    # the runs loaded no cached model: dpo's reference (2 seeds), tvkd's reference and teacher (2 seeds)
+    assert printed.count(f"(cached: {ref})") == 4 and printed.count(f"(cached: {teacher})") == 2
+    # a method run from the caches has the losses of the same run with the live teacher and reference
+    run = out / "methods" / "tvkd_seed1"
+    live_args = [a for a in plan["methods/tvkd"] if not a.startswith(("reference_cache=", "teacher.cache=", "seed=",
+                                                                      "exp_name=", "runs_dir="))]
+    cfg = compose(live_args + ["seed=1", "exp_name=live", f"runs_dir={tmp_path}"])
+    live = read_metrics(train_py.run(cfg, live_args))
+    cached = read_metrics(str(run))
+    for key in ("loss/train", "loss/eval"):
+        a, b = [r[key] for r in cached if key in r], [r[key] for r in live if key in r]
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, abs=1e-5, rel=0)
+    # run again: every method run is complete, so the caches are not recomputed
+    assert pipeline.main(args) == 0
+    assert capfd.readouterr().out.count("every run that reads it is complete (DONE); not computed") == 2
+    # a third seed with caches.teacher=false: the reference cache is extended to seed 2, the teacher is live
+    assert pipeline.main(args + ["seeds=3", "caches.teacher=false", "methods=[tvkd]"]) == 0
+    assert "; seeds 0, 1, 2)" in capfd.readouterr().out
+    assert [p["seed"] for p in json.loads(open(os.path.join(ref, "manifest.json")).read())["coverage"]["plans"]
+            ] == [0, 1, 2]
+    config = (out / "methods/tvkd_seed2/config.yaml").read_text()
+    assert f"reference_cache: {ref}" in config and "cache: null" in config
