@@ -129,6 +129,15 @@ def _data_key(cfg, tokenizer) -> Dict:
             "max_prompt_length": int(cfg.max_prompt_length), "truncation_mode": str(cfg.truncation_mode)}
 
 
+def feature_settings(loss_cfg) -> Dict:
+    """The loss.* settings a loss's teacher features depend on (LossSpec.teacher_feature_settings;
+    without it, every loss.* key)."""
+    spec = losses_lib.get_loss(loss_cfg.name)
+    if spec.teacher_feature_settings is not None:
+        return spec.teacher_feature_settings(loss_cfg)
+    return OmegaConf.to_container(loss_cfg, resolve=True)
+
+
 def cache_key(cfg, kind: str, tokenizer) -> Dict:
     """Everything that changes the content of a `kind` cache for the run `cfg`, as a flat dict
     {config key (or a description): value}. Model entries are fingerprint dicts."""
@@ -136,9 +145,7 @@ def cache_key(cfg, kind: str, tokenizer) -> Dict:
     if kind == TEACHER:
         spec = losses_lib.get_loss(cfg.loss.name)
         key["loss.name"] = cfg.loss.name
-        settings = spec.teacher_feature_settings(cfg.loss) if spec.teacher_feature_settings is not None \
-            else OmegaConf.to_container(cfg.loss, resolve=True)
-        for k, v in sorted(settings.items()):
+        for k, v in sorted(feature_settings(cfg.loss).items()):
             key[f"loss.{k}"] = v
         key["teacher.archive"] = model_fingerprint(cfg.teacher, cfg.teacher.get("archive"), cfg.seed + 1,
                                                    cfg.teacher.reference_dtype)

@@ -355,6 +355,7 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
     import output_cache
     import preference_datasets as data
     stages: Dict[str, List[str]] = {}
+    vocab: Dict[str, int] = {}  # tokenizer -> its size (each loaded once)
     for stage, c in configs.items():
         if stage_of(stage) != "methods":
             continue
@@ -368,15 +369,15 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
             if not cfg.caches[kind] or kind in named:
                 continue
             if kind == output_cache.TEACHER:
-                vocab = len(data.get_tokenizer(c.model.tokenizer))
+                if c.model.tokenizer not in vocab:
+                    vocab[c.model.tokenizer] = len(data.get_tokenizer(c.model.tokenizer))
                 try:
-                    if not spec.teacher_need(c.loss) or output_cache.teacher_cache_problem(c, vocab):
+                    if not spec.teacher_need(c.loss) or output_cache.teacher_cache_problem(c, vocab[c.model.tokenizer]):
                         continue
                 except ValueError:  # a setting the loss refuses: the run itself says so, the others go on
                     continue
-                settings = spec.teacher_feature_settings(c.loss) if spec.teacher_feature_settings is not None \
-                    else OmegaConf.to_container(c.loss, resolve=True)
-                what = {"loss": c.loss.name, "features": settings, "teacher": OmegaConf.to_container(c.teacher)}
+                what = {"loss": c.loss.name, "features": output_cache.feature_settings(c.loss),
+                        "teacher": OmegaConf.to_container(c.teacher)}
             else:
                 if spec.reference_need(c.loss) != "logps" or output_cache.reference_cache_problem(c):
                     continue

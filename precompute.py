@@ -164,17 +164,6 @@ def check_seeds(cfg, kind: str, seeds: List[int]) -> None:
                          "each run's seed (no teacher.reference_archive): precompute one cache per seed")
 
 
-def workers_for(cfg) -> int:
-    """How many processes precompute in parallel: with trainer=FSDPTrainer one per GPU (on the CPU
-    trainer.cpu_workers), each holding a whole copy of the frozen model(s) on its own device (a
-    frozen model is only run forward, so it is not sharded); otherwise one."""
-    if cfg.trainer.name != "FSDPTrainer":
-        return 1
-    if cfg.trainer.get("device", "auto") != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return int(cfg.trainer.cpu_workers)
-
-
 def device_for(cfg, rank: int = 0) -> torch.device:
     want = cfg.trainer.get("device", "auto")
     if want in ("auto", "cuda") and torch.cuda.is_available():
@@ -258,6 +247,7 @@ def precompute(cfg, kind: str, log=print, seeds: Optional[List[int]] = None, if_
     examples of `cfg` run with each of `seeds` (default: cfg.seed); returns its manifest. With
     `if_needed`, an existing cache with the same key that covers those plans is kept."""
     import preference_datasets as data
+    import train
     seeds = [int(cfg.seed)] if seeds is None else [int(s) for s in seeds]
     cfg = copy.deepcopy(cfg)
     cfg.seed = seeds[0]
@@ -272,7 +262,9 @@ def precompute(cfg, kind: str, log=print, seeds: Optional[List[int]] = None, if_
             log(f"{output_cache.CONFIG_KEY[kind]}={path}: up to date ({manifest['rows']} rows, "
                 f"{manifest['tokens']} tokens; seeds {', '.join(str(p['seed']) for p in plans)}): kept")
             return manifest
-    world = workers_for(cfg)
+    # under trainer=FSDPTrainer, one process per GPU (trainer.cpu_workers on the CPU), each with a
+    # whole copy of the frozen model(s): they only run forward, so they are not sharded
+    world = train.processes_for(cfg)
     writer = output_cache.CacheWriter(path, overwrite=bool(cfg.get("overwrite", False)) or if_needed)
     start = time.time()
     try:

@@ -213,10 +213,16 @@ def check_data(cfg: DictConfig):
 
 
 def world_size_for(cfg: DictConfig) -> int:
+    if cfg.trainer.name == "FSDPTrainer" and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])  # under torchrun
+    return processes_for(cfg)
+
+
+def processes_for(cfg: DictConfig) -> int:
+    """How many processes a self-launched trainer=FSDPTrainer job starts: one per GPU, or
+    trainer.cpu_workers on the CPU; 1 for the other trainers."""
     if cfg.trainer.name != "FSDPTrainer":
         return 1
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
     want = cfg.trainer.get("device", "auto")
     if want != "cpu" and torch.cuda.is_available():
         return torch.cuda.device_count()
