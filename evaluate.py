@@ -15,7 +15,7 @@ at most once: --n larger than the split is capped (and said); no --n: the whole 
 Metrics (one JSON object on stdout, and returned by `evaluate_checkpoint`):
 
 * `task_<name>`: greedy generations scored by the data set's scorer (data.scorer, see
-  scorers.py; the embedded task's gives `task_exact`, `task_partial`): the stand-in for the
+  prefkd/scorers.py; the embedded task's gives `task_exact`, `task_partial`): the stand-in for the
   paper's reward model.
 * `logp_accuracy`: share of held-out pairs whose chosen response has a higher
   log-probability than the rejected one under the model alone (needs no reference, so it
@@ -25,7 +25,7 @@ Metrics (one JSON object on stdout, and returned by `evaluate_checkpoint`):
   margin: the paper's "Margin Acc.".
 * `n` (rows evaluated) and `settings` (what was used).
 
-Generations (generations.py): --generations F writes one JSON line per prompt (the original
+Generations (prefkd/generations.py): --generations F writes one JSON line per prompt (the original
 prompt, its plain text, the model input, the completion, the reference answer, the scores);
 --alpaca-eval F AlpacaEval's model-outputs JSON; --mt-bench F an MT-Bench answer file (and
 its question file beside it).
@@ -39,10 +39,10 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import OmegaConf
 
-import generations as gen
+from prefkd import generations as gen
 import losses
 import preference_datasets as data
-import scorers
+from prefkd import scorers
 import utils
 
 DEFAULTS = {"datasets": ["embedded"], "max_length": 48, "max_prompt_length": 24, "truncation_mode": "keep_end",

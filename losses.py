@@ -229,7 +229,7 @@ class LossSpec:
     # returning a `Generation` or None (train on the data's responses).
     generation: Optional[Callable[[object], Optional[Generation]]] = None
     # The loss.* settings the teacher features depend on, as {key: value} (a function of the loss
-    # config): what a teacher cache (output_cache.py) is keyed by besides the models and data.
+    # config): what a teacher cache (prefkd/output_cache.py) is keyed by besides the models and data.
     # None: the whole loss config (safe, but any loss.* change then invalidates a cache).
     teacher_feature_settings: Optional[Callable[[object], Dict]] = None
 

@@ -341,7 +341,7 @@ def generation_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Di
 
 def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[str, List[str]]:
     """The stages in running order with a precompute stage before the methods for every teacher
-    and reference cache the methods can read (output_cache.py): the DPO teacher's features for
+    and reference cache the methods can read (prefkd/output_cache.py): the DPO teacher's features for
     a teacher-based loss that can read them from a cache (tvkd, ddpo, top-K KD; not full-vocabulary
     KD or losses that generate), the SFT student's log-probs for the losses that read only the
     reference's log-probs (dpo, wpo, tvkd...; not tdpo). A cache covers every seed's examples,
@@ -352,7 +352,7 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
     through teacher.cache / reference_cache."""
     import hashlib
     import losses
-    import output_cache
+    from prefkd import output_cache
     import preference_datasets as data
     stages: Dict[str, List[str]] = {}
     vocab: Dict[str, int] = {}  # tokenizer -> its size (each loaded once)
@@ -420,7 +420,7 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
     """Before any stage trains: load and validate every stage's data, refuse SFT and
     preference data formatted differently, and load and probe the scorer. Raises ValueError
     (DataError, ScorerError) naming the file, row or key."""
-    import data_checks
+    from prefkd import data_checks
     import losses
     import preference_datasets as data
     import train as train_py

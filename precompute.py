@@ -25,7 +25,7 @@ a sweep over seeds that reads one cache; the cached model must then come from a 
 The cache is written to a temporary directory and renamed into place at the end
 (``overwrite=true`` replaces an existing one; ``--if-needed`` keeps an existing cache whose key
 matches and whose recorded plans include the requested ones, and replaces any other); its key
-and layout are described in output_cache.py. The models run in one process (GPU if available,
+and layout are described in prefkd/output_cache.py. The models run in one process (GPU if available,
 in their ``reference_dtype``); with ``trainer=FSDPTrainer``, one process per GPU (on the CPU
 ``trainer.cpu_workers``), each with a whole copy of the frozen model(s), computes its share of
 the batches (the same rows, and the same values, as one process).
@@ -41,7 +41,7 @@ import torch
 from omegaconf import OmegaConf
 
 import losses as losses_lib
-import output_cache
+from prefkd import output_cache
 import utils
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)

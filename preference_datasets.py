@@ -922,7 +922,7 @@ def _load_source_cached(name: str, split: str, opts_json: str, fingerprint: str)
 # Registry
 # ---------------------------------------------------------------------------
 
-# Scorers of generated completions live in scorers.py (data.scorer; the embedded task's default
+# Scorers of generated completions live in prefkd/scorers.py (data.scorer; the embedded task's default
 # is score_answer above).
 DATASETS = ["embedded"] + sorted(SOURCES)
 
@@ -1361,7 +1361,7 @@ def get_batch_iterator(
     * ``options``: the ``data:`` config section (data_options).
     * Each batch also carries ``dataset`` (data set names), ``original_prompt`` (the prompt
       before any chat template: a string or a message list) and ``reference`` (the SFT
-      target), for scorers (scorers.py) and judges.
+      target), for scorers (prefkd/scorers.py) and judges.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world_size {world_size}")

@@ -22,7 +22,7 @@ import sys
 from typing import Dict, List
 
 # Task columns come first, one per score name found in the eval.json files (task_<name>:
-# the data set's scorer, see scorers.py); then these.
+# the data set's scorer, see prefkd/scorers.py); then these.
 COLUMNS = [("logp_accuracy", "held-out logp acc."), ("pref_accuracy", "pref. acc. (vs ref)"),
            ("pref_margin", "pref. margin")]
 FIXED = [("DPO teacher", "teacher_dpo"), ("SFT teacher", "teacher_sft"), ("SFT student", "student_sft")]

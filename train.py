@@ -205,7 +205,7 @@ def check_data(cfg: DictConfig):
     (files per split, counts, formats, truncation, model length, scorer)."""
     if int(os.environ.get("RANK", 0)) != 0:
         return None
-    import data_checks
+    from prefkd import data_checks
     import preference_datasets as data
     spec = losses.get_loss(cfg.loss.name)
     tokenizer = data.get_tokenizer(cfg.model.tokenizer)

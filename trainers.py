@@ -37,10 +37,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-import generations as generations_lib
-import lean_loading
+from prefkd import generations as generations_lib
+from prefkd import lean_loading
 import losses as losses_lib
-import output_cache
+from prefkd import output_cache
 import preference_datasets as data
 import utils
 from utils import RunError, TrainingStopped, rank0_print
@@ -65,7 +65,7 @@ def build_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str]
     `name_or_path`, else randomly initialised from `init_config` (seeded, so every rank builds
     the same weights). Under lean_loading.deferred() (FSDPTrainer) the model is built on the
     meta device instead, and FSDPTrainer.wrap gives each rank only its own shards of these
-    same weights (lean_loading.py)."""
+    same weights (prefkd/lean_loading.py)."""
     if lean_loading.active():
         from transformers import AutoConfig
         path = utils.resolve_checkpoint(archive) if archive else model_cfg.name_or_path
@@ -260,7 +260,7 @@ class BasicTrainer:
             # Tokenizers are cheap: check them before any model is loaded.
             t_tok = load_tokenizer(cfg.teacher)
             check_same_tokenizer(self.tokenizer, t_tok)
-        # Caches of frozen models' outputs (output_cache.py): a cached model is not loaded.
+        # Caches of frozen models' outputs (prefkd/output_cache.py): a cached model is not loaded.
         caches = output_cache.configured(cfg)
         note = output_cache.reference_cache_ignored(cfg)
         if note:
@@ -654,8 +654,8 @@ class BasicTrainer:
     @torch.no_grad()
     def sample_and_score(self) -> Dict[str, torch.Tensor]:
         """Greedy generations for held-out prompts, scored by the data set's scorer (data.scorer;
-        scorers.py) on the original prompt: logged as task/<name>."""
-        import scorers
+        prefkd/scorers.py) on the original prompt: logged as task/<name>."""
+        from prefkd import scorers
         scorer = scorers.for_config(self.cfg.datasets, self.cfg.get("data")).common()
         scores = {}
         self._last_samples = []

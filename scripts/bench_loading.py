@@ -1,5 +1,5 @@
 """Peak resident host memory of loading a model under FSDP: the old path (every rank builds the
-whole model, then fully_shard) against lean loading (lean_loading.py), and one process for scale.
+whole model, then fully_shard) against lean loading (prefkd/lean_loading.py), and one process for scale.
 
     python scripts/bench_loading.py                # a ~134 M-parameter Llama checkpoint (fp32, 537 MB)
     python scripts/bench_loading.py --random       # also random init from init_config (broadcast path)
@@ -65,7 +65,7 @@ def make_checkpoint(path):
 def load(rank, world, port, archive, lean, random_init, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
-    import lean_loading
+    from prefkd import lean_loading
     import trainers
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

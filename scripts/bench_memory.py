@@ -64,7 +64,7 @@ def one(loss: str, length: int, chunking: bool, threads: int) -> dict:
     t.reference = models["reference"] if t.spec.reference_need(t.cfg.loss) else None
     t.teacher = models["teacher"] if t.spec.teacher_need(t.cfg.loss) else None
     t.teacher_reference = None
-    t.teacher_cache = t.reference_cache = None  # live models (no output_cache.py caches)
+    t.teacher_cache = t.reference_cache = None  # live models (no prefkd/output_cache.py caches)
     g = torch.Generator().manual_seed(0)
     batch = {"prompt": ["p"] * PAIRS}
     for side in ("chosen", "rejected"):

@@ -1,4 +1,4 @@
-"""Teacher and reference caches (precompute.py, output_cache.py): a run that reads a cache has the
+"""Teacher and reference caches (precompute.py, prefkd/output_cache.py): a run that reads a cache has the
 losses of the run with the live model, the cached model is not loaded, and a cache computed with
 other settings (or for a loss that cannot use one) is refused with an error naming the key.
 
@@ -159,7 +159,7 @@ def test_one_cache_covers_several_seeds_and_is_recomputed_only_when_needed(tmp_p
 def cache_rows(path, kind):
     """{row key: {feature: array}} of a finished cache."""
     import numpy as np
-    import output_cache
+    from prefkd import output_cache
     cache = output_cache.FeatureCache(path, kind)
     cache._load_index()
     return {k: {name: np.asarray(m[int(cache._offsets[name][i]):int(cache._offsets[name][i + 1])])
@@ -174,7 +174,7 @@ def test_two_processes_precompute_the_rows_and_values_of_one(tmp_path, teachers,
     """trainer=FSDPTrainer precomputes with one process per device (2 CPU workers here), each a share
     of the batches: the cache holds the same rows with the same values as one process's."""
     import numpy as np
-    import output_cache
+    from prefkd import output_cache
     common = [o.format(other=teachers[1]) for o in overrides] + [
         "teacher=tiny_teacher", f"teacher.archive={teachers[0]}", "n_examples=40", "seed=0,1"]
     key = output_cache.CONFIG_KEY[kind]
@@ -209,7 +209,7 @@ def test_cache_sizes_per_token(tmp_path, teachers):
 
 def test_a_cache_computed_with_other_settings_is_refused(tmp_path, teachers):
     import train
-    import output_cache
+    from prefkd import output_cache
     teacher, other = teachers
     base = ["loss=tvkd", "loss.variant=released", "loss.top_k=5", "teacher=tiny_teacher",
             f"teacher.archive={teacher}", f"teacher.cache={tmp_path}/c", "exp_name=x", f"runs_dir={tmp_path}"]
@@ -231,7 +231,7 @@ def test_a_cache_computed_with_other_settings_is_refused(tmp_path, teachers):
 
 def test_losses_that_cannot_use_a_cache_refuse_it(tmp_path, teachers, capsys):
     import train
-    import output_cache
+    from prefkd import output_cache
     t = ["teacher=tiny_teacher", f"teacher.archive={teachers[0]}", f"runs_dir={tmp_path}", "exp_name=x"]
     tc = f"teacher.cache={tmp_path}/none"
     for overrides, message in [
@@ -256,7 +256,7 @@ def test_losses_that_cannot_use_a_cache_refuse_it(tmp_path, teachers, capsys):
 
 
 def test_an_interrupted_precompute_leaves_no_cache(tmp_path, teachers, monkeypatch):
-    import output_cache
+    from prefkd import output_cache
     calls = []
     real = output_cache.CacheWriter.add
 

@@ -70,7 +70,7 @@ def fake_trainer(loss_cfg, chunking):
     t.teacher = m["teacher"] if t.spec.teacher_need(t.cfg.loss) else None
     t.teacher_reference = m["teacher_reference"] if t.spec.teacher_reference_need(t.cfg.loss) else None
     t.generated_batch = lambda batch, train: (batch, None)
-    t.teacher_cache = t.reference_cache = None  # live models (output_cache.py's caches are not used here)
+    t.teacher_cache = t.reference_cache = None  # live models (prefkd/output_cache.py's caches are not used here)
     t.kinds = []
     plain = t.logits
     t.logits = lambda model, model_in: t.kinds.append(type(out := plain(model, model_in))) or out

@@ -175,7 +175,7 @@ def test_score_answer_hand_cases(completion, exact, partial):
 
 
 def test_score_answer_and_the_embedded_default_scorer():
-    import scorers
+    from prefkd import scorers
     assert pdata.score_answer("<|user|>sort 99=<|end|>sort 5281=", "1258") == {"exact": 1.0, "partial": 1.0}
     task = scorers.for_config(["embedded", "hh"])  # data.scorer unset: each data set's default
     assert task.specs() == {"embedded": "preference_datasets:score_answer", "hh": None}

@@ -1,4 +1,4 @@
-"""Lean loading under FSDP (lean_loading.py): 2 gloo processes on the CPU build every model on
+"""Lean loading under FSDP (prefkd/lean_loading.py): 2 gloo processes on the CPU build every model on
 the meta device, shard it and materialise only their own shards; the gathered full state dict
 must equal, bit for bit, what the single-process path (from_pretrained / seeded from_config)
 builds. One spawn covers every case (~15 s): our checkpoint with tied embeddings (fp32 and
@@ -65,7 +65,7 @@ def worker(rank, world, port, root, paths, errors):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    import lean_loading
+    from prefkd import lean_loading
     import preference_datasets as data
     import trainers
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -135,7 +135,7 @@ def test_lean_loading_two_ranks_equals_full_load(tmp_path):
 def test_safetensors_rows_read(tmp_path):
     """SafetensorsFile.read_rows: byte-range reads equal safetensors' own loader, any dtype."""
     from safetensors.torch import save_file
-    import lean_loading
+    from prefkd import lean_loading
     tensors = {"a": torch.randn(7, 5), "b": torch.randn(3, 2, 4).bfloat16(), "c": torch.tensor(3.5),
                "d": torch.arange(10, dtype=torch.int64), "e": torch.randn(0, 3)}
     path = str(tmp_path / "x.safetensors")

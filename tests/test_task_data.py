@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-import data_checks
+from prefkd import data_checks
 import preference_datasets as pdata
-import scorers
+from prefkd import scorers
 
 REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
 SCORER_FILE = os.path.join(REVERSE, "reverse_scorer.py")

@@ -20,7 +20,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 import preference_datasets as data
-import scorers
+from prefkd import scorers
 import utils
 
 # More than this share of a split's examples truncated is reported prominently.
