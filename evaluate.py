@@ -39,11 +39,11 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import OmegaConf
 
-from prefkd import generations as gen
+from prefkd import generation as gen
 import losses
 import preference_datasets as data
 from prefkd import scorers
-import utils
+from prefkd import checkpoints
 
 DEFAULTS = {"datasets": ["embedded"], "max_length": 48, "max_prompt_length": 24, "truncation_mode": "keep_end",
             "max_new_tokens": 16, "batch_size": 32, "beta": 0.1}
@@ -51,7 +51,7 @@ DEFAULTS = {"datasets": ["embedded"], "max_length": 48, "max_prompt_length": 24,
 
 def load(path: str):
     from transformers import AutoModelForCausalLM
-    ckpt = utils.resolve_checkpoint(path)
+    ckpt = checkpoints.resolve_checkpoint(path)
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise ValueError(f"{path} is not a checkpoint (no config.json at {ckpt})")
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
@@ -62,7 +62,7 @@ def run_config(path: str):
     """(the config the checkpoint was trained with as a dict, where it was read) or (None, None):
     the checkpoint's trainer_state.json, else config.yaml of its run directory."""
     try:
-        ckpt = utils.resolve_checkpoint(path)
+        ckpt = checkpoints.resolve_checkpoint(path)
     except Exception:
         ckpt = path
     state = os.path.join(ckpt, "trainer_state.json")
@@ -126,8 +126,9 @@ def resolve_settings(path: str, datasets=None, n_examples=None, batch_size=None,
 @torch.no_grad()
 def sequence_logps(model, batch: Dict) -> torch.Tensor:
     """[2B] summed response log-probs: chosen rows first, then rejected (through the chunked
-    output layer, trainers.output_logits: no [2B, L, V] logits tensor)."""
-    from trainers import concatenated_inputs, output_logits
+    output layer, logits.output_logits: no [2B, L, V] logits tensor)."""
+    from prefkd.logits import output_logits
+    from trainers import concatenated_inputs
     inp = concatenated_inputs(batch, pairwise=True)
     logits = output_logits(model, {"input_ids": inp["input_ids"], "attention_mask": inp["attention_mask"]}, chunk=True)
     return losses.sequence_logps(losses.token_logps(logits, inp["labels"]), losses.response_mask(inp["labels"]))

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 
 import preference_datasets as data
 import utils
+from prefkd import checkpoints
 
 DEFAULTS = {
     "checkpoint": None,
@@ -71,8 +72,8 @@ def parse_args(argv: List[str]):
         raise ValueError("name a checkpoint: python generate.py <run dir, LATEST or step-* dir> out=<file>")
     if not cfg.out:
         raise ValueError("out=<file.jsonl> is required")
-    ckpt = utils.resolve_checkpoint(cfg.checkpoint)
-    problem = utils.model_dir_problem(ckpt) if os.path.isdir(ckpt) else f"no directory {ckpt}"
+    ckpt = checkpoints.resolve_checkpoint(cfg.checkpoint)
+    problem = checkpoints.model_dir_problem(ckpt) if os.path.isdir(ckpt) else f"no directory {ckpt}"
     if problem:
         raise ValueError(f"checkpoint {cfg.checkpoint!r} is not usable: {problem}")
     run = run_config(ckpt)

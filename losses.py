@@ -12,74 +12,31 @@ Each loss is two layers:
 The trainer never branches on a loss name: it reads the spec. Adding a loss means one
 function and one ``@register`` here plus one YAML file in ``config/loss/``.
 
-Indexing convention. ``labels`` are Hugging Face style: ``labels[:, i]`` is the token at
-input position i, -100 off the response. The logits at position i predict token i+1, so
-the per-token tensors used below are *shifted*: index j of a ``[N, L-1]`` tensor is the
-response token ``labels[:, j+1]`` and the state before it (logits position j). The logits
-at the position of the last response token (the EOS) are the state after the response,
-s_{T+1}; losses that need it (TVKD) read it from the unshifted logits.
-
-Chunked output layer. With `output_chunking: true` (the default) the trainer hands the losses
-`LazyLogits` (a model's final hidden states [N, L, H] and output weight [V, H]) in place of
-every [N, L, V] logits tensor; `chunked` projects one chunk of positions at a time inside the
-chunk functions (recomputed in backward), so no [N, L, V] tensor of any model exists. The
-losses' code is the same for both.
+Indexing, masks and log-probabilities (prefkd/logprobs.py), the chunked output layer
+(prefkd/logits.py: losses read `LazyLogits` and logits tensors alike, through `chunked` and
+`token_logps`) and the registry machinery (prefkd/loss_spec.py) live below this module; it
+holds the losses themselves.
 """
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
-IGNORE_INDEX = -100
-Metrics = Dict[str, torch.Tensor]
-
-
-# ------------------------------------------------------------------ per-token helpers
-
-def response_mask(labels: torch.LongTensor) -> torch.Tensor:
-    """[N, L] labels -> [N, L-1] float mask of response tokens in shifted indexing."""
-    return (labels[:, 1:] != IGNORE_INDEX).float()
+from prefkd.logits import CHUNK_ELEMENTS, LazyLogits, chunk_positions, chunked, log_softmax_f32  # noqa: F401
+from prefkd.logprobs import (IGNORE_INDEX, LOG_ZERO, check_teacher_vocab, chunked_token_logps,  # noqa: F401
+                             collapse_topk, collapsed_token_logp, forward_kl, gather_next, last_token_mask,
+                             response_mask, sequence_logps, shifted_targets, split_pairs, teacher_topk_ids,
+                             token_logps)
+from prefkd.loss_spec import (GENERATION_SOURCES, LOSSES, Generation, LossInputs, LossSpec, Metrics,  # noqa: F401
+                              register, require)
 
 
-def token_logps(logits: "Logits", labels: torch.LongTensor) -> torch.Tensor:
-    """Per-token log p(y_t | s_t), zero off the response.
-
-    Args:
-        logits: [N, L, V] unshifted logits, or a `LazyLogits` of that shape.
-        labels: [N, L] with IGNORE_INDEX off the response.
-    Returns:
-        [N, L-1] float32 log-probs (shifted indexing).
-
-    Uses gather - logsumexp rather than log_softmax so that no second [N, L, V] tensor is
-    materialised. A `LazyLogits` is projected chunk by chunk along the sequence (recomputed in
-    backward), so no [N, L, V] tensor exists at all.
-    """
-    if isinstance(logits, LazyLogits):
-        def pick(z, y):
-            z = z.float()
-            return torch.gather(z, -1, y) - torch.logsumexp(z, dim=-1, keepdim=True)
-        out = chunked(pick, logits[:, :-1], shifted_targets(labels).unsqueeze(-1), grad=True).squeeze(-1)
-        return out * response_mask(labels)
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:].clone()
-    mask = targets != IGNORE_INDEX
-    targets[~mask] = 0
-    picked = torch.gather(logits, 2, targets.unsqueeze(2)).squeeze(2)
-    return (picked - torch.logsumexp(logits, dim=-1)) * mask
-
-
-def sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """[N, T] per-token values -> [N] sums (or means over response tokens)."""
-    total = (per_token * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
-
-
-def split_pairs(t: torch.Tensor, n_pairs: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows [0, B) are the chosen responses, rows [B, 2B) the rejected ones."""
-    return t[:n_pairs], t[n_pairs:]
+def get_loss(name: str) -> LossSpec:
+    """The registered spec of loss `name` (config key `loss.name`)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r} (config key `loss.name`); registered losses: {sorted(LOSSES)}")
+    return LOSSES[name]
 
 
 # ------------------------------------------------------------------ pure losses
@@ -138,157 +95,7 @@ def ipo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: t
     return (h - 1.0 / (2.0 * beta)) ** 2
 
 
-# ------------------------------------------------------------------ registry
-
-@dataclass
-class LossInputs:
-    """What the trainer hands a loss. N = 2B rows for pairwise losses (chosen first), B otherwise.
-
-    With the chunked output layer (config `output_chunking`), policy_logits, reference_logits
-    and the teacher's full-vocabulary features are `LazyLogits` of that shape: the losses read
-    them only through `chunked` / `token_logps` / slicing / `.shape` / `.detach()`."""
-    policy_logits: "Logits"                          # [N, L, V], with grad
-    labels: torch.LongTensor                         # [N, L]
-    n_pairs: int                                     # B
-    reference_logps: Optional[torch.Tensor] = None   # [N, L-1] if spec.reference == "logps"
-    reference_logits: Optional["Logits"] = None      # [N, L, V] if spec.reference == "logits"
-    teacher: Optional[Dict[str, torch.Tensor]] = None  # spec.teacher_features(teacher_logits, labels, cfg)
-    _cache: Dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        if "mask" not in self._cache:
-            self._cache["mask"] = response_mask(self.labels)
-        return self._cache["mask"]
-
-    @property
-    def policy_logps(self) -> torch.Tensor:
-        """[N, L-1] per-token policy log-probs (with grad)."""
-        if "policy_logps" not in self._cache:
-            self._cache["policy_logps"] = token_logps(self.policy_logits, self.labels)
-        return self._cache["policy_logps"]
-
-
-ComputeFn = Callable[[LossInputs, object], Tuple[torch.Tensor, Metrics]]
-Need = Union[None, str, Callable[[object], Optional[str]]]
-
-GENERATION_SOURCES = ("teacher", "reference", "policy")
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Responses a loss trains on that the trainer generates for the batch's prompts, before any
-    forward pass (so the teacher, reference and policy all see the generated responses).
-
-    source: "teacher" (the frozen teacher), "reference" (the frozen starting student: loaded
-        even when the loss reads none of its outputs) or "policy" (the current student).
-    replaces: the batch responses the generations replace, "chosen" or "rejected" (the rows
-        [0, B) or [B, 2B) of a pairwise loss; "chosen" for single-target losses).
-    probability: chance that a training micro-batch is generated (else it keeps the data's
-        responses); drawn from a generator seeded identically on every rank.
-    temperature: None for greedy decoding (or beam search with num_beams > 1); > 0 samples
-        at that temperature from the full distribution (no top-k / top-p).
-    num_beams: beam search width of greedy decoding (1: plain greedy).
-    max_new_tokens: None: up to the run's max_length (prompt + response).
-    train_only: evaluation batches keep the data's responses.
-    Generations of a frozen source are cached per prompt: each prompt is generated once."""
-    source: str
-    replaces: str = "chosen"
-    probability: float = 1.0
-    temperature: Optional[float] = None
-    num_beams: int = 1
-    max_new_tokens: Optional[int] = None
-    train_only: bool = False
-
-    @property
-    def frozen(self) -> bool:
-        return self.source != "policy"
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    name: str
-    compute: ComputeFn
-    # True: chosen and rejected rows (N = 2B); False: one row per example (N = B), the chosen
-    # response, or the data set's SFT target when sft_targets is True.
-    pairwise: bool = True
-    sft_targets: bool = False
-    # What the loss needs of the frozen reference: None, "logps" ([N, L-1] per-token log-probs)
-    # or "logits" (the full [N, L, V] logits); or a function of the loss config returning one.
-    reference: Need = None
-    # Reduces the teacher's [N, L, V] logits to what the loss needs, right after the teacher's
-    # forward pass, so that the full teacher logits do not outlive it. None: no teacher.
-    teacher_features: Optional[Callable] = None
-    validate: Optional[Callable[[object], None]] = None
-    # The teacher's own reference (its SFT model, `teacher.reference_archive`), a second frozen
-    # teacher-side model: (its [N, L, V] logits, labels, cfg, the dict teacher_features returned)
-    # -> the dict the loss reads as LossInputs.teacher, called right after its forward pass (it
-    # may consume entries of the teacher's dict). None: not loaded.
-    teacher_reference_features: Optional[Callable] = None
-    # Responses generated by a model for the batch's prompts: a function of the loss config
-    # returning a `Generation` or None (train on the data's responses).
-    generation: Optional[Callable[[object], Optional[Generation]]] = None
-    # The loss.* settings the teacher features depend on, as {key: value} (a function of the loss
-    # config): what a teacher cache (prefkd/output_cache.py) is keyed by besides the models and data.
-    # None: the whole loss config (safe, but any loss.* change then invalidates a cache).
-    teacher_feature_settings: Optional[Callable[[object], Dict]] = None
-
-    def reference_need(self, cfg) -> Optional[str]:
-        return self.reference(cfg) if callable(self.reference) else self.reference
-
-    def generation_need(self, cfg) -> Optional[Generation]:
-        return self.generation(cfg) if self.generation is not None else None
-
-    def teacher_need(self, cfg) -> bool:
-        """The teacher model is loaded for its features or to generate responses."""
-        gen = self.generation_need(cfg)
-        return self.teacher_features is not None or (gen is not None and gen.source == "teacher")
-
-    def teacher_reference_need(self, cfg) -> bool:
-        return self.teacher_reference_features is not None
-
-    def reference_model_need(self, cfg) -> bool:
-        """The frozen reference model is loaded for its outputs or to generate responses."""
-        gen = self.generation_need(cfg)
-        return bool(self.reference_need(cfg)) or (gen is not None and gen.source == "reference")
-
-
-LOSSES: Dict[str, LossSpec] = {}
-
-
-def register(name: str, **spec_fields):
-    def wrap(fn: ComputeFn) -> ComputeFn:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = LossSpec(name=name, compute=fn, **spec_fields)
-        return fn
-    return wrap
-
-
-def get_loss(name: str) -> LossSpec:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r} (config key `loss.name`); registered losses: {sorted(LOSSES)}")
-    return LOSSES[name]
-
-
-# ------------------------------------------------------------------ config checks
-
-def require(cfg, key: str, positive: bool = False, nonnegative: bool = False, choices=None):
-    """Raise a ValueError naming `loss.<key>` if it is missing or out of range."""
-    from omegaconf import OmegaConf
-    if OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg, key):
-        raise ValueError(f"loss.{key} is required for loss={cfg.name}: pass loss.{key}=<value>")
-    value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
-    if value is None:
-        raise ValueError(f"loss.{key} is required for loss={cfg.name}: pass loss.{key}=<value>")
-    if choices is not None and value not in choices:
-        raise ValueError(f"loss.{key}={value!r} is not one of {list(choices)}")
-    if positive and not value > 0:
-        raise ValueError(f"loss.{key} must be > 0, got {value}")
-    if nonnegative and not value >= 0:
-        raise ValueError(f"loss.{key} must be >= 0, got {value}")
-    return value
-
+# ------------------------------------------------------------------ shared by the preference losses
 
 def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> Metrics:
     """The metrics every preference loss logs (docs/losses.md); per-example [B] tensors."""
@@ -345,149 +152,7 @@ def _ipo(inp: LossInputs, cfg):
 
 # ================================================================== teacher-based losses
 #
-# Vocabulary-sized work (log-softmax, KL, logsumexp, top-k) runs in chunks along the
-# sequence, sized so that a chunk holds about CHUNK_ELEMENTS floats: with a 128k vocabulary
-# the [2B, L, V] fp32 temporaries are what run out of memory first. Where the chunk needs
-# the policy's gradient it is recomputed in backward (activation checkpointing), so autograd
-# does not keep a full-size log-softmax alive either.
-
-CHUNK_ELEMENTS = 1 << 25
-
-
-def chunk_positions(n_rows: int, vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, n_rows * vocab))
-
-
-class LazyLogits:
-    """A vocabulary-sized [N, L, V] tensor that is never materialised whole (the chunked output
-    layer, config key `output_chunking`).
-
-    A leaf is a model's output layer applied to its final hidden states,
-
-        logits = hidden @ weight.T (+ bias)      hidden [N, L, H], weight [V, H], bias [V] or None
-
-    and a node applies a position-wise function to the chunks of its children
-    (``map``: the teacher's log-softmax; ``combine``: ADPA's advantage, a difference of two
-    models' log-softmaxes). ``chunked`` slices it along the sequence and projects each slice
-    inside its (checkpointed) chunk function, so at most one chunk's [N, c, V] logits exist;
-    the losses read it exactly as they read a logits tensor, through ``chunked`` and
-    ``token_logps``. Gradients reach `hidden` and `weight` (a tied embedding included) through
-    ordinary autograd.
-
-    Supported: ``shape``, ``t[rows, positions]`` with slices on the first two dims only,
-    ``detach()``, ``map(fn)``, ``combine(fn, *parts)`` and ``materialize()`` (the full tensor,
-    for tests and small inputs)."""
-
-    def __init__(self, hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                 bias: Optional[torch.Tensor] = None, *, fn: Optional[Callable] = None,
-                 children: Tuple["LazyLogits", ...] = ()):
-        if fn is None:
-            if hidden is None or weight is None or hidden.dim() != 3 or weight.dim() != 2 \
-                    or hidden.shape[-1] != weight.shape[-1]:
-                raise ValueError("LazyLogits needs hidden [N, L, H] and weight [V, H]")
-        elif not children:
-            raise ValueError("a LazyLogits node needs children")
-        self.hidden, self.weight, self.bias, self.fn, self.children = hidden, weight, bias, fn, tuple(children)
-
-    @property
-    def shape(self) -> torch.Size:
-        if self.fn is None:
-            return torch.Size((*self.hidden.shape[:2], self.weight.shape[0]))
-        return self.children[0].shape
-
-    @property
-    def requires_grad(self) -> bool:
-        if self.fn is None:
-            return any(t is not None and t.requires_grad for t in (self.hidden, self.weight, self.bias))
-        return any(c.requires_grad for c in self.children)
-
-    def __getitem__(self, idx) -> "LazyLogits":
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if len(idx) > 2 or not all(isinstance(i, slice) for i in idx):
-            raise IndexError(f"LazyLogits takes slices of its rows and positions only, got {idx!r}")
-        if self.fn is None:
-            return LazyLogits(self.hidden[idx], self.weight, self.bias)
-        return LazyLogits(fn=self.fn, children=tuple(c[idx] for c in self.children))
-
-    def detach(self) -> "LazyLogits":
-        if self.fn is None:
-            return LazyLogits(self.hidden.detach(), self.weight.detach(),
-                              None if self.bias is None else self.bias.detach())
-        return LazyLogits(fn=self.fn, children=tuple(c.detach() for c in self.children))
-
-    def map(self, fn: Callable) -> "LazyLogits":
-        """fn([N, c, V] chunk) -> [N, c, V], applied lazily."""
-        return LazyLogits(fn=fn, children=(self,))
-
-    @staticmethod
-    def combine(fn: Callable, *parts: "LazyLogits") -> "LazyLogits":
-        """fn(chunk of parts[0], chunk of parts[1], ...) -> [N, c, V], applied lazily."""
-        return LazyLogits(fn=fn, children=parts)
-
-    def materialize(self) -> torch.Tensor:
-        if self.fn is None:
-            return F.linear(self.hidden, self.weight, self.bias)
-        return self.fn(*(c.materialize() for c in self.children))
-
-
-Logits = Union[torch.Tensor, LazyLogits]
-
-
-def _materialized(fn: Callable, *parts):
-    """fn applied to the parts, each LazyLogits projected (this chunk only) first."""
-    return fn(*(p.materialize() if isinstance(p, LazyLogits) else p for p in parts))
-
-
-def log_softmax_f32(z: torch.Tensor) -> torch.Tensor:
-    """[..., V] -> [..., V] float32 log-softmax."""
-    return torch.log_softmax(z.float(), -1)
-
-
-def chunked(fn: Callable, *tensors: Logits, grad: bool = False) -> torch.Tensor:
-    """Apply ``fn`` to slices [:, i:i+c] of every tensor (dim 1 = sequence) and concatenate
-    the results along dim 1. ``fn`` must be position-wise (output dim 1 = the slice's length).
-    A `LazyLogits` argument reaches ``fn`` as the projected [N, c, V] logits of its slice.
-
-    c = chunk_positions(N, V) with N, V the first tensor's first and last dims.
-    ``grad=True`` (and grad enabled): each chunk is recomputed in backward (activation
-    checkpointing), so autograd keeps only the inputs' slices, never a full-size temporary
-    (for a LazyLogits: the hidden states' slice; the projection is recomputed too).
-    Otherwise the chunks are written into one preallocated output, so the peak is the output
-    plus one chunk's temporaries (no list of chunks plus a concatenated copy)."""
-    n, length, vocab = tensors[0].shape[0], tensors[0].shape[1], tensors[0].shape[-1]
-    c = chunk_positions(n, vocab)
-    use_checkpoint = grad and torch.is_grad_enabled()
-    if length <= c and not use_checkpoint:
-        return _materialized(fn, *tensors)
-    outs, out = [], None
-    for i in range(0, length, c):
-        parts = [t[:, i:i + c] for t in tensors]
-        if use_checkpoint:
-            outs.append(torch.utils.checkpoint.checkpoint(_materialized, fn, *parts, use_reentrant=False))
-            continue
-        y = _materialized(fn, *parts)
-        if y.requires_grad:  # an autograd graph through the chunks: keep them and concatenate
-            outs.append(y)
-            continue
-        if out is None:
-            out = y.new_empty(y.shape[:1] + (length,) + y.shape[2:])
-        out[:, i:i + y.shape[1]] = y
-    return out if out is not None else torch.cat(outs, dim=1)
-
-
-def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
-    """[N, T] response mask -> [N, T] one-hot of each row's last response token."""
-    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1, keepdim=True).values
-    return (idx == last).float() * mask
-
-
-def gather_next(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """[N, L] per-position values -> (V(s_t), V(s_{t+1})) in shifted indexing, [N, L-1] each.
-
-    The state s_t of token j (shifted) is logits position j; s_{t+1} is position j+1. For the
-    last response token, position j+1 is the EOS position: its value is V(s_{T+1})."""
-    return values[:, :-1], values[:, 1:]
+# Vocabulary-sized work runs in chunks along the sequence (prefkd/logits.py `chunked`).
 
 
 # ------------------------------------------------------------------ potentials (teacher values)
@@ -536,97 +201,7 @@ def action_potential(z: torch.Tensor, actions: torch.LongTensor, kind: str) -> t
     raise ValueError(f"unknown action potential {kind!r}; use one of {ACTION_POTENTIALS}")
 
 
-# A finite stand-in for log 0, used for a "rest" slot that holds no token. exp() of it is
-# exactly 0 in float32 and float64, so its slot adds exactly nothing to a KL, an entropy or a
-# logsumexp over the slots, and 0 * LOG_ZERO = 0 where 0 * log 0 = 0 * -inf would be NaN (in the
-# loss and in its gradient). It stays finite under the scalings the released recipe applies
-# ((a1 S + a0 T) / a~ with weights up to ~1e8).
-LOG_ZERO = -1e30
-
-
-def collapse_topk(logits: torch.Tensor, ids: torch.LongTensor) -> torch.Tensor:
-    """Log-probs of a distribution collapsed onto K given tokens plus one "rest" slot.
-
-    Args: logits [..., V]; ids [..., K] distinct token ids (the teacher's top-K at that state).
-    Returns: [..., K+1] float32 log-probs:
-
-        slot i < K:  log p(ids_i)          = z(ids_i) - logsumexp(z)
-        slot K:      log sum_{a not in ids} p(a) = logsumexp(z over the tokens outside ids) - logsumexp(z)
-
-    The rest slot is taken from the logits outside the K ids (a masked copy of this chunk),
-    never as log(1 - sum of the K probabilities): once the rest holds less than float32's
-    resolution of 1 (~6e-8) that sum rounds to 1, the log to log 0, and its gradient
-    explodes. This way it is exact and finite however peaked the distribution is.
-    The ids are overwritten with LOG_ZERO rather than -inf, so the logsumexp never meets
-    an all -inf row: K = V (nothing outside) or only -inf logits outside (a teacher's padded
-    vocabulary rows masked to -inf) give a rest slot of LOG_ZERO + log K - logsumexp(z),
-    i.e. LOG_ZERO in float32, whose probability is exactly 0; the K+1 slots then give exactly
-    the full-vocabulary KL / entropy / logsumexp, and the gradient is finite (no 0 * -inf).
-    Otherwise the filled entries add exactly 0 to the rest: exp(LOG_ZERO - z) is 0 for any
-    logit z above about -1e29."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    top = torch.gather(logits, -1, ids) - lse
-    outside = logits.scatter(-1, ids, LOG_ZERO)
-    rest = torch.logsumexp(outside, dim=-1, keepdim=True) - lse
-    return torch.cat([top, rest], dim=-1)
-
-
-def collapsed_token_logp(collapsed: torch.Tensor, ids: torch.LongTensor, tokens: torch.LongTensor) -> torch.Tensor:
-    """log pi~(y|s): the slot of token y in a collapsed distribution (its own slot if y is
-    among the K ids, else the rest slot). collapsed [..., K+1], ids [..., K], tokens [...]."""
-    hit = ids == tokens.unsqueeze(-1)
-    slot = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(tokens, ids.shape[-1]))
-    return torch.gather(collapsed, -1, slot.unsqueeze(-1)).squeeze(-1)
-
-
-def forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """KL(p_T || pi_theta) = sum_a p_T(a) (log p_T(a) - log pi_theta(a)), over the last dim."""
-    p = teacher_logp.exp()
-    return (p * (teacher_logp - student_logp)).sum(-1)
-
-
-def shifted_targets(labels: torch.LongTensor) -> torch.LongTensor:
-    """[N, L] labels -> [N, L-1] token ids in shifted indexing (0 off the response)."""
-    t = labels[:, 1:].clone()
-    t[t == IGNORE_INDEX] = 0
-    return t
-
-
-def teacher_topk_ids(teacher_logits: torch.Tensor, k, key: str) -> torch.LongTensor:
-    """[N, L, V] teacher logits -> [N, L, k] ids of its top-k tokens at every position (chunked).
-    `key` names the config entry in the error raised when k exceeds the vocabulary."""
-    k, vocab = int(k), teacher_logits.shape[-1]
-    if not 1 <= k <= vocab:
-        raise ValueError(f"loss.{key}={k} must be in [1, vocabulary size {vocab}]")
-    return chunked(lambda z: z.topk(k, dim=-1).indices, teacher_logits)
-
-
-def check_teacher_vocab(teacher: Dict[str, torch.Tensor], policy_logits: torch.Tensor) -> None:
-    """A clear error instead of a shape error (or an out-of-range gather) when the teacher's
-    vocabulary dimension differs from the student's. Top-k ids are accepted whenever they
-    index into the student's vocabulary (a teacher whose embedding is padded beyond the
-    shared tokenizer is fine)."""
-    vocab = policy_logits.shape[-1]
-    if "teacher_logp" in teacher and teacher["teacher_logp"].shape[-1] != vocab:
-        raise ValueError(f"the teacher's logits have {teacher['teacher_logp'].shape[-1]} entries per position and "
-                         f"the student's {vocab}: full-vocabulary KD needs one vocabulary (or set loss.teacher_top_k)")
-    if "topk_ids" in teacher and teacher["topk_ids"].numel() and int(teacher["topk_ids"].max()) >= vocab:
-        raise ValueError(f"the teacher's top-k contains token id {int(teacher['topk_ids'].max())}, outside the "
-                         f"student's vocabulary of {vocab}: teacher and student must share one tokenizer")
-
-
 # ------------------------------------------------------------------ tdpo
-
-def sequence_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SeqKL(y) = sum_t m_t KL(pi_ref(.|s_t) || pi_theta(.|s_t)) over the full vocabulary.
-
-    Args: *_logits [N, L, V] unshifted; mask [N, L-1] (shifted). Returns [N].
-    Computed from log-softmax of both models, chunk by chunk along the sequence."""
-    def kl(ref, pol):
-        return forward_kl(torch.log_softmax(ref.float(), -1), torch.log_softmax(pol.float(), -1))
-    per_token = chunked(kl, reference_logits[:, :-1], policy_logits[:, :-1], grad=True)
-    return (per_token * mask).sum(-1)
 
 
 def _tdpo_chunk(ref: torch.Tensor, pol: torch.Tensor, targets: torch.LongTensor) -> torch.Tensor:
@@ -931,16 +506,6 @@ def _dckd(inp: LossInputs, cfg):
 # is declared in its LossSpec: `reference`, `teacher_features`, `teacher_reference_features`
 # (the teacher's own SFT reference, `teacher.reference_archive`) and `generation` (responses
 # generated for the batch's prompts).
-
-def chunked_token_logps(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-    """`token_logps` chunk by chunk along the sequence (for frozen models, no grad): [N, L, V]
-    unshifted logits, [N, L] labels -> [N, L-1] log p(y_t|s_t), zero off the response, without
-    a full-size fp32 copy of bf16 logits."""
-    def pick(z, y):
-        z = z.float()
-        return torch.gather(z, -1, y) - torch.logsumexp(z, dim=-1, keepdim=True)
-    out = chunked(pick, logits[:, :-1], shifted_targets(labels).unsqueeze(-1)).squeeze(-1)
-    return out * response_mask(labels)
 
 
 def _validate_generation(cfg, sampled: bool = False):

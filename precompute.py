@@ -34,7 +34,6 @@ import copy
 import os
 import sys
 import time
-import types
 from typing import Dict, List, Optional
 
 import torch
@@ -43,6 +42,7 @@ from omegaconf import OmegaConf
 import losses as losses_lib
 from prefkd import output_cache
 import utils
+from prefkd import models
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)
 USAGE = ("usage: python precompute.py {teacher|reference} <train.py overrides> "
@@ -84,51 +84,29 @@ def check(cfg, kind: str, tokenizer) -> str:
     return path
 
 
-class FrozenModels:
-    """The frozen model(s) of one cache kind, built as the trainer builds them, and the features
-    the loss would read of them for a batch."""
+def frozen_models(cfg, kind: str, tokenizer, device: torch.device) -> "models.FrozenModels":
+    """The frozen model(s) of one cache kind, built by the code that builds the trainer's
+    (prefkd/models.py), on `device`."""
+    spec = losses_lib.get_loss(cfg.loss.name)
+    frozen = models.FrozenModels(cfg, spec, tokenizer, roles=(kind,))
+    frozen.wrap(lambda model, model_cfg, trainable: model.to(device))
+    return frozen
 
-    def __init__(self, cfg, kind: str, tokenizer, device: torch.device):
-        import trainers
-        self.cfg, self.kind, self.device = cfg, kind, device
-        self.spec = losses_lib.get_loss(cfg.loss.name)
-        self.second = None
-        if kind == output_cache.TEACHER:
-            t_tok = trainers.load_tokenizer(cfg.teacher)
-            trainers.check_same_tokenizer(tokenizer, t_tok)
-            dtype = utils.get_dtype(cfg.teacher.reference_dtype)
-            self.model = trainers.build_model(cfg.teacher, t_tok, dtype, cfg.teacher.archive, cfg.seed + 1)
-            if self.spec.teacher_reference_need(cfg.loss):
-                self.second = trainers.build_model(cfg.teacher, t_tok, dtype, cfg.teacher.reference_archive,
-                                                   cfg.seed + 2)
-        else:
-            self.model = trainers.build_model(cfg.model, tokenizer, utils.get_dtype(cfg.model.reference_dtype),
-                                              cfg.model.archive, cfg.seed)
-        for m in (self.model, self.second):
-            if m is not None:
-                trainers.freeze(m).to(device)
 
-    @torch.no_grad()
-    def features(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        labels = inputs["labels"]
-        logits = self.model(**model_in).logits
-        if self.kind == output_cache.REFERENCE:
-            return {"reference_logps": losses_lib.token_logps(logits, labels)}
-        out = self.spec.teacher_features(logits, labels, self.cfg.loss)
-        del logits
-        if self.second is not None:
-            out = self.spec.teacher_reference_features(self.second(**model_in).logits, labels, self.cfg.loss, out)
-        return out
+def features(frozen: "models.FrozenModels", kind: str, inputs: Dict[str, torch.Tensor], device) -> Dict:
+    """What a `kind` cache stores for one batch: the features the loss would read (full logits:
+    the cache stores what a run without output chunking computes)."""
+    def logits(model, model_in):
+        return model(**model_in, use_cache=False).logits
+    if kind == output_cache.REFERENCE:
+        return frozen.reference_outputs(inputs, logits, device)
+    return frozen.teacher_features(inputs, logits, device)
 
 
 def run_batches(cfg, tokenizer, split: str):
-    """The batches the trainer reads of `split` (one process): BasicTrainer.batch_iterator itself,
-    called on the few attributes it reads, so that precompute sees exactly the run's examples."""
+    """The batches the trainer reads of `split` (one process), from the trainer's own rule."""
     import trainers
-    reader = types.SimpleNamespace(cfg=cfg, tokenizer=tokenizer, spec=losses_lib.get_loss(cfg.loss.name),
-                                   rank=0, world_size=1)
-    return trainers.BasicTrainer.batch_iterator(reader, split)
+    return trainers.run_batches(cfg, tokenizer, losses_lib.get_loss(cfg.loss.name), split)
 
 
 def plans_of(cfg, seeds: List[int]) -> List[Dict]:
@@ -165,11 +143,11 @@ def check_seeds(cfg, kind: str, seeds: List[int]) -> None:
 
 
 def device_for(cfg, rank: int = 0) -> torch.device:
-    want = cfg.trainer.get("device", "auto")
-    if want in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(rank)
-        return torch.device("cuda", rank)
-    return torch.device("cpu")
+    """This process's device (models.pick_device), made the current CUDA device."""
+    device = models.pick_device(cfg, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: torch.device, rank: int = 0,
@@ -180,7 +158,7 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
     the earlier batches held, so the processes compute disjoint rows, exactly those of one process."""
     import trainers
     spec = losses_lib.get_loss(cfg.loss.name)
-    models = FrozenModels(cfg, kind, tokenizer, device)
+    frozen = frozen_models(cfg, kind, tokenizer, device)
     seen, counts, index = set(), {"train": 0, "test": 0}, 0
     for seed in seeds:
         cfg.seed = seed
@@ -197,7 +175,7 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
                 if len(new) < len(keys):  # only the rows not stored yet (each row's features are its own)
                     inputs = {k: v[new] for k, v in inputs.items()}
                 inputs = utils.move_batch(inputs, device)
-                counts[split] += writer.add(models.features(inputs), inputs["input_ids"], inputs["labels"],
+                counts[split] += writer.add(features(frozen, kind, inputs, device), inputs["input_ids"], inputs["labels"],
                                             inputs["attention_mask"])
     return counts
 

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import losses
 import utils
+from prefkd import checkpoints
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
 # that `resume=true` (or a new wandb mode) lands in the same directory as the original run.
@@ -87,8 +88,8 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> None:
     for key in ("model", "teacher"):
         archive = cfg[key].get("archive")
         if archive and check_archives:
-            path = utils.resolve_checkpoint(archive)
-            problem = utils.model_dir_problem(path) if os.path.isdir(path) else f"no directory {path}"
+            path = checkpoints.resolve_checkpoint(archive)
+            problem = checkpoints.model_dir_problem(path) if os.path.isdir(path) else f"no directory {path}"
             if problem:
                 raise ValueError(f"{key}.archive={archive!r} is not a usable checkpoint: {problem}; point it at a "
                                  "run directory, its LATEST file or a complete step-* directory")
@@ -281,7 +282,7 @@ def _flatten(d, prefix=""):
 def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
     """Refuse a resume whose training-relevant settings differ from its checkpoint's, naming
     each differing key (resume_allow_changes=true accepts them)."""
-    ckpt = utils.find_resume_checkpoint(run_dir, log=lambda *a: None)
+    ckpt = checkpoints.find_resume_checkpoint(run_dir, log=lambda *a: None)
     if ckpt is None:
         return
     import json

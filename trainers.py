@@ -10,15 +10,10 @@ and which responses a model must generate for the batch's prompts (``generation`
 teacher's, the frozen starting student's or the current student's). Everything else (the
 loop, evaluation, sampling, checkpoints, resume, logging) is shared.
 
-Checkpoints. ``<run>/step-XXXXXXXX/`` is a Hugging Face directory (config.json,
-model.safetensors, tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` loads
-with no code of ours, plus ``optimizer.pt``, ``trainer_state.json`` and one RNG file per
-rank. It is written under a temporary name; once every file is on disk a ``COMPLETE``
-manifest records their sizes, the directory is renamed into place and ``<run>/LATEST`` is
-replaced atomically. A step is saved once; the directory LATEST names is never deleted or
-rewritten in place; a checkpoint whose files do not match its manifest is not complete, and
-``resume=true`` then falls back to the newest complete one. A crash mid-save leaves LATEST
-pointing at the previous checkpoint; a failed write (a full disk) removes its partial directory.
+Jobs kept apart, one module each: the models, frozen ones and their features included
+(prefkd/models.py), the chunked output layer (prefkd/logits.py), generated responses
+(prefkd/generation.py) and checkpoint I/O (prefkd/checkpoints.py); this module is the loop,
+the step and evaluation.
 
 Stopping. A non-finite loss or gradient norm stops the run naming the step (or, with
 ``max_nonfinite_steps=N``, skips up to N such steps in a row), so no non-finite weights are
@@ -34,163 +29,18 @@ import time
 from typing import Dict, Iterator, List, Optional
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from prefkd import generations as generations_lib
-from prefkd import lean_loading
 import losses as losses_lib
-from prefkd import output_cache
 import preference_datasets as data
 import utils
-from utils import RunError, TrainingStopped, rank0_print
-
-
-class NonFiniteError(RunError):
-    """A non-finite loss, gradient norm or weight: the run stops before it can be saved."""
-
-
-class CheckpointWriteError(RunError):
-    """A checkpoint could not be written (a full disk, say); its partial directory is removed."""
-
-
-# ------------------------------------------------------------------ models
-
-def load_tokenizer(model_cfg):
-    return data.get_tokenizer(model_cfg.tokenizer)
-
-
-def build_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str] = None, seed: int = 0):
-    """Instantiate a causal LM: from `archive` (a checkpoint of ours) if given, else from
-    `name_or_path`, else randomly initialised from `init_config` (seeded, so every rank builds
-    the same weights). Under lean_loading.deferred() (FSDPTrainer) the model is built on the
-    meta device instead, and FSDPTrainer.wrap gives each rank only its own shards of these
-    same weights (prefkd/lean_loading.py)."""
-    if lean_loading.active():
-        from transformers import AutoConfig
-        path = utils.resolve_checkpoint(archive) if archive else model_cfg.name_or_path
-        config = AutoConfig.from_pretrained(path) if path else init_model_config(model_cfg, tokenizer)
-        return lean_loading.meta_model(config, dtype, path,
-                                       lambda: _build_full_model(model_cfg, tokenizer, dtype, archive, seed))
-    return _build_full_model(model_cfg, tokenizer, dtype, archive, seed)
-
-
-def init_model_config(model_cfg, tokenizer):
-    """The transformers config of a model randomly initialised from `init_config`."""
-    from transformers import AutoConfig
-    init = OmegaConf.to_container(model_cfg.init_config, resolve=True)
-    model_type = init.pop("model_type")
-    return AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **init)
-
-
-def _build_full_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str] = None, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-    if archive:
-        return AutoModelForCausalLM.from_pretrained(utils.resolve_checkpoint(archive), dtype=dtype)
-    if model_cfg.name_or_path:
-        return AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
-    config = init_model_config(model_cfg, tokenizer)
-    with utils_fork_rng(seed):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
-
-
-@contextlib.contextmanager
-def utils_fork_rng(seed: int):
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
-
-
-def check_same_tokenizer(student_tok, teacher_tok, probe: str = "The quick brown fox: 12+34=46.\n"):
-    """Teacher and student must share one vocabulary; a mismatch would silently misalign logits."""
-    s_ids = student_tok(probe, add_special_tokens=False).input_ids
-    t_ids = teacher_tok(probe, add_special_tokens=False).input_ids
-    if len(student_tok) != len(teacher_tok) or s_ids != t_ids:
-        raise ValueError(
-            f"teacher and student tokenizers differ (vocabulary {len(teacher_tok)} vs {len(student_tok)}; "
-            f"probe ids {t_ids[:8]}... vs {s_ids[:8]}...): set teacher.tokenizer to the student's tokenizer "
-            f"(model.tokenizer) or choose a teacher of the same family")
-
-
-# ------------------------------------------------------------------ the output layer
-
-# Config attributes of models whose logits are not just lm_head(final hidden states): the
-# chunked output layer does not apply to them (their full logits are used).
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-class _HiddenStatesHead(torch.nn.Module):
-    """Stands in for a causal LM's output layer during one forward pass: returns the final
-    hidden states [N, L, H] instead of the logits, and records the output layer's weight [V, H]
-    and bias as they are at that moment (under FSDP2: the root's unsharded parameters)."""
-
-    def __init__(self, head: torch.nn.Module):
-        super().__init__()
-        self.__dict__["head"] = head  # not a submodule: the model's module tree is unchanged
-        self.weight = self.bias = None
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.__dict__["weight"], self.__dict__["bias"] = self.head.weight, getattr(self.head, "bias", None)
-        # a fresh tensor, not a view of the model's last hidden state (FSDP2 hooks the output)
-        return hidden.clone()
-
-
-def output_head(model):
-    """(name, module) of the model's output layer when its logits are exactly
-    `module(final hidden states)` with a Linear-like module that is a direct child; else None."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        return None
-    config = getattr(model, "config", None)
-    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
-        return None
-    names = [n for n, m in model.named_children() if m is head]
-    return (names[0], head) if names else None
-
-
-def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool):
-    """The model's logits for one batch: the [N, L, V] tensor, or with chunk=True (and an
-    `output_head`) a `losses.LazyLogits` of its final hidden states [N, L, H] and output-layer
-    weight [V, H] (+ bias), which the losses project chunk by chunk along the sequence.
-
-    The whole model runs its forward pass (under FSDP2 the root's hooks unshard the output
-    layer once and keep it unsharded until the end of backward, where the gradient that the
-    chunks accumulated on the unsharded weight, tied embedding included, is reduce-scattered):
-    only the output layer is swapped, for this pass, for one that returns the hidden states.
-    The weight is the unsharded tensor the forward pass used, never a sharded DTensor.
-    Logits of at most losses.CHUNK_ELEMENTS entries (one chunk) are returned whole."""
-    found = output_head(model) if chunk else None
-    if found is not None:
-        n, length = model_in["input_ids"].shape[:2]
-        if n * length * found[1].weight.shape[0] <= losses_lib.CHUNK_ELEMENTS:
-            found = None  # the logits fit in one chunk: chunking would only add recomputation
-    if found is None:
-        return model(**model_in, use_cache=False).logits
-    name, head = found
-    stand_in = _HiddenStatesHead(head)
-    model._modules[name] = stand_in
-    try:
-        hidden = model(**model_in, use_cache=False).logits
-    finally:
-        model._modules[name] = head
-    weight, bias = stand_in.weight, stand_in.bias
-    from torch.distributed.tensor import DTensor
-    if head.weight is not weight or isinstance(weight, DTensor):
-        # resharded after the forward pass (or never unsharded): a frozen model gathers the
-        # full weight once; a trained one cannot (its gradient would bypass FSDP)
-        if torch.is_grad_enabled() and weight.requires_grad:
-            raise RuntimeError("output_chunking: the policy's output layer was resharded after its forward pass "
-                               "(reshard_after_forward on the FSDP root?); set output_chunking=false")
-        with torch.no_grad():
-            weight, bias = (t.full_tensor() if isinstance(t, DTensor) else t for t in (head.weight, head.bias))
-    return losses_lib.LazyLogits(hidden, weight, bias)
-
+from prefkd import checkpoints, lean_loading, models, output_cache
+from prefkd import logits as logits_lib
+from prefkd import generation
+from prefkd.generation import InRunGeneration
+from prefkd.loss_spec import GENERATION_SOURCES
+from prefkd.logprobs import IGNORE_INDEX, response_mask, sequence_logps, split_pairs, token_logps
+from utils import NonFiniteError, TrainingStopped, rank0_print
 
 # ------------------------------------------------------------------ batches
 
@@ -199,7 +49,7 @@ def concatenated_inputs(batch: Dict, pairwise: bool) -> Dict[str, torch.Tensor]:
     if not pairwise:
         return {k: batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels")}
     length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    pads = {"input_ids": 0, "attention_mask": 0, "labels": losses_lib.IGNORE_INDEX}
+    pads = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
     return {k: torch.cat([utils.pad_to_length(batch[f"chosen_{k}"], length, p),
                           utils.pad_to_length(batch[f"rejected_{k}"], length, p)], dim=0)
             for k, p in pads.items()}
@@ -212,6 +62,22 @@ def split_batch(batch: Dict, n: int) -> List[Dict]:
     return [{k: v[i * step:(i + 1) * step] for k, v in batch.items()} for i in range(n)]
 
 
+def run_batches(cfg, tokenizer, spec, split: str, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
+                pairs: bool = False) -> Iterator[Dict]:
+    """The batches a run reads of `split` on process `rank` of `world_size` (precompute.py reads
+    exactly these): pairs, or single targets when the loss trains on SFT targets (pairs=True:
+    pairs regardless, for the held-out preference accuracy)."""
+    train = split == "train"
+    return data.get_batch_iterator(
+        list(cfg.datasets), tokenizer, split=split,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        sft_mode=spec.sft_targets and not pairs, n_epochs=cfg.n_epochs if train else 1,
+        n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
+        rank=rank, world_size=world_size, truncation_mode=cfg.truncation_mode,
+        skip_batches=skip_batches, options=cfg.get("data"), cache_dir=data.cache_dir_of(cfg.get("data")))
+
+
 # ------------------------------------------------------------------ the basic trainer
 
 class BasicTrainer:
@@ -222,12 +88,17 @@ class BasicTrainer:
         self.device = self.pick_device()
         self.spec = losses_lib.get_loss(cfg.loss.name)
         self.pairwise = self.spec.pairwise
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.teacher = self.reference = None
+        self.tokenizer = models.load_tokenizer(cfg.model)
         self.examples_seen, self.step = 0, 0
         self.saved_step = None  # the step of the newest checkpoint written or resumed from
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        self.resume_ckpt = utils.find_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
+        self.wandb_run = None  # set by train.py on rank 0 when wandb is on
+        self.last_samples = []  # the last evaluation's (prompt, completion) pairs, for wandb
+        self.last_save_time = self.t0 = time.time()
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.resume_ckpt = checkpoints.find_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
+        self.generation = InRunGeneration(cfg, self.spec.generation_need(cfg.loss), self.tokenizer, self.device,
+                                          self.agree, self.generate_kwargs())
         self.setup_models()
         self.optimizer = getattr(torch.optim, cfg.optimizer)(
             [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -236,177 +107,43 @@ class BasicTrainer:
         if self.resume_ckpt is not None:
             self.load_training_state(self.resume_ckpt)
         if cfg.resume and self.rank == 0:
-            trim_metrics(self.metrics_path, self.step)
+            checkpoints.trim_metrics(self.metrics_path, self.step)
 
     # -- set-up ---------------------------------------------------------------
     def pick_device(self) -> torch.device:
-        want = self.cfg.trainer.get("device", "auto")
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want == "cuda":
-            local = int(os.environ.get("LOCAL_RANK", self.rank % max(1, torch.cuda.device_count())))
-            return torch.device("cuda", local)
-        return torch.device("cpu")
+        return models.pick_device(self.cfg, self.rank)
 
     def setup_models(self):
+        """The policy (from the resumed checkpoint, else its start) and the frozen models the
+        loss needs (prefkd/models.py), each placed by `wrap`; a frozen model whose outputs are
+        cached (prefkd/output_cache.py) is not loaded."""
         cfg = self.cfg
         validate_loss_models(cfg)
-        self._generation_cache = {}  # prompt ids -> response ids of a frozen generating model
-        # original prompt -> response text, from generate.py files (`generations`, checked above)
-        self._generation_file = generations_lib.read_generations(list(cfg.get("generations") or []))
-        self._live_generation_warned = False
-        t_tok = None
-        if self.spec.teacher_need(cfg.loss):
-            # Tokenizers are cheap: check them before any model is loaded.
-            t_tok = load_tokenizer(cfg.teacher)
-            check_same_tokenizer(self.tokenizer, t_tok)
-        # Caches of frozen models' outputs (prefkd/output_cache.py): a cached model is not loaded.
         caches = output_cache.configured(cfg)
         note = output_cache.reference_cache_ignored(cfg)
         if note:
             rank0_print(note)
             caches.pop(output_cache.REFERENCE, None)
-        self.teacher_cache, self.reference_cache = (
-            output_cache.open_for_run(cfg, kind, self.tokenizer) if kind in caches else None
-            for kind in (output_cache.TEACHER, output_cache.REFERENCE))
-        resume_ckpt = self.resume_ckpt
-        policy_dtype = utils.get_dtype(cfg.model.policy_dtype)
-        policy = build_model(cfg.model, self.tokenizer, policy_dtype, resume_ckpt or cfg.model.archive, cfg.seed)
-        need_ref = self.spec.reference_need(cfg.loss)
-        reference = None
-        if self.spec.reference_model_need(cfg.loss) and self.reference_cache is None:  # outputs, or generations
-            ref_dtype = utils.get_dtype(cfg.model.reference_dtype)
-            # The reference is the *starting* policy (never the resumed one): build it from the
-            # same archive / seed the policy started from.
-            reference = build_model(cfg.model, self.tokenizer, ref_dtype, cfg.model.archive, cfg.seed)
-            freeze(reference)
-        teacher = None
-        if self.spec.teacher_need(cfg.loss) and self.teacher_cache is None:
-            teacher = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
-                                  cfg.teacher.archive, cfg.seed + 1)
-            freeze(teacher)
-        teacher_reference = self.build_teacher_reference(t_tok)
+        opened = {kind: output_cache.open_for_run(cfg, kind, self.tokenizer) for kind in caches}
+        self.teacher_cache, self.reference_cache = opened.get(output_cache.TEACHER), opened.get(output_cache.REFERENCE)
+        policy = models.build(cfg, "policy", self.tokenizer, archive=self.resume_ckpt)
+        self.frozen = models.FrozenModels(cfg, self.spec, self.tokenizer, caches=opened)
         if cfg.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = self.wrap(policy, cfg.model, trainable=True)
-        self.reference = self.wrap(reference, cfg.model, trainable=False) if reference is not None else None
-        self.teacher = self.wrap(teacher, cfg.teacher, trainable=False) if teacher is not None else None
-        self.teacher_reference = (self.wrap(teacher_reference, cfg.teacher, trainable=False)
-                                  if teacher_reference is not None else None)
+        self.frozen.wrap(self.wrap)
+        f = self.frozen
+        need_ref = self.spec.reference_need(cfg.loss)
         n = sum(p.numel() for p in policy.parameters())
         rank0_print(f"policy: {n / 1e6:.2f} M parameters; "
-                    f"reference: {need_ref or ('generation only' if reference is not None else 'none')}"
+                    f"reference: {need_ref or ('generation only' if f.reference is not None else 'none')}"
                     f"{' (cached: ' + self.reference_cache.path + ')' if self.reference_cache else ''}; "
-                    f"teacher: {cfg.teacher.name if teacher is not None or self.teacher_cache else 'none'}"
+                    f"teacher: {cfg.teacher.name if f.teacher is not None or self.teacher_cache else 'none'}"
                     f"{' (cached: ' + self.teacher_cache.path + ')' if self.teacher_cache else ''}"
-                    f"{' and its reference' if teacher_reference is not None else ''}; device {self.device}")
-
-    def build_teacher_reference(self, t_tok):
-        """The teacher's own SFT reference (`teacher.reference_archive`), frozen, when the loss's
-        spec has `teacher_reference_features`; else None. Same model config, dtype and (in
-        setup_models) wrapping / sharding as the teacher."""
-        cfg = self.cfg
-        if not self.spec.teacher_reference_need(cfg.loss) or self.teacher_cache is not None:
-            return None
-        model = build_model(cfg.teacher, t_tok, utils.get_dtype(cfg.teacher.reference_dtype),
-                            cfg.teacher.reference_archive, cfg.seed + 2)
-        return freeze(model)
+                    f"{' and its reference' if f.teacher_reference is not None else ''}; device {self.device}")
 
     def wrap(self, model, model_cfg, trainable: bool):
         return model.to(self.device)
-
-    # -- generated responses (losses.Generation) --------------------------------
-    def generated_batch(self, batch: Dict, train: bool):
-        """The batch with the responses the loss's `Generation` asks for, generated for its prompts
-        (before any forward pass). Returns (batch, generated): generated is None when the loss
-        trains on data responses only, else whether this micro-batch was generated. The draw of a
-        probability < 1 and the cache decisions are identical on every rank (sharded models
-        generate together)."""
-        gen = self.spec.generation_need(self.cfg.loss)
-        if gen is None or (gen.train_only and not train):
-            return batch, None
-        if gen.probability < 1.0 and not self.draw_generation(gen.probability, train):
-            return batch, False
-        model = {"teacher": self.teacher, "reference": self.reference, "policy": self.policy}[gen.source]
-        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
-        keys = [tuple(p) for p in prompts]
-        cache = self._generation_cache if gen.frozen else None
-        if cache is not None and self._generation_file:
-            self.fill_from_generation_file(cache, keys, batch.get("original_prompt", batch["prompt"]))
-        missing = cache is None or any(k not in cache for k in keys)
-        if cache is not None:
-            missing = self.any_rank(missing)
-        if missing:
-            responses = self.generate_responses(model, batch["prompt_input_ids"], batch["prompt_attention_mask"], gen)
-            if cache is not None:  # a frozen source's generation is kept: each prompt is generated once
-                responses = [cache.setdefault(k, r) for k, r in zip(keys, responses)]
-        else:
-            responses = [cache[k] for k in keys]
-        out = replace_responses(batch, gen.replaces, prompts, [r.tolist() for r in responses],
-                                self.tokenizer.pad_token_id, self.cfg.max_length)
-        out[gen.replaces] = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        return out, True
-
-    def fill_from_generation_file(self, cache: Dict, keys: List[tuple], originals: List) -> None:
-        """Put the `generations` file's responses for these prompts into the generation cache:
-        the text as the data module encodes a response (its tokens, then EOS)."""
-        absent = 0
-        for key, original in zip(keys, originals):
-            if key in cache:
-                continue
-            text = self._generation_file.get(generations_lib.generation_key(original))
-            if text is None:
-                absent += 1
-                continue
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-            cache[key] = torch.tensor(ids, dtype=torch.long)
-        if absent and not self._live_generation_warned:
-            self._live_generation_warned = True
-            rank0_print(f"WARNING: {absent} prompt(s) of a batch are not in the generations files "
-                        f"{list(self.cfg.generations)}: they are generated in the run (warned once)")
-
-    def draw_generation(self, probability: float, train: bool) -> bool:
-        """True with `probability`, from a generator seeded by (seed, step, micro-batch index):
-        the same on every rank and after a resume."""
-        key = (self.step, train)
-        self._draw_index = self._draw_index + 1 if getattr(self, "_draw_key", None) == key else 0
-        self._draw_key = key
-        g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + self.step * 1_009 + self._draw_index
-                                          + (0 if train else 500_000_000))
-        return bool(torch.rand((), generator=g) < probability)
-
-    def any_rank(self, flag: bool) -> bool:
-        if not utils.is_distributed():
-            return flag
-        t = torch.tensor([int(flag)], device=self.device if self.dist_on_device else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    @torch.no_grad()
-    def generate_responses(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           gen: "losses_lib.Generation") -> List[torch.Tensor]:
-        """Responses of `model` to left-padded prompts: one CPU LongTensor per row, cut after the
-        first EOS (kept, as data responses end with it); at most max_length - prompt width tokens."""
-        ids, mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        budget = max(1, self.cfg.max_length - ids.shape[1])
-        max_new = min(gen.max_new_tokens or budget, budget)
-        if gen.temperature is None:
-            decoding = {"do_sample": False, "num_beams": gen.num_beams}
-        else:
-            decoding = {"do_sample": True, "temperature": float(gen.temperature), "top_k": 0, "top_p": 1.0}
-        was_training = model.training
-        model.eval()
-        try:
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                                 **decoding, **self.generate_kwargs())
-        finally:
-            model.train(was_training)
-        eos, rows = self.tokenizer.eos_token_id, []
-        for row in out[:, ids.shape[1]:].cpu():
-            hits = (row == eos).nonzero()
-            rows.append(row[: int(hits[0]) + 1 if len(hits) else len(row)].clone())
-        return rows
 
     # -- forward / loss -------------------------------------------------------
     def compute_loss(self, batch: Dict, train: bool):
@@ -414,44 +151,28 @@ class BasicTrainer:
         batch, generated = self.generated_batch(batch, train)
         inputs = utils.move_batch(concatenated_inputs(batch, self.pairwise), self.device)
         model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        labels = inputs["labels"]
-        extra = {}
-        with torch.no_grad():
-            if self.teacher_cache is not None:  # features precomputed by precompute.py
-                extra["teacher"] = self.teacher_cache.lookup(inputs["input_ids"], labels, inputs["attention_mask"],
-                                                             self.device)
-            elif self.spec.teacher_features is not None:
-                t_logits = self.logits(self.teacher, model_in)
-                extra["teacher"] = self.spec.teacher_features(t_logits, labels, self.cfg.loss)
-                del t_logits
-                if self.teacher_reference is not None:
-                    tr_logits = self.logits(self.teacher_reference, model_in)
-                    extra["teacher"] = self.spec.teacher_reference_features(tr_logits, labels, self.cfg.loss,
-                                                                            extra["teacher"])
-                    del tr_logits
-            need = self.spec.reference_need(self.cfg.loss)
-            if need and self.reference_cache is not None:
-                extra["reference_logps"] = self.reference_cache.lookup(
-                    inputs["input_ids"], labels, inputs["attention_mask"], self.device)["reference_logps"]
-            elif need:
-                r_logits = self.logits(self.reference, model_in)
-                if need == "logps":
-                    extra["reference_logps"] = losses_lib.token_logps(r_logits, labels)
-                    del r_logits
-                else:
-                    extra["reference_logits"] = r_logits
+        extra = self.frozen.reference_outputs(inputs, self.logits, self.device)
+        teacher = self.frozen.teacher_features(inputs, self.logits, self.device)
+        if teacher is not None:
+            extra["teacher"] = teacher
         with contextlib.nullcontext() if train else torch.no_grad():
             logits = self.logits(self.policy, model_in)
-            inp = losses_lib.LossInputs(policy_logits=logits, labels=labels,
+            inp = losses_lib.LossInputs(policy_logits=logits, labels=inputs["labels"],
                                         n_pairs=len(batch["prompt"]), **extra)
             loss, metrics = self.spec.compute(inp, self.cfg.loss)
         if generated is not None:
             metrics["generated/fraction"] = torch.full((len(batch["prompt"]),), float(generated))
         return loss, metrics
 
+    def generated_batch(self, batch: Dict, train: bool):
+        """(batch, generated): the batch with the responses the loss's Generation asks for
+        (prefkd/generation.py), generated before any forward pass."""
+        return self.generation.apply(batch, train, self.step, {
+            "teacher": self.frozen.teacher, "reference": self.frozen.reference, "policy": self.policy})
+
     def logits(self, model, model_in: Dict[str, torch.Tensor]):
-        """`model`'s logits: [N, L, V], or with output_chunking a losses.LazyLogits (output_logits)."""
-        return output_logits(model, model_in, chunk=bool(self.cfg.get("output_chunking", False))
+        """`model`'s logits: [N, L, V], or with output_chunking a LazyLogits (prefkd/logits.py)."""
+        return logits_lib.output_logits(model, model_in, chunk=bool(self.cfg.get("output_chunking", False))
                              and self.chunkable(model))
 
     def chunkable(self, model) -> bool:
@@ -460,16 +181,7 @@ class BasicTrainer:
 
     # -- the loop -------------------------------------------------------------
     def batch_iterator(self, split: str, skip_batches: int = 0, pairs: bool = False) -> Iterator[Dict]:
-        cfg = self.cfg
-        train = split == "train"
-        return data.get_batch_iterator(
-            list(cfg.datasets), self.tokenizer, split=split,
-            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            sft_mode=self.spec.sft_targets and not pairs, n_epochs=cfg.n_epochs if train else 1,
-            n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
-            rank=self.rank, world_size=self.world_size, truncation_mode=cfg.truncation_mode,
-            skip_batches=skip_batches, options=cfg.get("data"), cache_dir=data.cache_dir_of(cfg.get("data")))
+        return run_batches(self.cfg, self.tokenizer, self.spec, split, self.rank, self.world_size, skip_batches, pairs)
 
     def train(self):
         cfg = self.cfg
@@ -482,7 +194,6 @@ class BasicTrainer:
             self.evaluate()
         last_saved, evaluated_last = self.examples_seen, False
         self.last_save_time = self.t0 = time.time()
-        self.nonfinite_in_a_row = self.nonfinite_total = 0
         with StopSignals() as signals:
             for batch in batches:
                 logged = self.train_step(batch)
@@ -558,7 +269,7 @@ class BasicTrainer:
         allowed = int(self.cfg.get("max_nonfinite_steps") or 0)
         what = f"non-finite loss or gradient norm at step {self.step} (loss {loss}, grad_norm {grad_norm} on rank {self.rank})"
         if self.nonfinite_in_a_row > allowed:
-            latest = utils.latest_name(self.run_dir)
+            latest = checkpoints.latest_name(self.run_dir)
             raise NonFiniteError(
                 f"{what}: training stopped, nothing of this step was applied or saved"
                 + (f" (the last checkpoint, {latest}, is finite)" if latest else "")
@@ -574,13 +285,8 @@ class BasicTrainer:
         return bool(minutes) and self.rank == 0 and time.time() - self.last_save_time >= 60.0 * float(minutes)
 
     def agree(self, flags: List[bool]) -> List[bool]:
-        """Each flag true on every rank if it is true on any (one small all-reduce), so that all
-        ranks skip, save or stop at the same step."""
-        if not utils.is_distributed():
-            return [bool(f) for f in flags]
-        t = torch.tensor([float(f) for f in flags], device=self.device if self.dist_on_device else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(x) for x in t.tolist()]
+        """utils.agree on this trainer's device: every rank skips, saves or stops together."""
+        return utils.agree(flags, self.device if self.dist_on_device else None)
 
     def sync_context(self, last: bool):
         return contextlib.nullcontext()
@@ -618,7 +324,7 @@ class BasicTrainer:
             task = self.sample_and_score()
             for k, v in task.items():
                 collected.setdefault(k, []).append(v)
-            samples = getattr(self, "_last_samples", [])
+            samples = self.last_samples
         result = self.reduce_metrics(collected, "eval")
         self.log(result, eval_samples=samples)
         rank0_print(f"eval @ {self.examples_seen} examples: " +
@@ -637,9 +343,8 @@ class BasicTrainer:
             inputs = utils.move_batch(concatenated_inputs(batch, pairwise=True), self.device)
             logits = self.logits(self.policy, {"input_ids": inputs["input_ids"],
                                                "attention_mask": inputs["attention_mask"]})
-            lp = losses_lib.sequence_logps(losses_lib.token_logps(logits, inputs["labels"]),
-                                           losses_lib.response_mask(inputs["labels"]))
-            chosen, rejected = losses_lib.split_pairs(lp, len(batch["prompt"]))
+            lp = sequence_logps(token_logps(logits, inputs["labels"]), response_mask(inputs["labels"]))
+            chosen, rejected = split_pairs(lp, len(batch["prompt"]))
             acc.append((chosen > rejected).float().cpu())
         return {"heldout/logp_accuracy": torch.cat(acc)} if acc else {}
 
@@ -658,7 +363,7 @@ class BasicTrainer:
         from prefkd import scorers
         scorer = scorers.for_config(self.cfg.datasets, self.cfg.get("data")).common()
         scores = {}
-        self._last_samples = []
+        self.last_samples = []
         n_wanted = self.cfg.n_eval_samples
         seen = 0
         for batch in self.batch_iterator("test"):
@@ -669,7 +374,7 @@ class BasicTrainer:
             out = self.generate(ids, mask)
             for prompt, original, row in zip(batch["prompt"], batch["original_prompt"], out[:, ids.shape[1]:]):
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
-                self._last_samples.append((prompt, text))
+                self.last_samples.append((prompt, text))
                 for name, value in (scorer(original, text) if scorer is not None else {}).items():
                     scores.setdefault(f"task/{name}", []).append(value)
             seen += len(batch["prompt"]) * self.world_size
@@ -682,7 +387,7 @@ class BasicTrainer:
         record = {"step": self.step, "examples": self.examples_seen, **metrics}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        run = getattr(self, "wandb_run", None)
+        run = self.wandb_run
         if run is not None:
             payload = dict(metrics)
             if eval_samples:
@@ -700,146 +405,42 @@ class BasicTrainer:
                 get_optimizer_state_dict(self.policy, self.optimizer, options=opts))
 
     def save(self):
-        """Write <run>/step-N: files into a temporary directory, then the COMPLETE manifest, then
-        rename it into place, point LATEST at it and prune old checkpoints. Refuses non-finite
-        weights; on a failed write (a full disk) removes the partial directory and leaves LATEST
-        as it was."""
+        """Write <run>/step-N (prefkd/checkpoints.py). Refuses non-finite weights."""
         if self.saved_step == self.step:
             return  # this step is on disk already: never write (or replace) it twice
-        name = f"step-{self.step:08d}"
         model_sd, optim_sd = self.full_state_dicts()
         finite = self.rank != 0 or (utils.all_finite(model_sd.values()) and
                                     utils.all_finite(v for st in optim_sd.get("state", {}).values()
                                                      for v in (st.values() if isinstance(st, dict) else [])))
         if self.agree([not finite])[0]:
             raise NonFiniteError(f"the weights or optimizer state at step {self.step} are not finite: checkpoint "
-                                 f"{name} not written (LATEST still names {utils.latest_name(self.run_dir)})")
-        tmp = os.path.join(self.run_dir, f".{name}.tmp")
-        failure = None
-        try:
-            if self.rank == 0:
-                utils.remove_tree(tmp)
-                os.makedirs(tmp)
-            utils.barrier()
-            torch.save(utils.get_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
-            if self.rank == 0:
-                self.write_checkpoint_files(tmp, model_sd, optim_sd)
-        except (OSError, RuntimeError) as e:
-            failure = e
-        if self.agree([failure is not None])[0]:
-            if self.rank == 0:
-                utils.remove_tree(tmp)
-            cause = failure or RuntimeError("a write failed on another rank")
-            plain = utils.describe_write_error(cause, self.run_dir)
-            raise CheckpointWriteError(
-                f"writing checkpoint {self.run_dir}/{name} failed: {plain or f'{type(cause).__name__}: {cause}'}; "
-                f"the partial checkpoint was removed and LATEST still names {utils.latest_name(self.run_dir)}") from failure
-        utils.barrier()
-        if self.rank == 0:
-            try:
-                self.publish_checkpoint(tmp, name)
-            except OSError as e:
-                utils.remove_tree(tmp)
-                plain = utils.describe_write_error(e, self.run_dir)
-                raise CheckpointWriteError(f"publishing checkpoint {self.run_dir}/{name} failed: {plain or e}; "
-                                           f"LATEST names {utils.latest_name(self.run_dir)}") from e
-            rank0_print(f"saved {os.path.join(self.run_dir, name)}")
-        utils.barrier()
+                                 f"step-{self.step:08d} not written (LATEST still names "
+                                 f"{checkpoints.latest_name(self.run_dir)})")
+        checkpoints.save(self.run_dir, self.step, self.rank, self.agree,
+                         lambda tmp: self.write_checkpoint_files(tmp, model_sd, optim_sd), self.cfg.keep_checkpoints)
         self.saved_step = self.step
         self.last_save_time = time.time()
 
     def write_checkpoint_files(self, tmp: str, model_sd: Dict, optim_sd: Dict) -> None:
-        from safetensors.torch import save_file
-        config = unwrap_config(self.policy)
-        if getattr(config, "tie_word_embeddings", False):
-            model_sd.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        gen = getattr(self.policy, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
-        utils.atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
-            "step": self.step, "examples_seen": self.examples_seen, "world_size": self.world_size,
-            "config": OmegaConf.to_container(self.cfg, resolve=True)})
-        utils.write_manifest(tmp)
-
-    def publish_checkpoint(self, tmp: str, name: str) -> None:
-        """Rename the finished `tmp` to <run>/<name> and point LATEST at it. A directory already
-        called <name> (an abandoned or damaged attempt at this step) is moved aside first, and
-        if LATEST names it, LATEST is first pointed at the newest complete checkpoint, so LATEST
-        never names a directory that is being replaced."""
-        final = os.path.join(self.run_dir, name)
-        aside = None
-        if os.path.exists(final):
-            if utils.latest_name(self.run_dir) == name:
-                others = [c for c in utils.list_checkpoints(self.run_dir)
-                          if c != name and utils.is_complete_checkpoint(os.path.join(self.run_dir, c))]
-                if others:
-                    utils.atomic_write_text(os.path.join(self.run_dir, "LATEST"), others[-1] + "\n")
-                else:
-                    os.remove(os.path.join(self.run_dir, "LATEST"))
-            aside = os.path.join(self.run_dir, f".{name}.old.{os.getpid()}")
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        utils.fsync_dir(self.run_dir)
-        utils.atomic_write_text(os.path.join(self.run_dir, "LATEST"), name + "\n")
-        if aside:
-            utils.remove_tree(aside)
-        self.prune_checkpoints(keep=name)
-
-    def prune_checkpoints(self, keep: str):
-        """Keep the newest keep_checkpoints complete checkpoints (always `keep`, the one LATEST
-        names); incomplete directories other than those are debris of crashed saves."""
-        n_keep = max(1, self.cfg.keep_checkpoints or 1)
-        complete = [d for d in utils.list_checkpoints(self.run_dir)
-                    if utils.is_complete_checkpoint(os.path.join(self.run_dir, d))]
-        for d in complete[:-n_keep]:
-            if d != keep:
-                utils.remove_tree(os.path.join(self.run_dir, d))
+        checkpoints.write_files(tmp, model_sd, {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
+                                self.policy, self.tokenizer, {
+                                    "step": self.step, "examples_seen": self.examples_seen,
+                                    "world_size": self.world_size,
+                                    "config": OmegaConf.to_container(self.cfg, resolve=True)})
 
     def load_training_state(self, ckpt: str):
         """Restore optimizer, scheduler, counters and RNG from a checkpoint (the weights were
         loaded when the policy was built)."""
-        with open(os.path.join(ckpt, "trainer_state.json")) as f:
-            state = json.load(f)
-        if state["world_size"] != self.world_size:
-            rank0_print(f"note: resuming a {state['world_size']}-process run with {self.world_size} processes; "
-                        "the data order is global, so the losses stay those of the same global batches")
-        blob = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=False)
-        self.load_optimizer_state(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
+        state = checkpoints.load_state(ckpt, self.rank, self.world_size)
+        self.load_optimizer_state(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.examples_seen = state["step"], state["examples_seen"]
         self.saved_step = self.step
-        rng = os.path.join(ckpt, f"rng_rank{self.rank}.pt")
-        if os.path.exists(rng):
-            utils.set_rng_state(torch.load(rng, weights_only=False))
         rank0_print(f"resumed from {ckpt} at step {self.step} ({self.examples_seen} examples)")
-
 
     def load_optimizer_state(self, optim_sd):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(self.policy, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
-
-
-def trim_metrics(path: str, step: int) -> None:
-    """On resume, drop the records of steps beyond the checkpoint (they are redone)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except ValueError:
-            pass  # a line cut short by a crash
-    if len(kept) != len(lines):
-        utils.atomic_write_text(path, "".join(kept))
-        rank0_print(f"metrics.jsonl: {len(lines) - len(kept)} records beyond step {step} removed (they are redone)")
 
 
 class StopSignals:
@@ -880,88 +481,22 @@ def validate_loss_models(cfg, check_archives: bool = True) -> None:
         if not archive:
             raise ValueError(f"loss={cfg.loss.name} needs the teacher's own SFT reference as a second frozen model: "
                              "pass teacher.reference_archive=<the SFT run the teacher was DPO-trained from>/LATEST")
-        path = utils.resolve_checkpoint(archive)
+        path = checkpoints.resolve_checkpoint(archive)
         if check_archives and not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"teacher.reference_archive={archive!r} is not a checkpoint (no config.json at {path}); "
                              "point it at a run directory, its LATEST file or a step-* directory")
     gen = spec.generation_need(cfg.loss)
     if gen is not None:
-        if gen.source not in losses_lib.GENERATION_SOURCES:
+        if gen.source not in GENERATION_SOURCES:
             raise ValueError(f"loss={cfg.loss.name}: unknown generation source {gen.source!r}")
         if gen.replaces not in (("chosen", "rejected") if spec.pairwise else ("chosen",)):
             raise ValueError(f"loss={cfg.loss.name}: generations cannot replace {gen.replaces!r} responses")
         if not 0.0 <= gen.probability <= 1.0:
             raise ValueError(f"loss={cfg.loss.name}: generation probability {gen.probability} is not in [0, 1]")
     if cfg.get("generations"):
-        check_generation_files(cfg, gen, check_archives)
+        generation.check_files(cfg, gen, check_archives)
     if output_cache.configured(cfg):  # teacher.cache / reference_cache: usable by this loss, and up to date
-        output_cache.check_config(cfg, load_tokenizer(cfg.model), check_exists=check_archives)
-
-
-def check_generation_files(cfg, gen, check_archives: bool) -> None:
-    """`generations=[files]` (written by generate.py) stand in for the responses a loss generates
-    with a frozen model; each file's recorded checkpoint and decoding must be the loss's own.
-    check_archives=False (a pipeline's later stage): the files may not exist yet."""
-    files = cfg.generations
-    if isinstance(files, str) or not all(isinstance(f, str) for f in files):
-        raise ValueError(f"generations={files!r} must be a list of files written by generate.py, e.g. "
-                         "generations=[gen_train.jsonl,gen_test.jsonl]")
-    if gen is None or not gen.frozen:
-        raise ValueError(f"generations=...: loss={cfg.loss.name} "
-                         + ("trains on the data's responses" if gen is None else "samples from the current policy")
-                         + "; a generations file is read only by losses whose responses come from a frozen model "
-                         "(seqkd: the teacher; adpa: the starting student). Remove the key")
-    if not check_archives:
-        return
-    source_key = "teacher.archive" if gen.source == "teacher" else "model.archive"
-    source = OmegaConf.select(cfg, source_key)
-    expected = {"checkpoint": utils.resolve_checkpoint(source) if source else None,
-                "do_sample": gen.temperature is not None, "max_prompt_length": cfg.max_prompt_length,
-                "truncation_mode": cfg.truncation_mode}
-    if gen.temperature is not None:
-        expected.update({"temperature": float(gen.temperature), "top_p": 1.0})
-    if gen.max_new_tokens is not None:
-        expected["max_new_tokens"] = int(gen.max_new_tokens)
-    for path in files:
-        meta = generations_lib.read_generation_meta(path)
-        if gen.num_beams != 1:
-            raise ValueError(f"generations: loss.num_beams={gen.num_beams}, but generate.py decodes greedily "
-                             f"or samples ({path}); set loss.num_beams=1 or drop generations=")
-        for key, want in expected.items():
-            got = meta.get(key)
-            same = (got == want) if not isinstance(want, float) else (got is not None and abs(float(got) - want) < 1e-9)
-            if not same:
-                raise ValueError(f"generations: {path} was written with {key}={got!r}, but this run's "
-                                 f"{source_key if key == 'checkpoint' else key} gives {want!r}; regenerate it "
-                                 "with generate.py for this run's settings, or drop generations=")
-
-
-def replace_responses(batch: Dict, key: str, prompts: List[List[int]], responses: List[List[int]],
-                      pad_token_id: int, max_length: int) -> Dict:
-    """A copy of `batch` whose `key` ("chosen" / "rejected") responses are `responses`: per row,
-    ids = prompt + response (cut to max_length), labels = IGNORE_INDEX on the prompt, right-padded
-    like the data module's batches. prompts: unpadded prompt ids per row."""
-    ids, labels = [], []
-    for p, r in zip(prompts, responses):
-        r = list(r)[: max(0, max_length - len(p))]
-        ids.append(list(p) + r)
-        labels.append([losses_lib.IGNORE_INDEX] * len(p) + r)
-    out = dict(batch)
-    out[f"{key}_input_ids"] = data.pad_sequences(ids, pad_token_id)
-    out[f"{key}_attention_mask"] = data.pad_sequences([[1] * len(s) for s in ids], 0)
-    out[f"{key}_labels"] = data.pad_sequences(labels, losses_lib.IGNORE_INDEX)
-    return out
-
-
-def freeze(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def unwrap_config(model):
-    return model.config if hasattr(model, "config") else model.module.config
+        output_cache.check_config(cfg, models.load_tokenizer(cfg.model), check_exists=check_archives)
 
 
 # ------------------------------------------------------------------ FSDP
@@ -984,21 +519,12 @@ class FSDPTrainer(BasicTrainer):
             super().setup_models()
 
     def wrap(self, model, model_cfg, trainable: bool):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
         # No model.to(device) first: fully_shard moves each rank's shard to the mesh's device,
         # so a GPU never holds the whole model.
         mp_dtype = utils.get_dtype(model_cfg.fsdp_policy_mp)
         mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
-        block = model_cfg.block_name
-        n_blocks = 0
-        for module in model.modules():
-            if type(module).__name__ == block:
-                fully_shard(module, mesh=self.mesh, mp_policy=mp)
-                n_blocks += 1
-        if n_blocks == 0:
-            raise ValueError(f"{model_cfg.name}: block_name={block!r} matches no module of {type(model).__name__}: "
-                             "set it to the model's decoder layer class")
-        fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        models.shard_fsdp(model, self.mesh, model_cfg.block_name, mp, what=model_cfg.name)
         # A model built deferred (meta device, see setup_models) gets its weights now: each
         # rank only its own shards.
         strategy = lean_loading.materialize(model, self.device)
@@ -1033,7 +559,7 @@ class TensorParallelTrainer(BasicTrainer):
             return model
         import tensor_parallel as tp
         devices = ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if self.device.type == "cuda"
-                   else ["cpu"] * self.cfg.trainer.cpu_devices)
+                   else ["cpu"] * self.cfg.trainer.cpu_workers)
         wrapped = tp.TensorParallel(model, devices)
         wrapped.config = model.config
         wrapped.generation_config = getattr(model, "generation_config", None)

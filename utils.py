@@ -118,7 +118,7 @@ def get_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 def atomic_write_json(path: str, obj) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
@@ -126,36 +126,15 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file renamed into place: a reader sees
+    the old file or the new one, never half of it. Creates the parent directory."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def resolve_checkpoint(path: str) -> str:
-    """Accept a checkpoint directory, a run directory, or a run's LATEST pointer; return the
-    checkpoint directory. LATEST is a text file naming the newest complete checkpoint."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(path) and os.path.basename(path) == "LATEST":
-        with open(path) as f:
-            return os.path.join(os.path.dirname(path), f.read().strip())
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "LATEST")):
-        return resolve_checkpoint(os.path.join(path, "LATEST"))
-    return path
-
-
-# ---------------------------------------------------------------- checkpoint integrity
-#
-# A checkpoint is complete when its COMPLETE manifest exists and every file it lists is
-# there with the size recorded. The manifest is written last, after every file has been
-# flushed to disk, so a crash at any point leaves either no manifest or a true one; a file
-# truncated or removed later is caught by its size.
-
-MANIFEST = "COMPLETE"
-# What a training checkpoint must hold besides the per-rank RNG files.
-REQUIRED_FILES = ("config.json", "model.safetensors", "optimizer.pt", "trainer_state.json")
 
 
 def fsync_dir(path: str) -> None:
@@ -164,120 +143,6 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_manifest(ckpt: str) -> None:
-    """Flush every file of `ckpt` to disk, then record their sizes in its manifest."""
-    sizes = {}
-    for name in sorted(os.listdir(ckpt)):
-        full = os.path.join(ckpt, name)
-        if name == MANIFEST or not os.path.isfile(full):
-            continue
-        with open(full, "rb") as f:
-            os.fsync(f.fileno())
-        sizes[name] = os.path.getsize(full)
-    atomic_write_json(os.path.join(ckpt, MANIFEST), {"files": sizes})
-    fsync_dir(ckpt)
-
-
-def checkpoint_problem(ckpt: str) -> Optional[str]:
-    """None if `ckpt` is a complete training checkpoint, else what is wrong with it."""
-    if not os.path.isdir(ckpt):
-        return "missing"
-    try:
-        with open(os.path.join(ckpt, MANIFEST)) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"no valid {MANIFEST} manifest (the save did not finish)"
-    for name in REQUIRED_FILES:
-        if name not in files:
-            return f"its manifest lists no {name}"
-    for name, size in files.items():
-        full = os.path.join(ckpt, name)
-        if not os.path.isfile(full):
-            return f"{name} is missing"
-        if os.path.getsize(full) != size:
-            return f"{name} has {os.path.getsize(full)} bytes, {size} were written (truncated or replaced)"
-    return None
-
-
-def is_complete_checkpoint(path: str) -> bool:
-    return checkpoint_problem(path) is None
-
-
-def list_checkpoints(run_dir: str):
-    """step-* directory names of a run, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    return sorted(d for d in os.listdir(run_dir) if d.startswith("step-") and os.path.isdir(os.path.join(run_dir, d)))
-
-
-def latest_name(run_dir: str) -> Optional[str]:
-    try:
-        with open(os.path.join(run_dir, "LATEST")) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def find_resume_checkpoint(run_dir: str, log=print) -> Optional[str]:
-    """The checkpoint `resume=true` continues from: the one LATEST names if it is complete,
-    else (with a message saying why) the newest complete one; None if there is none."""
-    named = latest_name(run_dir)
-    if named is not None:
-        problem = checkpoint_problem(os.path.join(run_dir, named))
-        if problem is None:
-            return os.path.join(run_dir, named)
-        log(f"warning: {run_dir}/LATEST names {named}, which is damaged ({problem}); "
-            "falling back to the newest complete checkpoint")
-    for name in reversed(list_checkpoints(run_dir)):
-        if name != named and checkpoint_problem(os.path.join(run_dir, name)) is None:
-            if named is not None:
-                log(f"resuming from {name}")
-            return os.path.join(run_dir, name)
-    if named is not None:
-        log(f"warning: {run_dir} holds no complete checkpoint: starting from the beginning")
-    return None
-
-
-def safetensors_problem(path: str) -> Optional[str]:
-    """None if `path` is a readable safetensors file (header parses, data as long as the header
-    says), else what is wrong. Reads only the header."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "shorter than a safetensors header"
-            n = int.from_bytes(head, "little")
-            if n <= 0 or 8 + n > size:
-                return f"header length {n} does not fit in the file's {size} bytes (truncated or not safetensors)"
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        return f"unreadable safetensors header ({type(e).__name__}: {e})"
-    if 8 + n + end != size:
-        return f"the header describes {8 + n + end} bytes, the file has {size} (truncated)"
-    return None
-
-
-def model_dir_problem(path: str) -> Optional[str]:
-    """None if `path` looks like a loadable model directory, else what is wrong (naming the file)."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return f"no config.json at {path}"
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            json.load(f)
-    except ValueError as e:
-        return f"{os.path.join(path, 'config.json')} is not valid JSON ({e})"
-    tensors = [n for n in os.listdir(path) if n.endswith(".safetensors")]
-    for name in sorted(tensors):
-        problem = safetensors_problem(os.path.join(path, name))
-        if problem:
-            return f"{os.path.join(path, name)}: {problem}"
-    if not tensors and not any(n.endswith((".bin", ".pt")) for n in os.listdir(path)):
-        return f"no weights (*.safetensors) at {path}"
-    return None
 
 
 def all_finite(tensors) -> bool:
@@ -346,3 +211,18 @@ def describe_write_error(e: BaseException, where: str) -> Optional[str]:
     except OSError:
         free_s = "free space unknown"
     return f"the disk is full at {where} ({free_s}): free some space (or set runs_dir elsewhere), then resume=true"
+
+
+class NonFiniteError(RunError):
+    """A non-finite loss, gradient norm or weight: the run stops before it can be saved."""
+
+
+def agree(flags, device=None):
+    """Each flag true on every rank if it is true on any (one small all-reduce; `device`: where the
+    process group's tensors live, e.g. the GPU under NCCL), so that all ranks skip, save, stop or
+    generate at the same step. One process: the flags as they are."""
+    if not is_distributed():
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=device or "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]

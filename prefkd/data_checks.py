@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import preference_datasets as data
 from prefkd import scorers
-import utils
+from prefkd import checkpoints
 
 # More than this share of a split's examples truncated is reported prominently.
 TRUNCATION_WARN_SHARE = 0.05
@@ -155,7 +155,7 @@ def max_positions(model_cfg) -> Optional[Dict]:
 
     archive = model_cfg.get("archive")
     if archive:
-        return from_json(utils.resolve_checkpoint(archive))
+        return from_json(checkpoints.resolve_checkpoint(archive))
     path = model_cfg.get("name_or_path")
     if path:
         return from_json(os.path.expanduser(str(path))) if os.path.isdir(os.path.expanduser(str(path))) else None

@@ -4,7 +4,7 @@ Without it every FSDP rank builds the whole model in host memory before ``fully_
 it (8 ranks x 16 GB for an 8B bf16 teacher). With it (``FSDPTrainer``, ``trainer.lean_loading``,
 on by default):
 
-1. ``trainers.build_model`` runs inside :func:`deferred` and returns the model built on the
+1. ``models.build_model`` runs inside :func:`deferred` and returns the model built on the
    meta device (no memory), with a :class:`Source` attached saying where its weights come from.
 2. ``FSDPTrainer.wrap`` shards it (``fully_shard``: still meta) and calls :func:`materialize`,
    which allocates each rank's local shards (``to_empty``), recomputes the buffers (rotary
@@ -50,7 +50,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 @contextlib.contextmanager
 def deferred(enabled: bool = True):
-    """While active, trainers.build_model returns meta-device models for materialize()."""
+    """While active, models.build_model returns meta-device models for materialize()."""
     previous = _DEFER[0]
     _DEFER[0] = bool(enabled)
     try:

@@ -43,6 +43,8 @@ from omegaconf import OmegaConf
 
 import losses as losses_lib
 import utils
+from prefkd import checkpoints
+from prefkd import models
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -98,10 +100,10 @@ def weights_fingerprint(path: str, n_blocks: int = 16, block: int = 1 << 16) -> 
 
 def model_fingerprint(model_cfg, archive: Optional[str], seed: int, dtype: str) -> Dict[str, str]:
     """{"weights": fingerprint, "source": where the weights come from, "dtype"} of a frozen model
-    built as trainers.build_model builds it: from `archive`, else `name_or_path`, else randomly
+    built as models.build_model builds it: from `archive`, else `name_or_path`, else randomly
     initialised from `init_config` with `seed`."""
     if archive:
-        path = utils.resolve_checkpoint(archive)
+        path = checkpoints.resolve_checkpoint(archive)
         return {"weights": weights_fingerprint(path), "source": path, "dtype": str(dtype)}
     name = model_cfg.get("name_or_path")
     if name:
@@ -147,14 +149,11 @@ def cache_key(cfg, kind: str, tokenizer) -> Dict:
         key["loss.name"] = cfg.loss.name
         for k, v in sorted(feature_settings(cfg.loss).items()):
             key[f"loss.{k}"] = v
-        key["teacher.archive"] = model_fingerprint(cfg.teacher, cfg.teacher.get("archive"), cfg.seed + 1,
-                                                   cfg.teacher.reference_dtype)
+        key["teacher.archive"] = model_fingerprint(*models.source(cfg, "teacher"))
         if spec.teacher_reference_need(cfg.loss):
-            key["teacher.reference_archive"] = model_fingerprint(cfg.teacher, cfg.teacher.get("reference_archive"),
-                                                                 cfg.seed + 2, cfg.teacher.reference_dtype)
+            key["teacher.reference_archive"] = model_fingerprint(*models.source(cfg, "teacher_reference"))
     else:
-        key["model.archive"] = model_fingerprint(cfg.model, cfg.model.get("archive"), cfg.seed,
-                                                 cfg.model.reference_dtype)
+        key["model.archive"] = model_fingerprint(*models.source(cfg, "reference"))
     return key
 
 

@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.multiprocessing as mp
+from prefkd import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -77,7 +78,7 @@ def load(rank, world, port, archive, lean, random_init, out):
     base = maxrss_mb()
     t0 = time.time()
     with lean_loading.deferred(lean):
-        model = trainers.build_model(cfg, Vocab32k(), torch.float32, None if random_init else archive, seed=0)
+        model = models.build_model(cfg, Vocab32k(), torch.float32, None if random_init else archive, seed=0)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
 

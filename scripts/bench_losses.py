@@ -14,6 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
+from prefkd import models
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,7 +48,7 @@ def main():
     teacher_dir = os.path.join(tmp, "teacher")
     tcfg = compose(["model=tiny_teacher"])
     tok = data.get_tokenizer("embedded")
-    trainers.build_model(tcfg.model, tok, torch.float32).save_pretrained(teacher_dir)
+    models.build_model(tcfg.model, tok, torch.float32).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     runs = {}
     variants = [(n, c) for n in a.losses for c in ((True, False) if a.compare_chunking else (None,))]

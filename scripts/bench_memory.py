@@ -40,11 +40,13 @@ def one(loss: str, length: int, chunking: bool, threads: int) -> dict:
     sys.path.insert(0, REPO)
     os.environ.setdefault("WANDB_MODE", "disabled")
     import ctypes
+    from types import SimpleNamespace
     import torch
     from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
     import losses as L
     import trainers
+    from prefkd import models as model_lib
     torch.set_num_threads(threads)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(4096, length),
@@ -54,17 +56,17 @@ def one(loss: str, length: int, chunking: bool, threads: int) -> dict:
         torch.manual_seed(seed)
         models[name] = LlamaForCausalLM(config)
     for name in ("reference", "teacher"):
-        trainers.freeze(models[name])
+        model_lib.freeze(models[name])
     loss_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "config", "loss", f"{loss}.yaml")))
     t = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
     t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": chunking})
     t.spec = L.get_loss(loss)
     t.pairwise, t.device = t.spec.pairwise, torch.device("cpu")
     t.policy = models["policy"]
-    t.reference = models["reference"] if t.spec.reference_need(t.cfg.loss) else None
-    t.teacher = models["teacher"] if t.spec.teacher_need(t.cfg.loss) else None
-    t.teacher_reference = None
-    t.teacher_cache = t.reference_cache = None  # live models (no prefkd/output_cache.py caches)
+    t.frozen = model_lib.FrozenModels.of(  # live models (no prefkd/output_cache.py caches)
+        t.cfg, t.spec, reference=models["reference"] if t.spec.reference_need(t.cfg.loss) else None,
+        teacher=models["teacher"] if t.spec.teacher_need(t.cfg.loss) else None)
+    t.step, t.generation = 0, SimpleNamespace(apply=lambda batch, train, step, models: (batch, None))
     g = torch.Generator().manual_seed(0)
     batch = {"prompt": ["p"] * PAIRS}
     for side in ("chosen", "rejected"):

@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from prefkd import models
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,7 +79,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="bench_scale_")
     teacher_dir = os.path.join(tmp, "teacher")
     tok = data.get_tokenizer("embedded")
-    trainers.build_model(precompute.compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=1) \
+    models.build_model(precompute.compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=1) \
         .save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     base = ["wandb.enabled=false", "progress_bar=false", f"batch_size={a.batch_size}",
@@ -117,8 +118,8 @@ def main():
 
     # the bare step: the dpo run's own starting weights, a fresh AdamW, the same batch
     ref_run = runs["dpo live"]
-    bare_policy = trainers.build_model(ref_run.cfg.model, tok, torch.float32, None, ref_run.cfg.seed)
-    bare_reference = trainers.freeze(trainers.build_model(ref_run.cfg.model, tok, torch.float32, None,
+    bare_policy = models.build_model(ref_run.cfg.model, tok, torch.float32, None, ref_run.cfg.seed)
+    bare_reference = models.freeze(models.build_model(ref_run.cfg.model, tok, torch.float32, None,
                                                           ref_run.cfg.seed))
     bare_opt = torch.optim.AdamW(bare_policy.parameters(), lr=ref_run.cfg.lr, weight_decay=0.0)
     batches = {name: next(iter(t.batch_iterator("train"))) for name, t in runs.items()}

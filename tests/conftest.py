@@ -29,7 +29,6 @@ FAST = ["wandb.enabled=false", "progress_bar=false", "do_first_eval=false", "n_e
 
 def train_run(tmp_path, overrides):
     """Run train.run() in-process; returns (run_dir, list of metric records)."""
-    import json
     import train
     cfg = compose(list(FAST) + [f"runs_dir={tmp_path}"] + list(overrides))
     run_dir = train.run(cfg, overrides)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import FAST, compose, read_metrics, train_run
+from prefkd import models
 
 SHORT = ["n_examples=16", "n_eval_examples=16", "eval_every=null", "data.check_lengths=null"]
 TINY = FAST + SHORT
@@ -20,13 +21,12 @@ TINY = FAST + SHORT
 def teachers(tmp_path_factory):
     """Two tiny_teacher checkpoints with different random weights: (teacher, other)."""
     import preference_datasets as data
-    import trainers
     root = tmp_path_factory.mktemp("teachers")
     tok = data.get_tokenizer("embedded")
     out = []
     for seed in (1, 2):
         path = str(root / f"t{seed}")
-        model = trainers.build_model(compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=seed)
+        model = models.build_model(compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=seed)
         model.save_pretrained(path)
         tok.save_pretrained(path)
         out.append(path)
@@ -44,10 +44,9 @@ def losses_of(records):
 
 
 def counting_build(monkeypatch):
-    """Count the models trainers.build_model builds."""
-    import trainers
-    built, real = [], trainers.build_model
-    monkeypatch.setattr(trainers, "build_model", lambda *a, **k: built.append(1) or real(*a, **k))
+    """Count the models models.build_model builds."""
+    built, real = [], models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: built.append(1) or real(*a, **k))
     return built
 
 

@@ -4,14 +4,18 @@ registry, through the trainer's compute_loss, gives the same loss, metrics and p
 full logits; and a 2-process FSDP2 run (gloo, CPU) with chunking equals the unchunked run."""
 import os
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 import losses as L
+import prefkd.logits as LG
 import trainers
 
 from conftest import REPO
+from prefkd import models as model_lib
 
 V, B, LEN = 37, 2, 11          # vocabulary, pairs, sequence length
 SMALL_CHUNKS = 3 * 2 * B * V   # three positions per chunk for the 2B pairwise rows (4 chunks of 11)
@@ -22,7 +26,7 @@ def tiny_llama(seed, hidden=16, layers=1, tied=True):
     cfg = LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=tied, pad_token_id=0)
-    with trainers.utils_fork_rng(seed):
+    with model_lib.fork_rng(seed):
         model = LlamaForCausalLM(cfg)
         with torch.no_grad():  # logits of a useful size (random init gives near-uniform ones)
             for p in model.parameters():
@@ -53,7 +57,7 @@ def models():
         MODELS.update(policy=tiny_llama(0), reference=tiny_llama(1), teacher=tiny_llama(2, hidden=24, tied=False),
                       teacher_reference=tiny_llama(3, hidden=24, tied=False))
         for k in ("reference", "teacher", "teacher_reference"):
-            trainers.freeze(MODELS[k])
+            model_lib.freeze(MODELS[k])
     return MODELS
 
 
@@ -66,11 +70,11 @@ def fake_trainer(loss_cfg, chunking):
     t.pairwise, t.device = t.spec.pairwise, torch.device("cpu")
     m = models()
     t.policy = m["policy"]
-    t.reference = m["reference"] if t.spec.reference_need(t.cfg.loss) else None
-    t.teacher = m["teacher"] if t.spec.teacher_need(t.cfg.loss) else None
-    t.teacher_reference = m["teacher_reference"] if t.spec.teacher_reference_need(t.cfg.loss) else None
-    t.generated_batch = lambda batch, train: (batch, None)
-    t.teacher_cache = t.reference_cache = None  # live models (prefkd/output_cache.py's caches are not used here)
+    t.frozen = model_lib.FrozenModels.of(  # live models (prefkd/output_cache.py's caches are not used here)
+        t.cfg, t.spec, reference=m["reference"] if t.spec.reference_need(t.cfg.loss) else None,
+        teacher=m["teacher"] if t.spec.teacher_need(t.cfg.loss) else None,
+        teacher_reference=m["teacher_reference"] if t.spec.teacher_reference_need(t.cfg.loss) else None)
+    t.step, t.generation = 0, SimpleNamespace(apply=lambda batch, train, step, models: (batch, None))
     t.kinds = []
     plain = t.logits
     t.logits = lambda model, model_in: t.kinds.append(type(out := plain(model, model_in))) or out
@@ -119,7 +123,7 @@ def test_chunked_output_layer_equals_full_logits(name, kw, monkeypatch):
     batch = make_batch(seed=len(name) + len(kw))
     cfg = loss_config(name, **kw)
     loss0, metrics0, grads0 = run(cfg, False, batch)
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", SMALL_CHUNKS)
+    monkeypatch.setattr(LG, "CHUNK_ELEMENTS", SMALL_CHUNKS)
     loss1, metrics1, grads1 = run(cfg, True, batch)
     assert torch.isfinite(loss0) and loss0.item() != 0.0
     assert loss1.item() == pytest.approx(loss0.item(), rel=1e-6, abs=1e-6)
@@ -138,7 +142,7 @@ def test_evaluation_without_grad_is_equal_too(monkeypatch):
     batch = make_batch(seed=3)
     for name in ("tdpo", "dckd"):
         loss0, metrics0, _ = run(loss_config(name), False, batch, train=False)
-        monkeypatch.setattr(L, "CHUNK_ELEMENTS", SMALL_CHUNKS)
+        monkeypatch.setattr(LG, "CHUNK_ELEMENTS", SMALL_CHUNKS)
         loss1, metrics1, _ = run(loss_config(name), True, batch, train=False)
         monkeypatch.undo()
         assert loss1.item() == pytest.approx(loss0.item(), rel=1e-6, abs=1e-6)
@@ -165,12 +169,12 @@ def test_lazy_logits_slices_and_materializes_like_the_logits():
     L.token_logps(hh @ ww.T + b, labels).sum().backward()
     want = (hh.grad.clone(), ww.grad.clone())
     hh.grad = ww.grad = None
-    old = L.CHUNK_ELEMENTS
+    old = LG.CHUNK_ELEMENTS
     try:
-        L.CHUNK_ELEMENTS = 4 * V  # one position per chunk
+        LG.CHUNK_ELEMENTS = 4 * V  # one position per chunk
         got = L.token_logps(L.LazyLogits(hh, ww, b), labels)
     finally:
-        L.CHUNK_ELEMENTS = old
+        LG.CHUNK_ELEMENTS = old
     torch.testing.assert_close(got, L.token_logps(full, labels), rtol=1e-6, atol=1e-6)
     got.sum().backward()
     torch.testing.assert_close(hh.grad, want[0], rtol=1e-5, atol=1e-6)
@@ -184,17 +188,17 @@ def test_evaluate_sequence_logps_through_the_chunked_output_layer(monkeypatch):
     with torch.no_grad():
         logits = m(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
     want = L.sequence_logps(L.token_logps(logits, inp["labels"]), L.response_mask(inp["labels"]))
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", SMALL_CHUNKS)
+    monkeypatch.setattr(LG, "CHUNK_ELEMENTS", SMALL_CHUNKS)
     torch.testing.assert_close(evaluate.sequence_logps(m, batch), want, rtol=1e-6, atol=1e-5)
 
 
 def test_models_with_scaled_logits_keep_their_full_logits():
     m = tiny_llama(5)
-    assert trainers.output_head(m) == ("lm_head", m.lm_head)
+    assert LG.output_head(m) == ("lm_head", m.lm_head)
     m.config.final_logit_softcapping = 30.0
-    assert trainers.output_head(m) is None
+    assert LG.output_head(m) is None
     ids = torch.randint(1, V, (2, 6))
-    out = trainers.output_logits(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, chunk=True)
+    out = LG.output_logits(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, chunk=True)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 6, V)
 
 
@@ -211,22 +215,23 @@ rank = dist.get_rank()
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 import losses as L, trainers
+import prefkd.logits as LG
 import test_chunked as T
 
 fresh = dict(T.models())
-plain_output_logits, weights_seen = trainers.output_logits, []
+plain_output_logits, weights_seen = LG.output_logits, []
 def spy(model, model_in, chunk):
     out = plain_output_logits(model, model_in, chunk)
     if isinstance(out, L.LazyLogits):  # the output layer the chunks read: full, not a sharded DTensor
         weights_seen.append((isinstance(out.weight, DTensor), tuple(out.weight.shape), out.weight.requires_grad))
     return out
-trainers.output_logits = spy
+LG.output_logits = spy
 T.MODELS.clear()
 batches = [T.make_batch(seed=10 * step + rank) for step in range(3)]   # each rank its own data
 out = {}
 for name, kw in [("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released_teacher_value", "top_k": 5})]:
     for chunking in (False, True):
-        L.CHUNK_ELEMENTS = T.SMALL_CHUNKS if chunking else 1 << 25
+        LG.CHUNK_ELEMENTS = T.SMALL_CHUNKS if chunking else 1 << 25
         wrapper = trainers.FSDPTrainer.__new__(trainers.FSDPTrainer)
         wrapper.mesh, wrapper.device = init_device_mesh("cpu", (2,)), torch.device("cpu")
         mcfg = OmegaConf.create({"fsdp_policy_mp": None, "block_name": "LlamaDecoderLayer", "name": "tiny"})

@@ -6,6 +6,7 @@ import os
 import pytest
 
 import preference_datasets as pdata
+from prefkd import models
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 NAMED = ["hh", "shp", "se", "dpomix", "ultrafeedback", "helpsteer2", "deita"]
@@ -314,13 +315,12 @@ def test_missing_path_split_and_unknown_option(tmp_path):
 def test_bad_data_stops_train_before_any_model_is_built(tmp_path, monkeypatch):
     """The error comes from validation in train.run: no model is built, no run directory written."""
     import train
-    import trainers
     from conftest import FAST, compose
     d = tmp_path / "d"
     d.mkdir()
     write_jsonl(d / "train.jsonl", [GOOD, {"prompt": "p", "chosen": "x", "rejected": "x"}])
     write_jsonl(d / "test.jsonl", [GOOD])
-    monkeypatch.setattr(trainers, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     over = list(FAST) + [f"runs_dir={tmp_path}/runs", "loss=dpo", "datasets=[local]", f"data.local.path={d}",
                          "exp_name=bad"]
     with pytest.raises(pdata.DataError, match=r"train.jsonl: line 2: chosen is identical to rejected"):

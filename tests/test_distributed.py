@@ -73,7 +73,6 @@ def test_tensor_parallel_matches_one_process(tmp_path):
     run_dir, tp = train_run(tmp_path / "tp", common + ["trainer=TensorParallelTrainer", "trainer.cpu_devices=2"])
     assert_same(single, tp, ["loss/train", "rewards_train/margins", "loss/eval"], tol=1e-5)
     # the checkpoint holds the underlying model's names and the trained weights
-    import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     ckpts = [os.path.join(d, open(os.path.join(d, "LATEST")).read().strip()) for d in (tmp_path / "single" / "t", run_dir)]

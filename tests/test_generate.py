@@ -9,7 +9,7 @@ import torch
 from conftest import train_run
 
 import generate
-import utils
+from prefkd import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_greedy_rows_are_the_models_own_greedy_answers_and_train_as_sft_data(tmp
     test = data.get_dataset("embedded", "test", silent=True)
     assert [r["prompt"] for r in got] == [ex["prompt"] for ex in test[:20]]
     # one prompt by hand, unpadded: the same greedy answer
-    ckpt = utils.resolve_checkpoint(sft_run)
+    ckpt = checkpoints.resolve_checkpoint(sft_run)
     model, tok = AutoModelForCausalLM.from_pretrained(ckpt).eval(), data.get_tokenizer(ckpt)
     for i in (0, 13):
         ids = torch.tensor([data.encode_text(got[i]["prompt"], {}, tok)["prompt"]])
@@ -118,7 +118,7 @@ def test_seqkd_reading_the_teachers_generation_files_trains_as_it_does_generatin
     files = [run_generate([sft_run, f"out={tmp_path}/t.{split}.jsonl", f"split={split}", "batch_size=8",
                            "max_new_tokens=24"] + local[1:] + ["datasets=[local]"]) for split in ("train", "test")]
     meta = json.load(open(files[0] + ".meta.json"))
-    assert meta["checkpoint"] == utils.resolve_checkpoint(sft_run) and meta["do_sample"] is False
+    assert meta["checkpoint"] == checkpoints.resolve_checkpoint(sft_run) and meta["do_sample"] is False
     assert meta["rows"] == len(rows(files[0])) == 48
     common = ["loss=seqkd", "teacher=tiny_teacher", f"teacher.archive={sft_run}", "n_examples=24",
               "eval_every=16", "lr=1e-3", "n_eval_examples=16"] + local

@@ -11,6 +11,7 @@ import socket
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
+from prefkd import models
 
 INIT = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 67, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -82,7 +83,7 @@ def worker(rank, world, port, root, paths, errors):
             dtype = getattr(torch, dtype_name)
             archive = paths[archive_key] if archive_key else None
             with lean_loading.deferred():
-                model = trainers.build_model(cfg, tok, dtype, archive, seed)
+                model = models.build_model(cfg, tok, dtype, archive, seed)
             source = model.lean_source
             assert all(p.is_meta for p in model.parameters())
             model = trainers.FSDPTrainer.wrap(Shell(), model, cfg, trainable=True)

@@ -12,6 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 import losses as L
+import prefkd.logits as LG
+from prefkd import generation
+from prefkd import models
 
 V, LEN, PROMPT = 7, 9, 3
 
@@ -182,7 +185,7 @@ def test_wpo_weight_gets_no_gradient():
 def test_wpo_chunked_equals_unchunked(monkeypatch):
     pol, ref, tea, tref, labels = make_batch(seed=5)
     whole = run_spec("wpo", pol, ref, tea, tref, labels)
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 4 * V)   # one position per chunk
+    monkeypatch.setattr(LG, "CHUNK_ELEMENTS", 4 * V)   # one position per chunk
     parts = run_spec("wpo", pol, ref, tea, tref, labels)
     assert whole[0].item() == pytest.approx(parts[0].item(), abs=1e-7)
     assert torch.allclose(whole[1]["wpo/weight"], parts[1]["wpo/weight"], atol=1e-7)
@@ -293,7 +296,7 @@ def test_dpkd_with_kd_ratio_zero_is_sft_and_h_is_zero_where_argmaxes_agree():
 
 def test_dpkd_gradient_matches_plain_autograd(monkeypatch):
     pol, ref, tea, tref, labels = make_batch(seed=11)
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(LG, "CHUNK_ELEMENTS", 2 * V)
     p = pol.clone().requires_grad_(True)
     run_spec("dpkd", p, ref, tea, tref, labels, beta=0.7, kd_ratio=0.6)[0].backward()
     q = pol[:2].double().clone().requires_grad_(True)
@@ -385,7 +388,7 @@ def test_gkd_and_adpa_chunked_equal_unchunked(monkeypatch):
     cases = [("gkd", {"lam": 0.0}), ("gkd", {"lam": 0.0, "teacher_top_k": 3}), ("adpa", {}),
              ("adpa", {"teacher_top_k": 2}), ("dpkd", {}), ("ddpo", {})]
     whole = [run_spec(n, pol, ref, tea, tref, labels, **kw)[0] for n, kw in cases]
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(LG, "CHUNK_ELEMENTS", 2 * V)
     parts = [run_spec(n, pol, ref, tea, tref, labels, **kw)[0] for n, kw in cases]
     for (n, kw), a, b in zip(cases, whole, parts):
         assert a.item() == pytest.approx(b.item(), abs=1e-6), (n, kw)
@@ -493,7 +496,7 @@ def test_teacher_reference_is_required_before_any_model_is_loaded(tmp_path, teac
     from conftest import compose
     dpo, sft = teacher_runs
     loaded = []
-    monkeypatch.setattr(trainers, "build_model", lambda *a, **k: loaded.append(a) or pytest.fail("model loaded"))
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: loaded.append(a) or pytest.fail("model loaded"))
     for name in ("ddpo", "adpa"):
         cfg = compose([f"loss={name}", "teacher=tiny_teacher", f"teacher.archive={dpo}"])
         assert cfg.teacher.reference_archive is None
@@ -510,14 +513,13 @@ def test_teacher_reference_is_required_before_any_model_is_loaded(tmp_path, teac
 
 
 def test_replace_responses_layout():
-    import trainers
     batch = {"prompt": ["a", "b"], "chosen_input_ids": torch.zeros(2, 3, dtype=torch.long)}
-    out = trainers.replace_responses(batch, "chosen", [[1, 5, 6], [1, 7]], [[8, 2], [9, 9, 9, 2]], pad_token_id=0,
+    out = generation.replace_responses(batch, "chosen", [[1, 5, 6], [1, 7]], [[8, 2], [9, 9, 9, 2]], pad_token_id=0,
                                      max_length=5)
     assert out["chosen_input_ids"].tolist() == [[1, 5, 6, 8, 2], [1, 7, 9, 9, 9]]   # cut to max_length
     assert out["chosen_labels"].tolist() == [[-100, -100, -100, 8, 2], [-100, -100, 9, 9, 9]]
     assert out["chosen_attention_mask"].tolist() == [[1] * 5, [1] * 5]
-    out = trainers.replace_responses(batch, "rejected", [[1, 5, 6], [1]], [[2], [4, 2]], 0, 48)
+    out = generation.replace_responses(batch, "rejected", [[1, 5, 6], [1]], [[2], [4, 2]], 0, 48)
     assert out["rejected_input_ids"].tolist() == [[1, 5, 6, 2], [1, 4, 2, 0]]
     assert out["rejected_labels"].tolist() == [[-100, -100, -100, 2], [-100, 4, 2, -100]]
     assert out["rejected_attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
@@ -540,14 +542,14 @@ def test_teacher_generations_equal_unbatched_greedy_decoding_and_are_generated_o
     batch = next(iter(tr.batch_iterator("train")))
     assert batch["prompt_attention_mask"].min() == 0   # prompts of different lengths: left padding is exercised
     calls = []
-    real = tr.generate_responses
-    tr.generate_responses = lambda *a: calls.append(1) or real(*a)
+    real = tr.generation.responses
+    tr.generation.responses = lambda *a: calls.append(1) or real(*a)
     out, generated = tr.generated_batch(batch, train=True)
     assert generated is True and len(calls) == 1
     eos = tr.tokenizer.eos_token_id
     for row in range(len(batch["prompt"])):
         prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()]
-        alone = tr.teacher.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        alone = tr.frozen.teacher.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                     do_sample=False, max_new_tokens=tr.cfg.max_length - batch["prompt_input_ids"].shape[1],
                                     pad_token_id=tr.tokenizer.pad_token_id, eos_token_id=eos)[0, len(prompt):].tolist()
         if eos in alone:
@@ -575,7 +577,7 @@ def test_on_policy_draws_are_seeded_by_step_and_micro_batch(tmp_path, teacher_ru
         seq = []
         for step in range(400):
             tr.step = step
-            seq += [tr.draw_generation(0.5, True), tr.draw_generation(0.5, True)]  # two micro-batches a step
+            seq += [tr.generation.draw(0.5, True, step), tr.generation.draw(0.5, True, step)]  # two micro-batches a step
         draws[id(tr)] = seq
     assert draws[id(a)] == draws[id(b)]                  # every rank (and a resumed run) decides the same
     frac = sum(draws[id(a)]) / len(draws[id(a)])
@@ -585,7 +587,7 @@ def test_on_policy_draws_are_seeded_by_step_and_micro_batch(tmp_path, teacher_ru
     batch = next(iter(a.batch_iterator("train")))
     assert a.generated_batch(batch, train=False) == (batch, None)
     a.step = next(s for s in range(400) if draws[id(b)][2 * s])
-    a._draw_key = None
+    a.generation.draw_key = None
     out, generated = a.generated_batch(batch, train=True)
     assert generated is True and not torch.equal(out["chosen_labels"], batch["chosen_labels"])
     assert out["rejected_input_ids"] is batch["rejected_input_ids"]
@@ -651,11 +653,11 @@ def test_gkd_trains_on_and_off_policy(tmp_path, teacher_runs):
 
 
 def test_seqkd_trains_on_teacher_generations(tmp_path, teacher_runs, monkeypatch):
-    import trainers
+    from prefkd import generation as generation_lib
     dpo, _ = teacher_runs
     rows = []
-    real = trainers.BasicTrainer.generate_responses
-    monkeypatch.setattr(trainers.BasicTrainer, "generate_responses",
+    real = generation_lib.InRunGeneration.responses
+    monkeypatch.setattr(generation_lib.InRunGeneration, "responses",
                         lambda self, *a: rows.append(a[1].shape[0]) or real(self, *a))
     first, last, _ = smoke(tmp_path, "seqkd", ["teacher=tiny_teacher", f"teacher.archive={dpo}",
                                                "loss.max_new_tokens=14"], 96, 32)

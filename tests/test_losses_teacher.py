@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 import losses as L
+import prefkd.logits as LG
 
 V, LEN, PROMPT = 7, 9, 3
 
@@ -182,7 +183,7 @@ def test_chunked_equals_unchunked(monkeypatch):
     pol, ref, tea, labels = make_batch(seed=5)
     whole = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in
              [("tvkd", {}), ("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released", "top_k": 3})]]
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 2 * V)  # one position per chunk
+    monkeypatch.setattr(LG, "CHUNK_ELEMENTS", 2 * V)  # one position per chunk
     assert L.chunk_positions(4, V) == 1
     parts = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in
              [("tvkd", {}), ("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released", "top_k": 3})]]
@@ -194,7 +195,7 @@ def test_chunked_policy_gradient_matches(monkeypatch):
     pol, ref, tea, labels = make_batch(seed=6)
     grads = []
     for elements in (1 << 25, V):
-        monkeypatch.setattr(L, "CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(LG, "CHUNK_ELEMENTS", elements)
         p = pol.clone().requires_grad_(True)
         run_spec("tdpo", p, ref, tea, labels)[0].backward()
         grads.append(p.grad)
@@ -504,7 +505,7 @@ def test_more_losses_chunked_equal_unchunked(monkeypatch):
              ("vanillakd", {"teacher_top_k": 3, "sft_weight": 0.3}), ("vanillakd", {}),
              ("dckd", {"teacher_top_k": 2})]
     whole = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in cases]
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 4 * V)   # three positions per chunk (9 = 3 chunks)
+    monkeypatch.setattr(LG, "CHUNK_ELEMENTS", 3 * 4 * V)   # three positions per chunk (9 = 3 chunks)
     parts = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in cases]
     for (n, kw), a, b in zip(cases, whole, parts):
         assert a.item() == pytest.approx(b.item(), abs=1e-6), (n, kw)
@@ -646,6 +647,7 @@ import ctypes, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import losses as L
+import prefkd.logits as LG
 from omegaconf import OmegaConf
 
 libc = ctypes.CDLL("libc.so.6")
@@ -670,7 +672,7 @@ pol = torch.randn(n, length, vocab, generator=g).requires_grad_(True)
 ref = torch.randn(n, length, vocab, generator=g)
 labels = torch.randint(0, vocab, (n, length), generator=g)
 labels[:, :8] = -100
-L.CHUNK_ELEMENTS = n * vocab                       # one position per chunk (0.5 MB)
+LG.CHUNK_ELEMENTS = n * vocab                       # one position per chunk (0.5 MB)
 cfg = OmegaConf.create(dict(name="tdpo", alpha=0.5, beta=0.1, if_tdpo2=True))
 run = lambda: L.get_loss("tdpo").compute(
     L.LossInputs(policy_logits=pol, labels=labels, n_pairs=n // 2, reference_logits=ref), cfg)

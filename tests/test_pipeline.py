@@ -6,8 +6,8 @@ import os
 import pytest
 
 import pipeline
-import utils
 import report
+from prefkd import checkpoints
 
 TINY_STAGES = [
     "stages.teacher_sft.lr=2e-3", "stages.teacher_sft.n_examples=64",          # one key at a time
@@ -258,7 +258,7 @@ def test_generation_stages_run_once_per_generating_model_and_are_shared_by_seeds
     assert stages == ["teacher_sft", "teacher_dpo", "student_sft"] + gen + ["methods/seqkd", "methods/adpa"]
     for name, source in (("teacher_dpo", "teacher_dpo"), ("student_sft", "student_sft")):
         meta = json.loads((out / f"generations/{name}_greedy_n16.train.jsonl.meta.json").read_text())
-        assert meta["checkpoint"] == utils.resolve_checkpoint(str(out / source)) and meta["rows"] == 48
+        assert meta["checkpoint"] == checkpoints.resolve_checkpoint(str(out / source)) and meta["rows"] == 48
         assert meta["max_new_tokens"] == 16 and meta["do_sample"] is False
     for method, name in (("seqkd", "teacher_dpo"), ("adpa", "student_sft")):
         for seed in (0, 1):

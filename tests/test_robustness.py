@@ -1,6 +1,5 @@
 """Crashes, damaged checkpoints, NaNs, concurrent launches, full disks, bad values, sweeps,
 resume and signals: each case fails loudly and early, and nothing already written is lost."""
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,8 @@ from conftest import FAST, REPO, compose, read_metrics, train_run
 
 import trainers
 import utils
+from prefkd import checkpoints
+from prefkd import models
 
 losses_of = lambda recs: [r["loss/train"] for r in recs if "loss/train" in r]
 SAVING = ["loss=sft", "n_examples=48", "save_every=16", "eval_every=null", "exp_name=c", "lr=1e-3",
@@ -43,22 +44,22 @@ def test_a_step_is_saved_once_when_save_every_divides_the_run(tmp_path, monkeypa
     # steps 2, 4, 6; the end of the run (step 6) is not written a second time
     assert written == [2, 4, 6]
     assert latest(run_dir) == "step-00000006"
-    assert utils.checkpoint_problem(os.path.join(run_dir, "step-00000006")) is None
+    assert checkpoints.checkpoint_problem(os.path.join(run_dir, "step-00000006")) is None
 
 
 def test_completeness_is_judged_by_the_files_not_by_a_marker(tmp_path):
     run_dir, _ = train_run(tmp_path, SAVING)
     ckpt = os.path.join(run_dir, "step-00000006")
-    assert utils.is_complete_checkpoint(ckpt)
+    assert checkpoints.is_complete_checkpoint(ckpt)
     # what a SIGKILL in the old save left: the marker and two small files, no weights
     partial = tmp_path / "partial"
     partial.mkdir()
     for name in ("COMPLETE", "config.json", "generation_config.json"):
         (partial / name).write_text("{}")
-    assert "manifest" in utils.checkpoint_problem(str(partial))
+    assert "manifest" in checkpoints.checkpoint_problem(str(partial))
     with open(os.path.join(ckpt, "optimizer.pt"), "r+b") as f:
         f.truncate(100)
-    assert "optimizer.pt has 100 bytes" in utils.checkpoint_problem(ckpt)
+    assert "optimizer.pt has 100 bytes" in checkpoints.checkpoint_problem(ckpt)
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt"])
@@ -76,7 +77,7 @@ def test_resume_falls_back_when_the_latest_checkpoint_is_damaged(tmp_path, damag
     # steps 5 and 6 are redone from step 4: the same losses as the uninterrupted run, and the
     # records of the redone steps replace the old ones
     assert losses_of(resumed) == losses_of(full)
-    assert latest(run_dir) == "step-00000006" and utils.is_complete_checkpoint(os.path.join(run_dir, "step-00000006"))
+    assert latest(run_dir) == "step-00000006" and checkpoints.is_complete_checkpoint(os.path.join(run_dir, "step-00000006"))
     assert not [d for d in os.listdir(run_dir) if d.startswith(".step-")]
 
 
@@ -84,13 +85,13 @@ def test_resume_falls_back_when_the_latest_checkpoint_is_damaged(tmp_path, damag
 
 def test_nan_stops_the_run_naming_the_step_and_no_checkpoint_is_non_finite(tmp_path):
     from safetensors.torch import load_file
-    with pytest.raises(trainers.NonFiniteError, match=r"non-finite loss or gradient norm at step \d+") as err:
+    with pytest.raises(utils.NonFiniteError, match=r"non-finite loss or gradient norm at step \d+") as err:
         train_run(tmp_path, ["loss=sft", "lr=30", "warmup_steps=4", "save_every=8", "n_examples=128",
                              "keep_checkpoints=2", "eval_every=null", "exp_name=diverge"])
     bad_step = int(str(err.value).split("at step ")[1].split()[0])
     run_dir = tmp_path / "diverge"
     assert not (run_dir / "DONE").exists()
-    ckpts = utils.list_checkpoints(str(run_dir))
+    ckpts = checkpoints.list_checkpoints(str(run_dir))
     assert ckpts and all(int(c[5:]) < bad_step for c in ckpts)
     for c in ckpts:
         assert utils.all_finite(load_file(str(run_dir / c / "model.safetensors")).values())
@@ -117,7 +118,7 @@ def test_max_nonfinite_steps_skips_and_counts_then_stops_after_too_many_in_a_row
     assert records[-2 if "loss/eval" in records[-1] else -1]["nonfinite_skipped"] == 1
     assert os.path.exists(os.path.join(run_dir, "DONE"))
     inject_nan(monkeypatch, {2, 3})
-    with pytest.raises(trainers.NonFiniteError, match="step 3.*max_nonfinite_steps"):
+    with pytest.raises(utils.NonFiniteError, match="step 3.*max_nonfinite_steps"):
         train_run(tmp_path, ["loss=sft", "n_examples=48", "eval_every=null", "exp_name=skip2",
                              "max_nonfinite_steps=1"])
 
@@ -160,12 +161,12 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_checkpoint(tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
     monkeypatch.setattr(trainers.torch, "save", full_disk_save)
-    with pytest.raises(trainers.CheckpointWriteError, match="disk is full") as err:
+    with pytest.raises(checkpoints.CheckpointWriteError, match="disk is full") as err:
         train_run(tmp_path, SAVING)
     run_dir = str(tmp_path / "c")
     assert run_dir in str(err.value) and "LATEST still names step-00000002" in str(err.value)
     assert sorted(os.listdir(run_dir)).count(".step-00000004.tmp") == 0
-    assert latest(run_dir) == "step-00000002" and utils.is_complete_checkpoint(os.path.join(run_dir, "step-00000002"))
+    assert latest(run_dir) == "step-00000002" and checkpoints.is_complete_checkpoint(os.path.join(run_dir, "step-00000002"))
     monkeypatch.setattr(trainers.torch, "save", real_save)
     _, resumed = train_run(tmp_path, SAVING + ["resume=true"])
     assert latest(run_dir) == "step-00000006" and len(losses_of(resumed)) == 6
@@ -177,7 +178,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_checkpoint(tmp_path,
 def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was built before the bad value was reported")
-    monkeypatch.setattr(trainers, "build_model", refuse)
+    monkeypatch.setattr(models, "build_model", refuse)
 
 
 def corrupt_archive(tmp_path, how):
@@ -218,7 +219,7 @@ def test_bad_values_are_refused_naming_the_key_before_any_model_loads(tmp_path, 
         overrides = [corrupt_archive(tmp_path, overrides[0]), "loss=dpo"]
     def refuse(*a, **k):
         raise AssertionError("a model was built before the bad value was reported")
-    monkeypatch.setattr(trainers, "build_model", refuse)
+    monkeypatch.setattr(models, "build_model", refuse)
     with pytest.raises(ValueError, match=match):
         train_run(tmp_path, ["exp_name=bad", "n_examples=16"] + overrides)
     assert not (tmp_path / "bad" / "config.yaml").exists()
@@ -341,7 +342,7 @@ def test_sigterm_to_a_training_process_saves_and_exits_nonzero(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     name = latest(tmp_path / "t")
-    assert utils.is_complete_checkpoint(str(tmp_path / "t" / name)) and int(name[5:]) >= 2
+    assert checkpoints.is_complete_checkpoint(str(tmp_path / "t" / name)) and int(name[5:]) >= 2
     assert "resume=true" in err
 
 

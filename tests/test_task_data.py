@@ -10,6 +10,7 @@ import pytest
 from prefkd import data_checks
 import preference_datasets as pdata
 from prefkd import scorers
+from prefkd import models
 
 REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
 SCORER_FILE = os.path.join(REVERSE, "reverse_scorer.py")
@@ -122,13 +123,12 @@ def write(path, rows_):
 
 def test_splits_of_different_formats_are_refused_before_any_model(tmp_path, monkeypatch):
     import train
-    import trainers
     from conftest import FAST, compose
     write(tmp_path / "train.jsonl", plain(rows("train.jsonl")))   # strings: no chat template
     shutil.copy(os.path.join(REVERSE, "test.jsonl"), tmp_path / "test.jsonl")  # message lists: chat template
     formats = data_checks.dataset_formats(["local"], {"local": {"path": str(tmp_path)}})
     assert formats == {"local": {"train": "text", "test": "chat"}}
-    monkeypatch.setattr(trainers, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     over = list(FAST) + [f"runs_dir={tmp_path}/runs", "loss=dpo", "datasets=[local]", f"data.local.path={tmp_path}",
                          "exp_name=mixed"]
     with pytest.raises(pdata.DataError) as err:
@@ -260,9 +260,8 @@ def test_bad_scorers_are_named(tmp_path):
 
 def test_a_bad_scorer_stops_train_before_any_model(tmp_path, monkeypatch):
     import train
-    import trainers
     from conftest import FAST, compose
-    monkeypatch.setattr(trainers, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     over = list(FAST) + [f"runs_dir={tmp_path}", "datasets=[local]", f"data.local.path={REVERSE}",
                          "data.scorer=reverse_scorer_missing:score", "exp_name=bad"]
     with pytest.raises(scorers.ScorerError, match="data.scorer='reverse_scorer_missing:score': cannot import"):

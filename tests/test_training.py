@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from conftest import read_metrics, train_run
+from conftest import train_run
 
 
 def test_dpo_raises_heldout_preference_accuracy(tmp_path):

@@ -1,0 +1,299 @@
+"""Checkpoint I/O: writing, publishing, pruning, integrity and loading of training checkpoints.
+
+``<run>/step-XXXXXXXX/`` is a Hugging Face directory (config.json, model.safetensors, tokenizer
+files) that ``AutoModelForCausalLM.from_pretrained`` loads with no code of ours, plus
+``optimizer.pt``, ``trainer_state.json`` and one RNG file per rank. It is written under a
+temporary name; once every file is on disk a ``COMPLETE`` manifest records their sizes, the
+directory is renamed into place and ``<run>/LATEST`` is replaced atomically. A step is saved
+once; the directory LATEST names is never deleted or rewritten in place; a checkpoint whose
+files do not match its manifest is not complete, and ``resume=true`` then falls back to the
+newest complete one. A crash mid-save leaves LATEST pointing at the previous checkpoint; a
+failed write (a full disk) removes its partial directory.
+
+A checkpoint is complete when its COMPLETE manifest exists and every file it lists is there with
+the size recorded. The manifest is written last, after every file has been flushed to disk, so
+a crash at any point leaves either no manifest or a true one; a file truncated or removed later
+is caught by its size.
+"""
+import json
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import utils
+from utils import RunError, atomic_write_json, atomic_write_text, fsync_dir, rank0_print, remove_tree
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (a full disk, say); its partial directory is removed."""
+
+
+def resolve_checkpoint(path: str) -> str:
+    """Accept a checkpoint directory, a run directory, or a run's LATEST pointer; return the
+    checkpoint directory. LATEST is a text file naming the newest complete checkpoint."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(path) and os.path.basename(path) == "LATEST":
+        with open(path) as f:
+            return os.path.join(os.path.dirname(path), f.read().strip())
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "LATEST")):
+        return resolve_checkpoint(os.path.join(path, "LATEST"))
+    return path
+
+
+MANIFEST = "COMPLETE"
+
+
+# What a training checkpoint must hold besides the per-rank RNG files.
+REQUIRED_FILES = ("config.json", "model.safetensors", "optimizer.pt", "trainer_state.json")
+
+
+def write_manifest(ckpt: str) -> None:
+    """Flush every file of `ckpt` to disk, then record their sizes in its manifest."""
+    sizes = {}
+    for name in sorted(os.listdir(ckpt)):
+        full = os.path.join(ckpt, name)
+        if name == MANIFEST or not os.path.isfile(full):
+            continue
+        with open(full, "rb") as f:
+            os.fsync(f.fileno())
+        sizes[name] = os.path.getsize(full)
+    atomic_write_json(os.path.join(ckpt, MANIFEST), {"files": sizes})
+    fsync_dir(ckpt)
+
+
+def checkpoint_problem(ckpt: str) -> Optional[str]:
+    """None if `ckpt` is a complete training checkpoint, else what is wrong with it."""
+    if not os.path.isdir(ckpt):
+        return "missing"
+    try:
+        with open(os.path.join(ckpt, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no valid {MANIFEST} manifest (the save did not finish)"
+    for name in REQUIRED_FILES:
+        if name not in files:
+            return f"its manifest lists no {name}"
+    for name, size in files.items():
+        full = os.path.join(ckpt, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != size:
+            return f"{name} has {os.path.getsize(full)} bytes, {size} were written (truncated or replaced)"
+    return None
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    return checkpoint_problem(path) is None
+
+
+def list_checkpoints(run_dir: str):
+    """step-* directory names of a run, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(d for d in os.listdir(run_dir) if d.startswith("step-") and os.path.isdir(os.path.join(run_dir, d)))
+
+
+def latest_name(run_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(run_dir, "LATEST")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def find_resume_checkpoint(run_dir: str, log=print) -> Optional[str]:
+    """The checkpoint `resume=true` continues from: the one LATEST names if it is complete,
+    else (with a message saying why) the newest complete one; None if there is none."""
+    named = latest_name(run_dir)
+    if named is not None:
+        problem = checkpoint_problem(os.path.join(run_dir, named))
+        if problem is None:
+            return os.path.join(run_dir, named)
+        log(f"warning: {run_dir}/LATEST names {named}, which is damaged ({problem}); "
+            "falling back to the newest complete checkpoint")
+    for name in reversed(list_checkpoints(run_dir)):
+        if name != named and checkpoint_problem(os.path.join(run_dir, name)) is None:
+            if named is not None:
+                log(f"resuming from {name}")
+            return os.path.join(run_dir, name)
+    if named is not None:
+        log(f"warning: {run_dir} holds no complete checkpoint: starting from the beginning")
+    return None
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """None if `path` is a readable safetensors file (header parses, data as long as the header
+    says), else what is wrong. Reads only the header."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return f"header length {n} does not fit in the file's {size} bytes (truncated or not safetensors)"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable safetensors header ({type(e).__name__}: {e})"
+    if 8 + n + end != size:
+        return f"the header describes {8 + n + end} bytes, the file has {size} (truncated)"
+    return None
+
+
+def model_dir_problem(path: str) -> Optional[str]:
+    """None if `path` looks like a loadable model directory, else what is wrong (naming the file)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return f"no config.json at {path}"
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            json.load(f)
+    except ValueError as e:
+        return f"{os.path.join(path, 'config.json')} is not valid JSON ({e})"
+    tensors = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+    for name in sorted(tensors):
+        problem = safetensors_problem(os.path.join(path, name))
+        if problem:
+            return f"{os.path.join(path, name)}: {problem}"
+    if not tensors and not any(n.endswith((".bin", ".pt")) for n in os.listdir(path)):
+        return f"no weights (*.safetensors) at {path}"
+    return None
+
+
+
+
+# ------------------------------------------------------------------ writing
+
+def write_files(tmp: str, model_sd: Dict, optim_blob: Dict, model, tokenizer, trainer_state: Dict) -> None:
+    """Rank 0's files of a checkpoint, into the temporary directory `tmp`: the weights as
+    safetensors (a tied output layer saved once, as Hugging Face loads it), the model and
+    generation configs, the tokenizer, optimizer.pt, trainer_state.json; then the manifest."""
+    from safetensors.torch import save_file
+    config = model.config if hasattr(model, "config") else model.module.config
+    if getattr(config, "tie_word_embeddings", False):
+        model_sd.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optim_blob, os.path.join(tmp, "optimizer.pt"))
+    atomic_write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
+    write_manifest(tmp)
+
+
+def save(run_dir: str, step: int, rank: int, agree: Callable[[List[bool]], List[bool]],
+         write_rank0: Callable[[str], None], keep: int) -> str:
+    """Write <run>/step-N (N = step): every rank's RNG file and rank 0's files (`write_rank0(tmp)`)
+    into a temporary directory, then rename it into place, point LATEST at it and prune old
+    checkpoints (keeping `keep`). On a failed write (a full disk) on any rank the partial
+    directory is removed, LATEST is left as it was and CheckpointWriteError says why.
+    `agree(flags)`: each flag true on every rank if true on any. Returns the directory."""
+    name = f"step-{step:08d}"
+    tmp = os.path.join(run_dir, f".{name}.tmp")
+    failure = None
+    try:
+        if rank == 0:
+            remove_tree(tmp)
+            os.makedirs(tmp)
+        utils.barrier()
+        torch.save(utils.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        if rank == 0:
+            write_rank0(tmp)
+    except (OSError, RuntimeError) as e:
+        failure = e
+    if agree([failure is not None])[0]:
+        if rank == 0:
+            remove_tree(tmp)
+        cause = failure or RuntimeError("a write failed on another rank")
+        plain = utils.describe_write_error(cause, run_dir)
+        raise CheckpointWriteError(
+            f"writing checkpoint {run_dir}/{name} failed: {plain or f'{type(cause).__name__}: {cause}'}; "
+            f"the partial checkpoint was removed and LATEST still names {latest_name(run_dir)}") from failure
+    utils.barrier()
+    if rank == 0:
+        try:
+            publish(run_dir, tmp, name)
+        except OSError as e:
+            remove_tree(tmp)
+            plain = utils.describe_write_error(e, run_dir)
+            raise CheckpointWriteError(f"publishing checkpoint {run_dir}/{name} failed: {plain or e}; "
+                                       f"LATEST names {latest_name(run_dir)}") from e
+        prune(run_dir, keep=name, n_keep=keep)
+        rank0_print(f"saved {os.path.join(run_dir, name)}")
+    utils.barrier()
+    return os.path.join(run_dir, name)
+
+
+def publish(run_dir: str, tmp: str, name: str) -> None:
+    """Rename the finished `tmp` to <run>/<name> and point LATEST at it. A directory already
+    called <name> (an abandoned or damaged attempt at this step) is moved aside first, and
+    if LATEST names it, LATEST is first pointed at the newest complete checkpoint, so LATEST
+    never names a directory that is being replaced."""
+    final = os.path.join(run_dir, name)
+    aside = None
+    if os.path.exists(final):
+        if latest_name(run_dir) == name:
+            others = [c for c in list_checkpoints(run_dir)
+                      if c != name and is_complete_checkpoint(os.path.join(run_dir, c))]
+            if others:
+                atomic_write_text(os.path.join(run_dir, "LATEST"), others[-1] + "\n")
+            else:
+                os.remove(os.path.join(run_dir, "LATEST"))
+        aside = os.path.join(run_dir, f".{name}.old.{os.getpid()}")
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_dir(run_dir)
+    atomic_write_text(os.path.join(run_dir, "LATEST"), name + "\n")
+    if aside:
+        remove_tree(aside)
+
+
+def prune(run_dir: str, keep: str, n_keep: int) -> None:
+    """Keep the newest n_keep complete checkpoints (always `keep`, the one LATEST names);
+    incomplete directories other than those are debris of crashed saves."""
+    n_keep = max(1, n_keep or 1)
+    complete = [d for d in list_checkpoints(run_dir) if is_complete_checkpoint(os.path.join(run_dir, d))]
+    for d in complete[:-n_keep]:
+        if d != keep:
+            remove_tree(os.path.join(run_dir, d))
+
+
+# ------------------------------------------------------------------ loading
+
+def load_state(ckpt: str, rank: int, world_size: int) -> Dict:
+    """A checkpoint's training state for a resume: {step, examples_seen, optimizer, scheduler}
+    (the weights are loaded when the policy is built); this rank's RNG state is restored."""
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        rank0_print(f"note: resuming a {state['world_size']}-process run with {world_size} processes; "
+                    "the data order is global, so the losses stay those of the same global batches")
+    blob = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=False)
+    rng = os.path.join(ckpt, f"rng_rank{rank}.pt")
+    if os.path.exists(rng):
+        utils.set_rng_state(torch.load(rng, weights_only=False))
+    return {"step": state["step"], "examples_seen": state["examples_seen"], "optimizer": blob["optimizer"],
+            "scheduler": blob["scheduler"]}
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """On resume, drop the records of steps beyond the checkpoint (they are redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except ValueError:
+            pass  # a line cut short by a crash
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+        rank0_print(f"metrics.jsonl: {len(lines) - len(kept)} records beyond step {step} removed (they are redone)")

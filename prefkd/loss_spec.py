@@ -1,0 +1,166 @@
+"""The loss registry's machinery: what a loss declares it needs (`LossSpec`), how it is
+registered (`register`), and what the trainer hands it (`LossInputs`).
+
+The trainer, the caches, precompute.py and the evaluation never branch on a loss name or on a
+particular loss's config keys: they read the spec. A loss declares here whether it trains on
+pairs, what it reads of the frozen reference and of the teacher (and the teacher's own
+reference), which responses a model must generate for it, and whether its teacher features
+can be cached (vocabulary-sized features cannot); the loss functions themselves live in
+losses.py.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+from prefkd.logits import Logits
+from prefkd.logprobs import response_mask, token_logps
+
+Metrics = Dict[str, torch.Tensor]
+
+
+@dataclass
+class LossInputs:
+    """What the trainer hands a loss. N = 2B rows for pairwise losses (chosen first), B otherwise.
+
+    With the chunked output layer (config `output_chunking`), policy_logits, reference_logits
+    and the teacher's full-vocabulary features are `LazyLogits` of that shape: the losses read
+    them only through `chunked` / `token_logps` / slicing / `.shape` / `.detach()`."""
+    policy_logits: Logits                          # [N, L, V], with grad
+    labels: torch.LongTensor                         # [N, L]
+    n_pairs: int                                     # B
+    reference_logps: Optional[torch.Tensor] = None   # [N, L-1] if spec.reference == "logps"
+    reference_logits: Optional[Logits] = None      # [N, L, V] if spec.reference == "logits"
+    teacher: Optional[Dict[str, torch.Tensor]] = None  # spec.teacher_features(teacher_logits, labels, cfg)
+    _cache: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if "mask" not in self._cache:
+            self._cache["mask"] = response_mask(self.labels)
+        return self._cache["mask"]
+
+    @property
+    def policy_logps(self) -> torch.Tensor:
+        """[N, L-1] per-token policy log-probs (with grad)."""
+        if "policy_logps" not in self._cache:
+            self._cache["policy_logps"] = token_logps(self.policy_logits, self.labels)
+        return self._cache["policy_logps"]
+
+
+ComputeFn = Callable[[LossInputs, object], Tuple[torch.Tensor, Metrics]]
+
+
+Need = Union[None, str, Callable[[object], Optional[str]]]
+
+
+GENERATION_SOURCES = ("teacher", "reference", "policy")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Responses a loss trains on that the trainer generates for the batch's prompts, before any
+    forward pass (so the teacher, reference and policy all see the generated responses).
+
+    source: "teacher" (the frozen teacher), "reference" (the frozen starting student: loaded
+        even when the loss reads none of its outputs) or "policy" (the current student).
+    replaces: the batch responses the generations replace, "chosen" or "rejected" (the rows
+        [0, B) or [B, 2B) of a pairwise loss; "chosen" for single-target losses).
+    probability: chance that a training micro-batch is generated (else it keeps the data's
+        responses); drawn from a generator seeded identically on every rank.
+    temperature: None for greedy decoding (or beam search with num_beams > 1); > 0 samples
+        at that temperature from the full distribution (no top-k / top-p).
+    num_beams: beam search width of greedy decoding (1: plain greedy).
+    max_new_tokens: None: up to the run's max_length (prompt + response).
+    train_only: evaluation batches keep the data's responses.
+    Generations of a frozen source are cached per prompt: each prompt is generated once."""
+    source: str
+    replaces: str = "chosen"
+    probability: float = 1.0
+    temperature: Optional[float] = None
+    num_beams: int = 1
+    max_new_tokens: Optional[int] = None
+    train_only: bool = False
+
+    @property
+    def frozen(self) -> bool:
+        return self.source != "policy"
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    compute: ComputeFn
+    # True: chosen and rejected rows (N = 2B); False: one row per example (N = B), the chosen
+    # response, or the data set's SFT target when sft_targets is True.
+    pairwise: bool = True
+    sft_targets: bool = False
+    # What the loss needs of the frozen reference: None, "logps" ([N, L-1] per-token log-probs)
+    # or "logits" (the full [N, L, V] logits); or a function of the loss config returning one.
+    reference: Need = None
+    # Reduces the teacher's [N, L, V] logits to what the loss needs, right after the teacher's
+    # forward pass, so that the full teacher logits do not outlive it. None: no teacher.
+    teacher_features: Optional[Callable] = None
+    validate: Optional[Callable[[object], None]] = None
+    # The teacher's own reference (its SFT model, `teacher.reference_archive`), a second frozen
+    # teacher-side model: (its [N, L, V] logits, labels, cfg, the dict teacher_features returned)
+    # -> the dict the loss reads as LossInputs.teacher, called right after its forward pass (it
+    # may consume entries of the teacher's dict). None: not loaded.
+    teacher_reference_features: Optional[Callable] = None
+    # Responses generated by a model for the batch's prompts: a function of the loss config
+    # returning a `Generation` or None (train on the data's responses).
+    generation: Optional[Callable[[object], Optional[Generation]]] = None
+    # The loss.* settings the teacher features depend on, as {key: value} (a function of the loss
+    # config): what a teacher cache (prefkd/output_cache.py) is keyed by besides the models and data.
+    # None: the whole loss config (safe, but any loss.* change then invalidates a cache).
+    teacher_feature_settings: Optional[Callable[[object], Dict]] = None
+
+    def reference_need(self, cfg) -> Optional[str]:
+        return self.reference(cfg) if callable(self.reference) else self.reference
+
+    def generation_need(self, cfg) -> Optional[Generation]:
+        return self.generation(cfg) if self.generation is not None else None
+
+    def teacher_need(self, cfg) -> bool:
+        """The teacher model is loaded for its features or to generate responses."""
+        gen = self.generation_need(cfg)
+        return self.teacher_features is not None or (gen is not None and gen.source == "teacher")
+
+    def teacher_reference_need(self, cfg) -> bool:
+        return self.teacher_reference_features is not None
+
+    def reference_model_need(self, cfg) -> bool:
+        """The frozen reference model is loaded for its outputs or to generate responses."""
+        gen = self.generation_need(cfg)
+        return bool(self.reference_need(cfg)) or (gen is not None and gen.source == "reference")
+
+
+LOSSES: Dict[str, LossSpec] = {}
+
+
+def register(name: str, **spec_fields):
+    def wrap(fn: ComputeFn) -> ComputeFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
+        LOSSES[name] = LossSpec(name=name, compute=fn, **spec_fields)
+        return fn
+    return wrap
+
+
+def require(cfg, key: str, positive: bool = False, nonnegative: bool = False, choices=None):
+    """Raise a ValueError naming `loss.<key>` if it is missing or out of range."""
+    from omegaconf import OmegaConf
+    if OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg, key):
+        raise ValueError(f"loss.{key} is required for loss={cfg.name}: pass loss.{key}=<value>")
+    value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+    if value is None:
+        raise ValueError(f"loss.{key} is required for loss={cfg.name}: pass loss.{key}=<value>")
+    if choices is not None and value not in choices:
+        raise ValueError(f"loss.{key}={value!r} is not one of {list(choices)}")
+    if positive and not value > 0:
+        raise ValueError(f"loss.{key} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"loss.{key} must be >= 0, got {value}")
+    return value
+
+
