@@ -17,7 +17,7 @@ working directory or ``sys.path``) or ``data.scorer=<path/to/file.py>:<function>
   reported by evaluate.py as ``task_<name>`` and becomes a column of report.py's table.
 
 ``data.scorer: null`` gives every data set its default: the embedded sorting task's
-checker (``preference_datasets:score_answer``, scores ``exact`` and ``partial``); other
+checker (``prefkd.data.embedded_task:score_answer``, scores ``exact`` and ``partial``); other
 data sets have none. A ``data.scorer`` string applies to every data set of the run.
 """
 import functools
@@ -31,7 +31,7 @@ import sys
 from typing import Callable, Dict, List, Mapping, Optional
 
 # Data sets that ship a scorer; it is an ordinary spec, replaced by data.scorer.
-DEFAULT_SCORERS = {"embedded": "preference_datasets:score_answer"}
+DEFAULT_SCORERS = {"embedded": "prefkd.data.embedded_task:score_answer"}
 
 
 class ScorerError(ValueError):

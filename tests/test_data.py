@@ -178,7 +178,7 @@ def test_score_answer_and_the_embedded_default_scorer():
     from prefkd import scorers
     assert pdata.score_answer("<|user|>sort 99=<|end|>sort 5281=", "1258") == {"exact": 1.0, "partial": 1.0}
     task = scorers.for_config(["embedded", "hh"])  # data.scorer unset: each data set's default
-    assert task.specs() == {"embedded": "preference_datasets:score_answer", "hh": None}
+    assert task.specs() == {"embedded": "prefkd.data.embedded_task:score_answer", "hh": None}
     assert task("embedded", "sort 21=", "12") == {"exact": 1.0, "partial": 1.0}
     assert task("hh", "sort 21=", "12") is None and task.common() is None
     with pytest.raises(ValueError, match="sort.*hello"):  # the error names the prompt
