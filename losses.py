@@ -17,8 +17,7 @@ Indexing, masks and log-probabilities (prefkd/logprobs.py), the chunked output l
 `token_logps`) and the registry machinery (prefkd/loss_spec.py) live below this module; it
 holds the losses themselves.
 """
-import math
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,9 @@ from prefkd.logprobs import (IGNORE_INDEX, LOG_ZERO, check_teacher_vocab, chunke
                              collapse_topk, collapsed_token_logp, forward_kl, gather_next, last_token_mask,
                              response_mask, sequence_logps, shifted_targets, split_pairs, teacher_topk_ids,
                              token_logps)
+from prefkd.token_terms import (ACTION_POTENTIALS, STATE_POTENTIALS, action_potential,  # noqa: F401
+                                generalized_jsd, log_sum_squared_probs, released_rewards, state_potential,
+                                tdpo_token_terms, token_divergence, token_fkl)
 from prefkd.loss_spec import (GENERATION_SOURCES, LOSSES, Generation, LossInputs, LossSpec, Metrics,  # noqa: F401
                               register, require)
 
@@ -118,6 +120,16 @@ def pair_logps(inp: LossInputs, average: bool = False):
     return (*split_pairs(pol, inp.n_pairs), *split_pairs(ref, inp.n_pairs))
 
 
+def _check_top_k_vocab(cfg, vocab: int) -> None:
+    """loss.top_k (when it is read) keeps at most the whole vocabulary."""
+    k = cfg.get("top_k")
+    if k is None or cfg.get("variant") == "paper":  # tvkd's paper variant reads no top-k
+        return
+    if int(k) > vocab:
+        raise ValueError(f"loss.top_k={k} exceeds the vocabulary size {vocab} of the tokenizer (model.tokenizer): "
+                             f"choose K <= {vocab}, or null for the full vocabulary")
+
+
 # ------------------------------------------------------------------ sft / dpo / ipo
 
 @register("sft", pairwise=False, sft_targets=True)
@@ -155,81 +167,7 @@ def _ipo(inp: LossInputs, cfg):
 # Vocabulary-sized work runs in chunks along the sequence (prefkd/logits.py `chunked`).
 
 
-# ------------------------------------------------------------------ potentials (teacher values)
-
-STATE_POTENTIALS = ("logsumexp", "max", "margin", "expectation")
-ACTION_POTENTIALS = ("logit", "logprob")
-
-
-def state_potential(z: torch.Tensor, kind: str, tau: float = 1.0) -> torch.Tensor:
-    """A state-only potential from teacher logits.
-
-    Args:
-        z: [..., V] teacher logits at a state.
-        kind: logsumexp -- V(s) = tau logsumexp(z / tau), the soft value of a DPO-trained
-              policy whose logits are its Q-values (TVKD Lemma 1);
-              max -- max_a p_T(a|s); margin -- top-1 minus top-2 probability;
-              expectation -- sum_a p_T(a|s) z(a)   (the paper's Table 5 ablations).
-        tau: value temperature (logsumexp only).
-    Returns: [...] potentials.
-    """
-    z = z.float()
-    if kind == "logsumexp":
-        return tau * torch.logsumexp(z / tau, dim=-1)
-    logp = torch.log_softmax(z, dim=-1)
-    if kind == "max":
-        return logp.max(dim=-1).values.exp()
-    if kind == "margin":
-        top2 = logp.topk(2, dim=-1).values.exp()
-        return top2[..., 0] - top2[..., 1]
-    if kind == "expectation":
-        return (logp.exp() * z).sum(-1)
-    raise ValueError(f"unknown state potential {kind!r}; use one of {STATE_POTENTIALS}")
-
-
-def action_potential(z: torch.Tensor, actions: torch.LongTensor, kind: str) -> torch.Tensor:
-    """An action-dependent shaping term psi(s, a), used as psi_t directly: `logit` = z(a),
-    `logprob` = log p_T(a|s). The paper's Corollary 2.1: these break policy invariance.
-
-    Args: z [..., V] teacher logits; actions [...] token ids. Returns [...]."""
-    z = z.float()
-    picked = torch.gather(z, -1, actions.unsqueeze(-1)).squeeze(-1)
-    if kind == "logit":
-        return picked
-    if kind == "logprob":
-        return picked - torch.logsumexp(z, dim=-1)
-    raise ValueError(f"unknown action potential {kind!r}; use one of {ACTION_POTENTIALS}")
-
-
 # ------------------------------------------------------------------ tdpo
-
-
-def _tdpo_chunk(ref: torch.Tensor, pol: torch.Tensor, targets: torch.LongTensor) -> torch.Tensor:
-    """One chunk of `tdpo_token_terms`: ref, pol [N, c, V], targets [N, c] -> [N, c, 3]."""
-    ref_logp = torch.log_softmax(ref.float(), -1)
-    pol_logp = torch.log_softmax(pol.float(), -1)
-    idx = targets.unsqueeze(-1)
-    return torch.stack([pol_logp.gather(-1, idx).squeeze(-1), ref_logp.gather(-1, idx).squeeze(-1),
-                        forward_kl(ref_logp, pol_logp)], dim=-1)
-
-
-def tdpo_token_terms(reference_logits: torch.Tensor, policy_logits: torch.Tensor, labels: torch.LongTensor):
-    """The three per-token quantities of TDPO in one chunked pass over the vocabulary.
-
-    Args:
-        reference_logits: [N, L, V] unshifted, no grad.
-        policy_logits: [N, L, V] unshifted, with grad.
-        labels: [N, L], IGNORE_INDEX off the response.
-    Returns:
-        policy_logps, reference_logps, kl: [N, L-1] each (shifted indexing, zero off the
-        response): log pi_theta(y_t|s_t), log pi_ref(y_t|s_t) and KL(pi_ref(.|s_t) || pi_theta(.|s_t)).
-
-    Both log-softmaxes are taken chunk by chunk along the sequence in fp32 and recomputed in
-    backward, so besides the two models' logits only one chunk's [N, c, V] temporaries are
-    ever alive (never a third [N, L, V] fp32 tensor)."""
-    mask = response_mask(labels)
-    terms = chunked(_tdpo_chunk, reference_logits[:, :-1], policy_logits[:, :-1], shifted_targets(labels), grad=True)
-    return terms[..., 0] * mask, terms[..., 1] * mask, terms[..., 2] * mask
 
 
 def tdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -308,31 +246,6 @@ def tvkd_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, psi: to
     return -F.logsigmoid(g_w - g_l), shaping
 
 
-def released_rewards(student_collapsed: torch.Tensor, teacher_collapsed: torch.Tensor, ids: torch.LongTensor,
-                     labels: torch.LongTensor, gamma: float, next_term: str,
-                     a0: float = 0.7, a1: float = 0.0, a_tilde: float = 1.0, return_terms: bool = False):
-    """The authors' released recipe (run_tvkd.sh + TVKD.yaml), which differs from the paper's
-    equation: no beta, no reference, distributions collapsed onto the teacher's top-k + rest.
-
-        R(y) = sum_t m_t [ log pi~_theta(y_t|s_t) - gamma * X(s_{t+1}) ],  X = 0 after the last token
-        entropy branch:       X(s) = H(pi~_theta(.|s))                 over the k+1 slots
-        teacher-value branch: X(s) = a~ logsumexp( (a1 log pi~_theta(.|s) + a0 log p~_T(.|s)) / a~ )
-
-    Args: student_collapsed, teacher_collapsed [N, L, k+1] log-probs at every position
-    (teacher_collapsed may be None for the entropy branch); ids [N, L, k]; labels [N, L].
-    Returns [N] R(y); with return_terms=True, (R(y), gamma sum_t m_t X(s_{t+1})), both [N]."""
-    mask = response_mask(labels)
-    tokens = shifted_targets(labels)
-    tok_logp = collapsed_token_logp(student_collapsed[:, :-1], ids[:, :-1], tokens)
-    if next_term == "entropy":
-        x = -(student_collapsed.exp() * student_collapsed).sum(-1)
-    else:
-        x = a_tilde * torch.logsumexp((a1 * student_collapsed + a0 * teacher_collapsed) / a_tilde, dim=-1)
-    x_next = x[:, 1:] * (1.0 - last_token_mask(mask))
-    r = ((tok_logp - gamma * x_next) * mask).sum(-1)
-    return (r, gamma * (x_next * mask).sum(-1)) if return_terms else r
-
-
 def _tvkd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTensor, cfg) -> Dict[str, torch.Tensor]:
     """Reduce the teacher's [N, L, V] logits to what TVKD reads:
     paper variant -- `values` [N, L] (the chosen state potential at every position; for the
@@ -384,7 +297,7 @@ def _tvkd_reference(cfg):
 
 
 @register("tvkd", reference=_tvkd_reference, teacher_features=_tvkd_teacher_features, validate=_validate_tvkd,
-          teacher_feature_settings=_tvkd_feature_settings)
+          teacher_feature_settings=_tvkd_feature_settings, check_vocab=_check_top_k_vocab)
 def _tvkd(inp: LossInputs, cfg):
     pol = sequence_logps(inp.policy_logps, inp.mask)
     variant = cfg.get("variant", "paper")
@@ -425,36 +338,36 @@ def _tvkd(inp: LossInputs, cfg):
 # ------------------------------------------------------------------ knowledge distillation
 
 def _kd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTensor, cfg) -> Dict[str, torch.Tensor]:
-    """Full vocabulary (teacher_top_k null): the teacher's log-probs, one [N, L, V] tensor.
-    teacher_top_k K: `topk_ids` [N, L, K] and `teacher_collapsed` [N, L, K+1] only."""
-    k = cfg.get("teacher_top_k")
+    """Full vocabulary (top_k null): the teacher's log-probs, one [N, L, V] tensor.
+    top_k K: `topk_ids` [N, L, K] and `teacher_collapsed` [N, L, K+1] only."""
+    k = cfg.get("top_k")
     if k is None:
         if isinstance(teacher_logits, LazyLogits):  # projected chunk by chunk where the loss reads it
             return {"teacher_logp": teacher_logits.map(log_softmax_f32)}
         return {"teacher_logp": chunked(log_softmax_f32, teacher_logits)}
-    ids = teacher_topk_ids(teacher_logits, k, "teacher_top_k")
+    ids = teacher_topk_ids(teacher_logits, k, "top_k")
     return {"topk_ids": ids, "teacher_collapsed": chunked(collapse_topk, teacher_logits, ids)}
 
 
 def _kd_feature_settings(cfg) -> Dict:
     """What `_kd_teacher_features` depends on."""
-    return {"teacher_top_k": cfg.get("teacher_top_k")}
+    return {"top_k": cfg.get("top_k")}
 
 
-def token_fkl(inp: LossInputs) -> torch.Tensor:
-    """[N, L-1] per-token FKL(p_T || pi_theta) at each response state, on the full vocabulary
-    or on the teacher's top-K + rest."""
-    t = inp.teacher
-    check_teacher_vocab(t, inp.policy_logits)
-    if "teacher_logp" in t:
-        per = chunked(lambda tl, pl: forward_kl(tl, torch.log_softmax(pl.float(), -1)).unsqueeze(-1),
-                      t["teacher_logp"][:, :-1], inp.policy_logits[:, :-1], grad=True).squeeze(-1)
-    else:
-        def fkl(tc, pl, ids):
-            return forward_kl(tc, collapse_topk(pl, ids)).unsqueeze(-1)
-        per = chunked(fkl, t["teacher_collapsed"][:, :-1], inp.policy_logits[:, :-1], t["topk_ids"][:, :-1],
-                      grad=True).squeeze(-1)
-    return per * inp.mask
+def _kd_vocab_sized(cfg) -> Tuple[str, ...]:
+    """Full-vocabulary KD (top_k null) reads the teacher's whole log-softmax: not cacheable."""
+    return ("teacher_logp",) if cfg.get("top_k") is None else ()
+
+
+def _kd_cache_hint(cfg) -> Optional[str]:
+    return "set loss.top_k=K to distil on the teacher's top-K (cacheable)" if cfg.get("top_k") is None else None
+
+
+# What the losses distilling on the teacher's top-K (or full vocabulary) declare: the settings their
+# teacher features depend on, which of them cannot be cached, the vocabulary check, and the old
+# name of loss.top_k in these losses (teacher_top_k), refused with a message naming the new one.
+KD_TOP_K = dict(teacher_feature_settings=_kd_feature_settings, vocab_sized_features=_kd_vocab_sized,
+                cache_hint=_kd_cache_hint, check_vocab=_check_top_k_vocab, renamed={"teacher_top_k": "top_k"})
 
 
 def kd_loss(nll: torch.Tensor, fkl: torch.Tensor, sft_weight: float, kd_weight: float) -> torch.Tensor:
@@ -472,13 +385,12 @@ def dckd_loss(nll_w: torch.Tensor, fkl_w: torch.Tensor, fkl_l: torch.Tensor, lam
 def _validate_kd(cfg, weights):
     for w in weights:
         require(cfg, w, nonnegative=True)
-    k = cfg.get("teacher_top_k")
-    if k is not None and not k >= 1:
-        raise ValueError(f"loss.teacher_top_k must be >= 1 or null (full vocabulary), got {k}")
+    k = cfg.get("top_k")
+    if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise ValueError(f"loss.top_k must be a whole number >= 1 or null (full vocabulary), got {k!r}")
 
 
-@register("vanillakd", pairwise=False, teacher_features=_kd_teacher_features,
-          teacher_feature_settings=_kd_feature_settings,
+@register("vanillakd", pairwise=False, teacher_features=_kd_teacher_features, **KD_TOP_K,
           validate=lambda cfg: _validate_kd(cfg, ("kd_weight", "sft_weight")))
 def _vanillakd(inp: LossInputs, cfg):
     nll = sft_loss(inp.policy_logps, inp.mask)
@@ -488,7 +400,7 @@ def _vanillakd(inp: LossInputs, cfg):
                            "logps/chosen": sequence_logps(inp.policy_logps, inp.mask).detach()}
 
 
-@register("dckd", teacher_features=_kd_teacher_features, teacher_feature_settings=_kd_feature_settings,
+@register("dckd", teacher_features=_kd_teacher_features, **KD_TOP_K,
           validate=lambda cfg: _validate_kd(cfg, ("lam",)))
 def _dckd(inp: LossInputs, cfg):
     nll_w, _ = split_pairs(sft_loss(inp.policy_logps, inp.mask), inp.n_pairs)
@@ -557,11 +469,6 @@ def _simpo(inp: LossInputs, cfg):
 
 
 # ------------------------------------------------------------------ wpo
-
-def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log sum_v pi(v|s)^2 = logsumexp(2 z) - 2 logsumexp(z), position-wise: [..., V] logits -> [...]."""
-    z = logits.float()
-    return torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1)
 
 
 def wpo_weights(policy_logps: torch.Tensor, log_sum_sq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -721,7 +628,8 @@ def _validate_dpkd(cfg):
         raise ValueError(f"loss.kd_ratio must be in [0, 1], got {ratio}")
 
 
-@register("dpkd", pairwise=False, teacher_features=_full_teacher_logp, validate=_validate_dpkd)
+@register("dpkd", pairwise=False, teacher_features=_full_teacher_logp, validate=_validate_dpkd,
+          vocab_sized_features=lambda cfg: ("teacher_logp",))
 def _dpkd(inp: LossInputs, cfg):
     check_teacher_vocab(inp.teacher, inp.policy_logits)
     h = chunked(lambda pl, tl: dpkd_margins(torch.log_softmax(pl.float(), -1), tl).unsqueeze(-1),
@@ -738,23 +646,6 @@ def _dpkd(inp: LossInputs, cfg):
 
 # ------------------------------------------------------------------ gkd
 
-def generalized_jsd(teacher_logp: torch.Tensor, student_logp: torch.Tensor, b: float) -> torch.Tensor:
-    """Generalised JSD of GKD (Agarwal et al. 2024), position-wise over the last dim:
-
-        M     = b p_T + (1 - b) pi_theta
-        JSD_b = b KL(p_T || M) + (1 - b) KL(pi_theta || M)          0 < b < 1
-        b = 0: KL(p_T || pi_theta) (forward KL);  b = 1: KL(pi_theta || p_T) (reverse KL)
-
-    (JSD_b itself tends to 0 at both ends; the end points are its limits divided by b, resp.
-    1 - b, as in the paper's discussion and TRL's generalized_jsd_loss.)
-    Args: teacher_logp, student_logp [..., K] log-probs. Returns [...]."""
-    if b == 0.0:
-        return forward_kl(teacher_logp, student_logp)
-    if b == 1.0:
-        return forward_kl(student_logp, teacher_logp)
-    log_m = torch.logsumexp(torch.stack([teacher_logp + math.log(b), student_logp + math.log(1.0 - b)]), dim=0)
-    return b * forward_kl(teacher_logp, log_m) + (1.0 - b) * forward_kl(student_logp, log_m)
-
 
 def gkd_loss(token_jsd: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """GKD: the per-token JSD_b(p_T || pi_theta)(s_t) averaged over each response's tokens (the
@@ -764,27 +655,18 @@ def gkd_loss(token_jsd: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return sequence_logps(token_jsd, mask, average=True)
 
 
-def token_divergence(inp: LossInputs, fn: Callable) -> torch.Tensor:
-    """[N, L-1] fn(teacher log-probs, student log-probs) at every response state, on the full
-    vocabulary or on the teacher's top-K + rest (the `_kd_teacher_features` layouts)."""
-    t = inp.teacher
-    check_teacher_vocab(t, inp.policy_logits)
-    if "teacher_logp" in t:
-        per = chunked(lambda tl, pl: fn(tl, torch.log_softmax(pl.float(), -1)).unsqueeze(-1),
-                      t["teacher_logp"][:, :-1], inp.policy_logits[:, :-1], grad=True).squeeze(-1)
-    else:
-        per = chunked(lambda tc, pl, ids: fn(tc, collapse_topk(pl, ids)).unsqueeze(-1),
-                      t["teacher_collapsed"][:, :-1], inp.policy_logits[:, :-1], t["topk_ids"][:, :-1],
-                      grad=True).squeeze(-1)
-    return per * inp.mask
-
-
 def _gkd_generation(cfg) -> Optional[Generation]:
     lam = cfg.get("lam", 0.0) or 0.0
     if lam <= 0:
         return None
     return Generation("policy", "chosen", probability=float(lam), temperature=cfg.temperature,
                       max_new_tokens=cfg.get("max_new_tokens"), train_only=True)
+
+
+def _gkd_cache_hint(cfg) -> Optional[str]:
+    if (cfg.get("lam", 0.0) or 0.0) > 0:
+        return "set loss.lam=0 (no on-policy samples)"
+    return _kd_cache_hint(cfg)
 
 
 def _validate_gkd(cfg):
@@ -797,7 +679,7 @@ def _validate_gkd(cfg):
 
 
 @register("gkd", pairwise=False, teacher_features=_kd_teacher_features, generation=_gkd_generation,
-          validate=_validate_gkd)
+          validate=_validate_gkd, **{**KD_TOP_K, "cache_hint": _gkd_cache_hint})
 def _gkd(inp: LossInputs, cfg):
     b = float(cfg.b)
     losses = gkd_loss(token_divergence(inp, lambda tl, sl: generalized_jsd(tl, sl, b)), inp.mask)
@@ -834,7 +716,7 @@ def _generated_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _adpa_teacher_features(teacher_logits, labels, cfg):
-    """The DPO teacher on y_s only: its full log-softmax, or with teacher_top_k K its top-K ids and
+    """The DPO teacher on y_s only: its full log-softmax, or with top_k K its top-K ids and
     collapsed log-probs (both [B, L, .])."""
     return _kd_teacher_features(_generated_rows(teacher_logits), _generated_rows(labels), cfg)
 
@@ -871,7 +753,8 @@ def _validate_adpa(cfg):
 
 
 @register("adpa", teacher_features=_adpa_teacher_features, teacher_reference_features=_adpa_teacher_reference_features,
-          generation=_adpa_generation, validate=_validate_adpa)
+          generation=_adpa_generation, validate=_validate_adpa, check_vocab=_check_top_k_vocab,
+          renamed={"teacher_top_k": "top_k"})
 def _adpa(inp: LossInputs, cfg):
     B, t = inp.n_pairs, inp.teacher
     pol_s = inp.policy_logits[B:, :-1]
@@ -883,7 +766,7 @@ def _adpa(inp: LossInputs, cfg):
         if t["advantage"].shape[-1] != inp.policy_logits.shape[-1]:
             raise ValueError(f"the teacher's logits have {t['advantage'].shape[-1]} entries per position and the "
                              f"student's {inp.policy_logits.shape[-1]}: ADPA over the full vocabulary needs one "
-                             "vocabulary (or set loss.teacher_top_k)")
+                             "vocabulary (or set loss.top_k)")
         per = chunked(lambda pl, a: expected_advantage(torch.log_softmax(pl.float(), -1), a).unsqueeze(-1),
                       pol_s, t["advantage"][:, :-1], grad=True)
     mask_w, mask_s = split_pairs(inp.mask, B)

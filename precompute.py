@@ -1,16 +1,16 @@
 """Run a frozen model once over a run's examples and cache what the loss reads of it.
 
     python precompute.py teacher   <train.py overrides> teacher.cache=<dir>
-    python precompute.py reference <train.py overrides> reference_cache=<dir>
+    python precompute.py reference <train.py overrides> reference.cache=<dir>
 
 then train with the same overrides (the cache key stays on the command line): the cached model
 is not loaded. For example, TVKD with a cached teacher and a cached reference:
 
     python precompute.py teacher loss=tvkd teacher=tiny_teacher teacher.archive=runs/t/LATEST \
         model.archive=runs/s/LATEST teacher.cache=caches/tvkd_t
-    python precompute.py reference loss=tvkd model.archive=runs/s/LATEST reference_cache=caches/ref_s
+    python precompute.py reference loss=tvkd model.archive=runs/s/LATEST reference.cache=caches/ref_s
     python train.py loss=tvkd teacher=tiny_teacher teacher.archive=runs/t/LATEST model.archive=runs/s/LATEST \
-        teacher.cache=caches/tvkd_t reference_cache=caches/ref_s
+        teacher.cache=caches/tvkd_t reference.cache=caches/ref_s
 
 The overrides are train.py's (the same Hydra config), so data sets, tokenisation, lengths and
 truncation are exactly the run's. `teacher` stores the dict the loss's ``teacher_features``
@@ -46,7 +46,7 @@ from prefkd import models
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)
 USAGE = ("usage: python precompute.py {teacher|reference} <train.py overrides> "
-         "{teacher.cache|reference_cache}=<dir> [seed=0,1,...] [--if-needed]")
+         "{teacher.cache|reference.cache}=<dir> [seed=0,1,...] [--if-needed]")
 # The settings that decide which examples a run reads (with the seed): a cache records them per seed.
 PLAN_KEYS = ("batch_size", "n_examples", "n_epochs", "n_eval_examples", "eval_batch_size")
 
@@ -70,7 +70,7 @@ def check(cfg, kind: str, tokenizer) -> str:
     if not path:
         raise ValueError(f"name the cache directory: pass {output_cache.CONFIG_KEY[kind]}=<dir> ({USAGE})")
     plain = copy.deepcopy(cfg)
-    plain.teacher.cache, plain.reference_cache = None, None  # the cache does not exist yet
+    plain.teacher.cache, plain.reference.cache = None, None  # the cache does not exist yet
     train.validate_config(plain)
     if kind == output_cache.TEACHER:
         problem = output_cache.teacher_cache_problem(cfg, len(tokenizer))

@@ -59,13 +59,14 @@ from prefkd.data.sources import (  # noqa: F401
     convert_pairs_conversational, convert_rows, convert_se, convert_shp, hub_rows, local_path, read_rows,
     sibling_test_files, source_fingerprint, source_rows, split_plan, strip_html)
 
+from prefkd.logprobs import IGNORE_INDEX  # noqa: E402,F401  (labels off the response)
+
 # ---------------------------------------------------------------------------
 # Constants and options
 # ---------------------------------------------------------------------------
 
 EMBEDDED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
 
-IGNORE_INDEX = -100  # label value ignored by the loss (prompt and padding positions)
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # A plain template for tokenizers that ship none (base checkpoints): used, with a
 # warning, unless data.chat_template is set.

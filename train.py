@@ -36,12 +36,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import losses
 import utils
+from prefkd import run_plan
 from prefkd import checkpoints
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
 # that `resume=true` (or a new wandb mode) lands in the same directory as the original run.
 NAME_NEUTRAL = {"resume", "overwrite", "wandb", "progress_bar", "num_threads", "runs_dir", "trainer.port",
-                "hydra", "exp_name", "teacher.cache", "reference_cache"}  # caches give the live models' numbers
+                "hydra", "exp_name", "teacher.cache", "reference.cache"}  # caches give the live models' numbers
 
 
 def derive_exp_name(cfg: DictConfig, overrides) -> str:
@@ -61,6 +62,7 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ValueError(f"missing required config values: {sorted(missing)}; pass them as key=value")
+    run_plan.check_run_name(cfg)
     check_types(cfg)
     check_ranges(cfg)
     spec = losses.get_loss(cfg.loss.name)
@@ -70,6 +72,10 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> None:
         except TypeError as e:  # a value of the wrong type reached a comparison
             raise ValueError(f"loss={cfg.loss.name}: a loss.* value has the wrong type ({e}); "
                              f"loss is {OmegaConf.to_container(cfg.loss)}") from None
+    run_plan.check_hub_access(cfg)
+    if spec.check_vocab is not None:
+        import preference_datasets as data
+        spec.check_vocab(cfg.loss, len(data.get_tokenizer(cfg.model.tokenizer)))
     if spec.teacher_need(cfg.loss) and cfg.teacher.name == "none":
         raise ValueError(f"loss={cfg.loss.name} needs a teacher: pass teacher=<name> (e.g. teacher=tiny_teacher "
                          "teacher.archive=<a DPO-trained run>/LATEST)")
@@ -325,7 +331,7 @@ def apply_wandb_env(cfg: DictConfig, overrides) -> None:
 
 
 def init_wandb(cfg: DictConfig, run_dir: str):
-    if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
+    if cfg.wandb.mode == "disabled":
         return None
     import wandb
     mode = cfg.wandb.mode
@@ -528,4 +534,9 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    try:  # before Hydra composes: an old key name would otherwise be a "not in struct" error
+        run_plan.refuse_renamed(a for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

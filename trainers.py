@@ -86,6 +86,8 @@ class BasicTrainer:
     def __init__(self, cfg: DictConfig, run_dir: str, rank: int = 0, world_size: int = 1):
         self.cfg, self.run_dir, self.rank, self.world_size = cfg, run_dir, rank, world_size
         self.device = self.pick_device()
+        # where collectives' tensors live: the GPU under NCCL, the CPU under gloo
+        self.collective_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.spec = losses_lib.get_loss(cfg.loss.name)
         self.pairwise = self.spec.pairwise
         self.tokenizer = models.load_tokenizer(cfg.model)
@@ -132,15 +134,7 @@ class BasicTrainer:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = self.wrap(policy, cfg.model, trainable=True)
         self.frozen.wrap(self.wrap)
-        f = self.frozen
-        need_ref = self.spec.reference_need(cfg.loss)
-        n = sum(p.numel() for p in policy.parameters())
-        rank0_print(f"policy: {n / 1e6:.2f} M parameters; "
-                    f"reference: {need_ref or ('generation only' if f.reference is not None else 'none')}"
-                    f"{' (cached: ' + self.reference_cache.path + ')' if self.reference_cache else ''}; "
-                    f"teacher: {cfg.teacher.name if f.teacher is not None or self.teacher_cache else 'none'}"
-                    f"{' (cached: ' + self.teacher_cache.path + ')' if self.teacher_cache else ''}"
-                    f"{' and its reference' if f.teacher_reference is not None else ''}; device {self.device}")
+        rank0_print(describe_models(cfg, self.spec, policy, self.frozen, self.device))
 
     def wrap(self, model, model_cfg, trainable: bool):
         return model.to(self.device)
@@ -221,10 +215,7 @@ class BasicTrainer:
             self.evaluate()
         self.save()
         if self.rank == 0:
-            # DONE marks a run that reached its end: `resume=true` on it is then a no-op.
-            utils.atomic_write_json(os.path.join(self.run_dir, "DONE"),
-                                    {"step": self.step, "examples_seen": self.examples_seen,
-                                     "n_examples": self.cfg.n_examples, "n_epochs": self.cfg.n_epochs})
+            checkpoints.mark_done(self.run_dir, self.step, self.examples_seen, self.cfg.n_examples, self.cfg.n_epochs)
 
     def train_step(self, batch: Dict) -> Optional[Dict[str, float]]:
         """One optimizer step on a global batch; returns the logged metrics, or None when the
@@ -269,12 +260,7 @@ class BasicTrainer:
         allowed = int(self.cfg.get("max_nonfinite_steps") or 0)
         what = f"non-finite loss or gradient norm at step {self.step} (loss {loss}, grad_norm {grad_norm} on rank {self.rank})"
         if self.nonfinite_in_a_row > allowed:
-            latest = checkpoints.latest_name(self.run_dir)
-            raise NonFiniteError(
-                f"{what}: training stopped, nothing of this step was applied or saved"
-                + (f" (the last checkpoint, {latest}, is finite)" if latest else "")
-                + f". Lower lr (now {self.cfg.lr}) or check the data; max_nonfinite_steps=N skips up to N such "
-                  f"steps in a row" + (f" ({allowed} allowed now)" if allowed else ""))
+            raise NonFiniteError(nonfinite_stop_message(what, checkpoints.latest_name(self.run_dir), self.cfg.lr, allowed))
         rank0_print(f"warning: {what}: step skipped ({self.nonfinite_in_a_row} in a row, "
                     f"{self.nonfinite_total} in all; max_nonfinite_steps={allowed})")
         self.log({"nonfinite_skipped": self.nonfinite_total})
@@ -286,7 +272,7 @@ class BasicTrainer:
 
     def agree(self, flags: List[bool]) -> List[bool]:
         """utils.agree on this trainer's device: every rank skips, saves or stops together."""
-        return utils.agree(flags, self.device if self.dist_on_device else None)
+        return utils.agree(flags, self.collective_device)
 
     def sync_context(self, last: bool):
         return contextlib.nullcontext()
@@ -296,18 +282,7 @@ class BasicTrainer:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def reduce_metrics(self, metrics: Dict[str, List[torch.Tensor]], split: str) -> Dict[str, float]:
-        """Concatenate per-example metrics over micro-batches and ranks; return their means,
-        keyed as in docs/losses.md (`rewards/chosen` -> `rewards_{split}/chosen`)."""
-        out = {}
-        for k in sorted(metrics):
-            v = utils.all_gather_cat(torch.cat(metrics[k]).to(self.device if self.dist_on_device else "cpu"))
-            head, _, tail = k.partition("/")
-            out[f"{head}/{split}" if not tail else f"{head}_{split}/{tail}"] = float(v.float().mean())
-        return out
-
-    @property
-    def dist_on_device(self) -> bool:
-        return self.device.type == "cuda"
+        return reduce_metrics(metrics, split, self.collective_device)
 
     def evaluate(self) -> Dict[str, float]:
         self.policy.eval()
@@ -331,22 +306,12 @@ class BasicTrainer:
                     ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    @torch.no_grad()
     def heldout_preference(self) -> Dict[str, torch.Tensor]:
-        """Loss-independent preference accuracy on held-out pairs: does the policy give the
-        chosen response a higher log-probability than the rejected one? Logged for every
-        loss (KD losses have no implicit reward), so methods compare on one curve."""
-        acc = []
+        """Loss-independent preference accuracy on held-out pairs (`heldout_logp_accuracy`)."""
         if not data.pairs_available(list(self.cfg.datasets), self.cfg.get("data")):
             return {}  # SFT-only data sets have no pairs to rank
-        for batch in self.batch_iterator("test", pairs=True):
-            inputs = utils.move_batch(concatenated_inputs(batch, pairwise=True), self.device)
-            logits = self.logits(self.policy, {"input_ids": inputs["input_ids"],
-                                               "attention_mask": inputs["attention_mask"]})
-            lp = sequence_logps(token_logps(logits, inputs["labels"]), response_mask(inputs["labels"]))
-            chosen, rejected = split_pairs(lp, len(batch["prompt"]))
-            acc.append((chosen > rejected).float().cpu())
-        return {"heldout/logp_accuracy": torch.cat(acc)} if acc else {}
+        return heldout_logp_accuracy(self.batch_iterator("test", pairs=True), lambda m_in: self.logits(self.policy, m_in),
+                                     self.device)
 
     def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.policy.generate(input_ids=prompt_ids, attention_mask=attention_mask, do_sample=False,
@@ -362,38 +327,14 @@ class BasicTrainer:
         prefkd/scorers.py) on the original prompt: logged as task/<name>."""
         from prefkd import scorers
         scorer = scorers.for_config(self.cfg.datasets, self.cfg.get("data")).common()
-        scores = {}
-        self.last_samples = []
-        n_wanted = self.cfg.n_eval_samples
-        seen = 0
-        for batch in self.batch_iterator("test"):
-            if seen >= n_wanted:
-                break
-            ids = batch["prompt_input_ids"].to(self.device)
-            mask = batch["prompt_attention_mask"].to(self.device)
-            out = self.generate(ids, mask)
-            for prompt, original, row in zip(batch["prompt"], batch["original_prompt"], out[:, ids.shape[1]:]):
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
-                self.last_samples.append((prompt, text))
-                for name, value in (scorer(original, text) if scorer is not None else {}).items():
-                    scores.setdefault(f"task/{name}", []).append(value)
-            seen += len(batch["prompt"]) * self.world_size
-        return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items() if v}
+        scores, self.last_samples = generation.sample_and_score(
+            self.batch_iterator("test"), self.generate, self.tokenizer, scorer, self.device,
+            self.cfg.n_eval_samples, self.world_size)
+        return scores
 
-    # -- logging ---------------------------------------------------------------
     def log(self, metrics: Dict[str, float], eval_samples=None):
-        if self.rank != 0:
-            return
-        record = {"step": self.step, "examples": self.examples_seen, **metrics}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        run = self.wandb_run
-        if run is not None:
-            payload = dict(metrics)
-            if eval_samples:
-                import wandb
-                payload["samples"] = wandb.Table(columns=["prompt", "completion"], data=[list(s) for s in eval_samples])
-            run.log(payload, step=self.examples_seen)
+        if self.rank == 0:
+            write_log(self.metrics_path, self.wandb_run, self.step, self.examples_seen, metrics, eval_samples)
 
     # -- checkpoints -------------------------------------------------------------
     def full_state_dicts(self):
@@ -409,9 +350,7 @@ class BasicTrainer:
         if self.saved_step == self.step:
             return  # this step is on disk already: never write (or replace) it twice
         model_sd, optim_sd = self.full_state_dicts()
-        finite = self.rank != 0 or (utils.all_finite(model_sd.values()) and
-                                    utils.all_finite(v for st in optim_sd.get("state", {}).values()
-                                                     for v in (st.values() if isinstance(st, dict) else [])))
+        finite = self.rank != 0 or checkpoints.state_is_finite(model_sd, optim_sd)
         if self.agree([not finite])[0]:
             raise NonFiniteError(f"the weights or optimizer state at step {self.step} are not finite: checkpoint "
                                  f"step-{self.step:08d} not written (LATEST still names "
@@ -495,7 +434,7 @@ def validate_loss_models(cfg, check_archives: bool = True) -> None:
             raise ValueError(f"loss={cfg.loss.name}: generation probability {gen.probability} is not in [0, 1]")
     if cfg.get("generations"):
         generation.check_files(cfg, gen, check_archives)
-    if output_cache.configured(cfg):  # teacher.cache / reference_cache: usable by this loss, and up to date
+    if output_cache.configured(cfg):  # teacher.cache / reference.cache: usable by this loss, and up to date
         output_cache.check_config(cfg, models.load_tokenizer(cfg.model), check_exists=check_archives)
 
 
@@ -579,3 +518,63 @@ class TensorParallelTrainer(BasicTrainer):
 
 
 TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer, "TensorParallelTrainer": TensorParallelTrainer}
+
+
+# ------------------------------------------------------------------ helpers of the loop
+
+@torch.no_grad()
+def heldout_logp_accuracy(batches, policy_logits, device) -> Dict[str, torch.Tensor]:
+    """Does the policy give the chosen response a higher log-probability than the rejected one,
+    on held-out pairs? Logged for every loss (KD losses have no implicit reward), so methods
+    compare on one curve. policy_logits(model_in) -> logits or LazyLogits."""
+    acc = []
+    for batch in batches:
+        inputs = utils.move_batch(concatenated_inputs(batch, pairwise=True), device)
+        logits = policy_logits({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]})
+        lp = sequence_logps(token_logps(logits, inputs["labels"]), response_mask(inputs["labels"]))
+        chosen, rejected = split_pairs(lp, len(batch["prompt"]))
+        acc.append((chosen > rejected).float().cpu())
+    return {"heldout/logp_accuracy": torch.cat(acc)} if acc else {}
+
+
+def reduce_metrics(metrics: Dict[str, List[torch.Tensor]], split: str, device) -> Dict[str, float]:
+    """Concatenate per-example metrics over micro-batches and ranks; return their means,
+    keyed as in docs/losses.md (`rewards/chosen` -> `rewards_{split}/chosen`)."""
+    out = {}
+    for k in sorted(metrics):
+        v = utils.all_gather_cat(torch.cat(metrics[k]).to(device))
+        head, _, tail = k.partition("/")
+        out[f"{head}/{split}" if not tail else f"{head}_{split}/{tail}"] = float(v.float().mean())
+    return out
+
+
+def write_log(path: str, wandb_run, step: int, examples: int, metrics: Dict[str, float], eval_samples=None) -> None:
+    """One metrics.jsonl record (and the same metrics to wandb, with the samples as a table)."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "examples": examples, **metrics}) + "\n")
+    if wandb_run is not None:
+        payload = dict(metrics)
+        if eval_samples:
+            import wandb
+            payload["samples"] = wandb.Table(columns=["prompt", "completion"], data=[list(s) for s in eval_samples])
+        wandb_run.log(payload, step=examples)
+
+
+def nonfinite_stop_message(what: str, latest: Optional[str], lr: float, allowed: int) -> str:
+    return (f"{what}: training stopped, nothing of this step was applied or saved"
+            + (f" (the last checkpoint, {latest}, is finite)" if latest else "")
+            + f". Lower lr (now {lr}) or check the data; max_nonfinite_steps=N skips up to N such "
+              f"steps in a row" + (f" ({allowed} allowed now)" if allowed else ""))
+
+
+def describe_models(cfg, spec, policy, frozen, device) -> str:
+    """The start-up line naming the policy's size and where each frozen model comes from."""
+    need_ref = spec.reference_need(cfg.loss)
+    n = sum(p.numel() for p in policy.parameters())
+    ref_cache, t_cache = frozen.reference_cache, frozen.teacher_cache
+    return (f"policy: {n / 1e6:.2f} M parameters; "
+            f"reference: {need_ref or ('generation only' if frozen.reference is not None else 'none')}"
+            f"{' (cached: ' + ref_cache.path + ')' if ref_cache else ''}; "
+            f"teacher: {cfg.teacher.name if frozen.teacher is not None or t_cache else 'none'}"
+            f"{' (cached: ' + t_cache.path + ')' if t_cache else ''}"
+            f"{' and its reference' if frozen.teacher_reference is not None else ''}; device {device}")

@@ -186,6 +186,12 @@ def write_files(tmp: str, model_sd: Dict, optim_blob: Dict, model, tokenizer, tr
     write_manifest(tmp)
 
 
+def state_is_finite(model_sd: Dict, optim_sd: Dict) -> bool:
+    """Every floating tensor of the model and optimizer state dicts is finite."""
+    return utils.all_finite(model_sd.values()) and utils.all_finite(
+        v for st in optim_sd.get("state", {}).values() for v in (st.values() if isinstance(st, dict) else []))
+
+
 def save(run_dir: str, step: int, rank: int, agree: Callable[[List[bool]], List[bool]],
          write_rank0: Callable[[str], None], keep: int) -> str:
     """Write <run>/step-N (N = step): every rank's RNG file and rank 0's files (`write_rank0(tmp)`)
@@ -261,6 +267,13 @@ def prune(run_dir: str, keep: str, n_keep: int) -> None:
     for d in complete[:-n_keep]:
         if d != keep:
             remove_tree(os.path.join(run_dir, d))
+
+
+def mark_done(run_dir: str, step: int, examples_seen: int, n_examples, n_epochs) -> None:
+    """<run>/DONE marks a run that reached its end: `resume=true` on it is then a no-op (unless
+    it asks for more examples or epochs)."""
+    atomic_write_json(os.path.join(run_dir, "DONE"), {"step": step, "examples_seen": examples_seen,
+                                                      "n_examples": n_examples, "n_epochs": n_epochs})
 
 
 # ------------------------------------------------------------------ loading

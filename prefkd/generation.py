@@ -231,6 +231,26 @@ class InRunGeneration:
         return rows
 
 
+def sample_and_score(batches, generate: Callable, tokenizer, scorer, device, n_wanted: int, world_size: int):
+    """({task/<name>: scores}, [(prompt, completion)]): greedy completions `generate(ids, mask)` of
+    held-out prompts (at least n_wanted over all ranks), scored by `scorer(original prompt,
+    completion)` (None: no scores)."""
+    scores, samples, seen = {}, [], 0
+    for batch in batches:
+        if seen >= n_wanted:
+            break
+        ids = batch["prompt_input_ids"].to(device)
+        mask = batch["prompt_attention_mask"].to(device)
+        out = generate(ids, mask)
+        for prompt, original, row in zip(batch["prompt"], batch["original_prompt"], out[:, ids.shape[1]:]):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            samples.append((prompt, text))
+            for name, value in (scorer(original, text) if scorer is not None else {}).items():
+                scores.setdefault(f"task/{name}", []).append(value)
+        seen += len(batch["prompt"]) * world_size
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items() if v}, samples
+
+
 def replace_responses(batch: Dict, key: str, prompts: List[List[int]], responses: List[List[int]],
                       pad_token_id: int, max_length: int) -> Dict:
     """A copy of `batch` whose `key` ("chosen" / "rejected") responses are `responses`: per row,

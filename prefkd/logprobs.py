@@ -174,7 +174,7 @@ def check_teacher_vocab(teacher: Dict[str, torch.Tensor], policy_logits: torch.T
     vocab = policy_logits.shape[-1]
     if "teacher_logp" in teacher and teacher["teacher_logp"].shape[-1] != vocab:
         raise ValueError(f"the teacher's logits have {teacher['teacher_logp'].shape[-1]} entries per position and "
-                         f"the student's {vocab}: full-vocabulary KD needs one vocabulary (or set loss.teacher_top_k)")
+                         f"the student's {vocab}: full-vocabulary KD needs one vocabulary (or set loss.top_k)")
     if "topk_ids" in teacher and teacher["topk_ids"].numel() and int(teacher["topk_ids"].max()) >= vocab:
         raise ValueError(f"the teacher's top-k contains token id {int(teacher['topk_ids'].max())}, outside the "
                          f"student's vocabulary of {vocab}: teacher and student must share one tokenizer")

@@ -115,6 +115,18 @@ class LossSpec:
     # None: the whole loss config (safe, but any loss.* change then invalidates a cache).
     teacher_feature_settings: Optional[Callable[[object], Dict]] = None
 
+    # Names of the teacher features that hold one value per vocabulary entry at every position
+    # for this loss config (full-vocabulary KD: the teacher's log-softmax): they cannot be cached
+    # (a 128k vocabulary is 512 kB a token). None: no such feature.
+    vocab_sized_features: Optional[Callable[[object], Tuple[str, ...]]] = None
+    # What the user can change to make the teacher cacheable, added to a refusal (a function of the
+    # loss config returning a phrase such as "set loss.top_k=K"), or None.
+    cache_hint: Optional[Callable[[object], Optional[str]]] = None
+    # Checks of loss settings against the vocabulary size (e.g. a top-k), given len(tokenizer).
+    check_vocab: Optional[Callable[[object, int], None]] = None
+    # Old loss.* names refused with a message naming the new one: {old: new}.
+    renamed: Dict[str, str] = field(default_factory=dict)
+
     def reference_need(self, cfg) -> Optional[str]:
         return self.reference(cfg) if callable(self.reference) else self.reference
 
@@ -128,6 +140,30 @@ class LossSpec:
 
     def teacher_reference_need(self, cfg) -> bool:
         return self.teacher_reference_features is not None
+
+    def teacher_cache_problem(self, cfg) -> Optional[str]:
+        """Why this loss, with loss config `cfg`, cannot read its teacher from a cache (None if it can):
+        no teacher, responses generated during the run, or vocabulary-sized features."""
+        if not self.teacher_need(cfg):
+            return f"loss={self.name} uses no teacher"
+        hint = self.cache_hint(cfg) if self.cache_hint is not None else None
+        hint = f"{hint}, or " if hint else ""
+        gen = self.generation_need(cfg)
+        if gen is not None:
+            what = {"teacher": "generates its training responses with the teacher",
+                    "policy": "reads the teacher on responses sampled from the current student",
+                    "reference": "reads the teacher on responses generated during the run by the starting student"}
+            return (f"loss={self.name} {what.get(gen.source, 'trains on generated responses')}: those are not known "
+                    f"before training, so its teacher outputs cannot be precomputed; {hint}run it with the live "
+                    "teacher (no teacher.cache)")
+        if self.teacher_features is None:
+            return f"loss={self.name} reads no teacher features"
+        big = self.vocab_sized_features(cfg) if self.vocab_sized_features is not None else ()
+        if big:
+            return (f"loss={self.name} reads vocabulary-sized teacher features ({', '.join(big)}: one value per "
+                    "token of the vocabulary at every position), which cannot be cached (a 128k vocabulary is "
+                    f"512 kB a token); {hint}run it with the live teacher (no teacher.cache)")
+        return None
 
     def reference_model_need(self, cfg) -> bool:
         """The frozen reference model is loaded for its outputs or to generate responses."""

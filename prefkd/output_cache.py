@@ -24,7 +24,7 @@ rank or padding it arrives in. A feature whose dim 1 is the batch width L stores
 
 The key. A cache is valid for a run only if everything that changes its content matches:
 the loss and its feature settings (``LossSpec.teacher_feature_settings``, e.g. tvkd's potential
-and value temperature, ``teacher_top_k``), the frozen model(s) (a content fingerprint of the
+and value temperature, ``top_k``), the frozen model(s) (a content fingerprint of the
 checkpoint's weights, see ``weights_fingerprint``), their dtype, the tokenizer, the data sets
 and their sources, the data options that change examples, ``max_length``,
 ``max_prompt_length`` and ``truncation_mode``. A mismatch is a ``CacheMismatch`` naming each
@@ -50,7 +50,7 @@ CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 TEACHER, REFERENCE = "teacher", "reference"
 # The config key that names each kind of cache.
-CONFIG_KEY = {TEACHER: "teacher.cache", REFERENCE: "reference_cache"}
+CONFIG_KEY = {TEACHER: "teacher.cache", REFERENCE: "reference.cache"}
 # Data options that do not change the examples (where they are cached, how they are checked/scored).
 DATA_OPTIONS_NEUTRAL = ("cache_dir", "check_lengths", "scorer", "allow_mixed_formats")
 
@@ -175,45 +175,10 @@ def describe_differences(cached: Dict, now: Dict) -> List[str]:
 
 # ------------------------------------------------------------------ which losses can use a cache
 
-def _vocab_sized_features(spec, cfg, vocab: int) -> List[str]:
-    """Names of the features whose trailing size grows with the vocabulary: the feature
-    functions are run on random logits of two vocabulary sizes (no model is needed)."""
-    shapes = []
-    for v in (vocab, vocab + 7):
-        g = torch.Generator().manual_seed(0)
-        logits = torch.randn(2, 5, v, generator=g)
-        labels = torch.tensor([[-100, 3, 4, 5, 6], [-100, -100, 7, 8, 9]])
-        out = spec.teacher_features(logits, labels, cfg)
-        if spec.teacher_reference_features is not None:
-            out = spec.teacher_reference_features(torch.randn(2, 5, v, generator=g), labels, cfg, out)
-        shapes.append({k: tuple(t.shape[2:]) for k, t in out.items()})
-    return sorted(k for k in shapes[0] if shapes[0][k] != shapes[1].get(k))
-
-
-def teacher_cache_problem(cfg, vocab: int) -> Optional[str]:
-    """Why loss `cfg.loss` cannot read its teacher from a cache (None if it can)."""
-    spec = losses_lib.get_loss(cfg.loss.name)
-    name = cfg.loss.name
-    if not spec.teacher_need(cfg.loss):
-        return f"loss={name} uses no teacher"
-    gen = spec.generation_need(cfg.loss)
-    if gen is not None:
-        what = {"teacher": "generates its training responses with the teacher",
-                "policy": "reads the teacher on responses sampled from the current student (loss.lam > 0)",
-                "reference": "reads the teacher on responses generated during the run by the starting student"}
-        return (f"loss={name} {what.get(gen.source, 'trains on generated responses')}: those are not known "
-                "before training, so its teacher outputs cannot be precomputed; run it with the live teacher "
-                "(no teacher.cache)" + (" or with loss.lam=0" if gen.source == "policy" else ""))
-    if spec.teacher_features is None:
-        return f"loss={name} reads no teacher features"
-    big = _vocab_sized_features(spec, cfg.loss, vocab)
-    if big:
-        return (f"loss={name} reads vocabulary-sized teacher features ({', '.join(big)}: one value per token of the "
-                f"vocabulary at every position), which cannot be cached (a 128k vocabulary is 512 kB a token); "
-                + ("set loss.teacher_top_k=K to distil on the teacher's top-K (cacheable), or "
-                   if "teacher_top_k" in cfg.loss else "")
-                + "run it with the live teacher (no teacher.cache)")
-    return None
+def teacher_cache_problem(cfg, vocab: Optional[int] = None) -> Optional[str]:
+    """Why loss `cfg.loss` cannot read its teacher from a cache (None if it can): the loss's spec
+    says (LossSpec.teacher_cache_problem). `vocab` is accepted for callers that have it."""
+    return losses_lib.get_loss(cfg.loss.name).teacher_cache_problem(cfg.loss)
 
 
 def reference_cache_problem(cfg) -> Optional[str]:
@@ -235,8 +200,8 @@ def reference_cache_ignored(cfg) -> Optional[str]:
     """The note printed when a reference cache is set for a loss that needs the reference's full
     logits (tdpo): the live reference model is loaded instead."""
     spec = losses_lib.get_loss(cfg.loss.name)
-    if cfg.get("reference_cache") and spec.reference_need(cfg.loss) == "logits":
-        return (f"note: reference_cache={cfg.reference_cache} is not used: loss={cfg.loss.name} reads the "
+    if cfg.reference.get("cache") and spec.reference_need(cfg.loss) == "logits":
+        return (f"note: reference.cache={cfg.reference.cache} is not used: loss={cfg.loss.name} reads the "
                 "reference's full logits ([N, L, V]: a vocabulary-sized tensor per token), which cannot be "
                 "cached; the live reference model is loaded")
     return None
@@ -247,8 +212,8 @@ def configured(cfg) -> Dict[str, str]:
     out = {}
     if cfg.teacher.get("cache"):
         out[TEACHER] = str(cfg.teacher.cache)
-    if cfg.get("reference_cache"):
-        out[REFERENCE] = str(cfg.reference_cache)
+    if cfg.reference.get("cache"):
+        out[REFERENCE] = str(cfg.reference.cache)
     return out
 
 
@@ -264,7 +229,7 @@ def check_config(cfg, tokenizer, check_exists: bool = True) -> None:
     if REFERENCE in dirs:
         problem = reference_cache_problem(cfg)
         if problem:
-            raise CacheError(f"reference_cache={dirs[REFERENCE]}: {problem}")
+            raise CacheError(f"reference.cache={dirs[REFERENCE]}: {problem}")
     if check_exists:
         for kind, path in dirs.items():
             if kind == REFERENCE and reference_cache_ignored(cfg):

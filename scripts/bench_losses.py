@@ -56,7 +56,7 @@ def main():
         key = name if chunking in (None, True) else f"{name}:full"
         extra = [] if chunking is None else [f"output_chunking={str(chunking).lower()}"]
         cfg = compose([f"loss={name}", "teacher=tiny_teacher", f"teacher.archive={teacher_dir}",
-                       f"batch_size={a.batch_size}", "wandb.enabled=false", "progress_bar=false", *extra])
+                       f"batch_size={a.batch_size}", "wandb.mode=disabled", "progress_bar=false", *extra])
         t = trainers.BasicTrainer(cfg, os.path.join(tmp, key))
         batch = next(iter(t.batch_iterator("train")))
         runs[key] = (t, batch)

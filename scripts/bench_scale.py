@@ -6,7 +6,7 @@
 Prints, from one run (every configuration timed in each round, rounds interleaved, medians):
  (a) each teacher-based loss's seconds per step over dpo's (live reference), with the live
      teacher and with a cached one (teacher.cache; the reference stays live, as in dpo);
- (b) dpo with the reference cache (reference_cache) over dpo with the live reference, and tvkd
+ (b) dpo with the reference cache (reference.cache) over dpo with the live reference, and tvkd
      with both caches over dpo with the reference cache;
  (c) the framework's dpo step (BasicTrainer.train_step: compute_loss, backward, clipping, metric
      reduction, optimizer and scheduler step, logging) over a bare step on the same models and
@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEACHER_LOSSES = {
     "tvkd": ["loss=tvkd"],
     "tvkd_released": ["loss=tvkd", "loss.variant=released", "loss.top_k=50"],
-    "vanillakd_top50": ["loss=vanillakd", "loss.teacher_top_k=50"],
-    "dckd_top50": ["loss=dckd", "loss.teacher_top_k=50"],
+    "vanillakd_top50": ["loss=vanillakd", "loss.top_k=50"],
+    "dckd_top50": ["loss=dckd", "loss.top_k=50"],
     "ddpo": ["loss=ddpo", "teacher.reference_archive={teacher}"],
 }
 
@@ -82,7 +82,7 @@ def main():
     models.build_model(precompute.compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=1) \
         .save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
-    base = ["wandb.enabled=false", "progress_bar=false", f"batch_size={a.batch_size}",
+    base = ["wandb.mode=disabled", "progress_bar=false", f"batch_size={a.batch_size}",
             f"n_examples={a.batch_size}", f"eval_batch_size={a.batch_size}", f"n_eval_examples={a.batch_size}",
             f"runs_dir={tmp}", "teacher=tiny_teacher", f"teacher.archive={teacher_dir}", "max_grad_norm=10.0"]
 
@@ -94,7 +94,7 @@ def main():
 
     def cache(kind, overrides, name):
         path = os.path.join(tmp, "caches", name)
-        key = "teacher.cache" if kind == "teacher" else "reference_cache"
+        key = "teacher.cache" if kind == "teacher" else "reference.cache"
         manifest = precompute.precompute(precompute.compose(base + [o.format(teacher=teacher_dir) for o in overrides]
                                                             + [f"{key}={path}"]), kind, log=lambda *x: None)
         return f"{key}={path}", manifest

@@ -23,7 +23,7 @@ def compose(overrides=()):
 
 
 # Small, fast settings shared by the training tests.
-FAST = ["wandb.enabled=false", "progress_bar=false", "do_first_eval=false", "n_eval_examples=32",
+FAST = ["wandb.mode=disabled", "progress_bar=false", "do_first_eval=false", "n_eval_examples=32",
         "eval_batch_size=16", "batch_size=8", "warmup_steps=2"]
 
 

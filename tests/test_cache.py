@@ -57,8 +57,8 @@ TEACHER_CASES = {
     "tvkd_tau": ["loss=tvkd", "loss.value_temperature=0.5", "loss.gamma=0.9"],
     "tvkd_released": ["loss=tvkd", "loss.variant=released", "loss.top_k=5"],
     "tvkd_released_tv": ["loss=tvkd", "loss.variant=released_teacher_value", "loss.top_k=5"],
-    "vanillakd_topk": ["loss=vanillakd", "loss.teacher_top_k=5"],
-    "dckd_topk": ["loss=dckd", "loss.teacher_top_k=7"],
+    "vanillakd_topk": ["loss=vanillakd", "loss.top_k=5"],
+    "dckd_topk": ["loss=dckd", "loss.top_k=7"],
     "ddpo": ["loss=ddpo", "teacher.reference_archive={other}"],
     "dpo": ["loss=dpo"],
 }
@@ -95,7 +95,7 @@ def test_cached_run_has_the_live_runs_losses(tmp_path, teachers, case, monkeypat
         manifest = precompute(tmp_path, "teacher", overrides + caches[-1:])
         assert manifest["rows"] > 0
     if spec.reference_need(cfg.loss) == "logps":
-        caches.append(f"reference_cache={tmp_path}/reference_cache")
+        caches.append(f"reference.cache={tmp_path}/reference.cache")
         manifest = precompute(tmp_path, "reference", overrides + caches[-1:])
         assert list(manifest["features"]) == ["reference_logps"]
     live = trainer_losses(tmp_path, "live", overrides)
@@ -110,7 +110,7 @@ def test_cached_run_has_the_live_runs_losses(tmp_path, teachers, case, monkeypat
 def test_train_py_run_with_both_caches_has_the_live_losses(tmp_path, teachers):
     """The whole train.py path (start-up, training, evaluation, checkpoint) with cached models."""
     overrides = ["loss=tvkd", "loss.gamma=0.9", "exp_name=r", "teacher=tiny_teacher", f"teacher.archive={teachers[0]}"]
-    caches = [f"teacher.cache={tmp_path}/t", f"reference_cache={tmp_path}/r"]
+    caches = [f"teacher.cache={tmp_path}/t", f"reference.cache={tmp_path}/r"]
     precompute(tmp_path, "teacher", overrides + caches[:1])
     precompute(tmp_path, "reference", overrides + caches[1:])
     _, live = train_run(tmp_path / "live", SHORT + overrides)
@@ -152,7 +152,7 @@ def test_one_cache_covers_several_seeds_and_is_recomputed_only_when_needed(tmp_p
     # without a checkpoint the reference (the starting policy) is initialised from each run's seed: one
     # cache cannot serve several seeds
     with pytest.raises(ValueError, match="randomly initialised with each run's seed"):
-        pc.run("reference", TINY + ["loss=dpo", "seed=0,1", f"reference_cache={tmp_path}/x"])
+        pc.run("reference", TINY + ["loss=dpo", "seed=0,1", f"reference.cache={tmp_path}/x"])
 
 
 def cache_rows(path, kind):
@@ -201,7 +201,7 @@ def test_cache_sizes_per_token(tmp_path, teachers):
     common = ["teacher=tiny_teacher", f"teacher.archive={teachers[0]}"]
     tvkd = precompute(tmp_path, "teacher", common + ["loss=tvkd", f"teacher.cache={tmp_path}/a"])
     assert tvkd["bytes_per_token"] == 4.0 and list(tvkd["features"]) == ["values"]
-    topk = precompute(tmp_path, "teacher", common + ["loss=vanillakd", "loss.teacher_top_k=50",
+    topk = precompute(tmp_path, "teacher", common + ["loss=vanillakd", "loss.top_k=50",
                                                      f"teacher.cache={tmp_path}/b"])
     assert topk["bytes_per_token"] == 50 * 4 + 51 * 4  # int32 ids + float32 collapsed log-probs
 
@@ -234,24 +234,24 @@ def test_losses_that_cannot_use_a_cache_refuse_it(tmp_path, teachers, capsys):
     t = ["teacher=tiny_teacher", f"teacher.archive={teachers[0]}", f"runs_dir={tmp_path}", "exp_name=x"]
     tc = f"teacher.cache={tmp_path}/none"
     for overrides, message in [
-            (["loss=vanillakd"], r"vocabulary-sized teacher features \(teacher_logp.*loss.teacher_top_k=K"),
+            (["loss=vanillakd"], r"vocabulary-sized teacher features \(teacher_logp.*loss.top_k=K"),
             (["loss=dpkd"], r"vocabulary-sized teacher features"),
             (["loss=seqkd"], r"generates its training responses with the teacher"),
-            (["loss=gkd", "loss.lam=0.5", "loss.teacher_top_k=5"], r"sampled from the current student"),
-            (["loss=adpa", "loss.teacher_top_k=5", f"teacher.reference_archive={teachers[1]}"],
+            (["loss=gkd", "loss.lam=0.5", "loss.top_k=5"], r"sampled from the current student"),
+            (["loss=adpa", "loss.top_k=5", f"teacher.reference_archive={teachers[1]}"],
              r"generated during the run by the starting student")]:
         with pytest.raises(output_cache.CacheError, match=message):
             train.prepare(compose(TINY + t + overrides + [tc]))
         with pytest.raises(output_cache.CacheError, match=message):  # precompute refuses before any model loads
             precompute(tmp_path, "teacher", t + overrides + [tc])
     with pytest.raises(output_cache.CacheError, match="reads no reference log-probs"):
-        train.prepare(compose(TINY + ["loss=sft", f"reference_cache={tmp_path}/r"]))
+        train.prepare(compose(TINY + ["loss=sft", f"reference.cache={tmp_path}/r"]))
     with pytest.raises(output_cache.CacheError, match="full logits"):
-        precompute(tmp_path, "reference", ["loss=tdpo", f"reference_cache={tmp_path}/r"])
+        precompute(tmp_path, "reference", ["loss=tdpo", f"reference.cache={tmp_path}/r"])
     # tdpo keeps its live reference, and says so
     _, records = train_run(tmp_path, SHORT + ["loss=tdpo", "n_examples=8", "exp_name=tdpo",
-                                              f"reference_cache={tmp_path}/r"])
-    assert "reference_cache" in capsys.readouterr().out and records
+                                              f"reference.cache={tmp_path}/r"])
+    assert "reference.cache" in capsys.readouterr().out and records
 
 
 def test_an_interrupted_precompute_leaves_no_cache(tmp_path, teachers, monkeypatch):
@@ -278,7 +278,7 @@ def test_fsdp_two_processes_with_caches_match_the_live_run(tmp_path, teachers):
     from test_distributed import assert_same, free_port, launch
     common = SHORT + ["loss=tvkd", "loss.gamma=0.9", "lr=1e-3", "exp_name=d", "teacher=tiny_teacher",
                       f"teacher.archive={teachers[0]}"]
-    caches = [f"teacher.cache={tmp_path}/t", f"reference_cache={tmp_path}/r"]
+    caches = [f"teacher.cache={tmp_path}/t", f"reference.cache={tmp_path}/r"]
     precompute(tmp_path, "teacher", common + caches[:1])
     precompute(tmp_path, "reference", common + caches[1:])
     _, single = train_run(tmp_path / "single", common)

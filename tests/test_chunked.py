@@ -94,11 +94,11 @@ CASES = [
     ("tvkd", {"potential": "expectation"}), ("tvkd", {"potential": "logit"}), ("tvkd", {"potential": "logprob"}),
     ("tvkd", {"terminal_value": "zero", "value_temperature": 0.5, "use_reference": False}),
     ("tvkd", {"variant": "released", "top_k": 5}), ("tvkd", {"variant": "released_teacher_value", "top_k": 5}),
-    ("vanillakd", {"sft_weight": 0.5}), ("vanillakd", {"teacher_top_k": 4}),
-    ("dckd", {}), ("dckd", {"teacher_top_k": 4}),
+    ("vanillakd", {"sft_weight": 0.5}), ("vanillakd", {"top_k": 4}),
+    ("dckd", {}), ("dckd", {"top_k": 4}),
     ("simpo", {}), ("wpo", {}), ("seqkd", {}), ("ddpo", {}), ("dpkd", {}),
-    ("gkd", {}), ("gkd", {"b": 0.0}), ("gkd", {"b": 1.0, "teacher_top_k": 4}),
-    ("adpa", {}), ("adpa", {"teacher_top_k": 4}),
+    ("gkd", {}), ("gkd", {"b": 0.0}), ("gkd", {"b": 1.0, "top_k": 4}),
+    ("adpa", {}), ("adpa", {"top_k": 4}),
 ]
 
 

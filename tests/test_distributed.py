@@ -70,7 +70,7 @@ def test_tensor_parallel_matches_one_process(tmp_path):
     # the tensor-parallel policy keeps its full logits (no chunked output layer): so does the single run
     common = ["loss=dpo", "n_examples=32", "eval_every=null", "lr=1e-3", "exp_name=t", "output_chunking=false"]
     _, single = train_run(tmp_path / "single", common)
-    run_dir, tp = train_run(tmp_path / "tp", common + ["trainer=TensorParallelTrainer", "trainer.cpu_devices=2"])
+    run_dir, tp = train_run(tmp_path / "tp", common + ["trainer=TensorParallelTrainer", "trainer.cpu_workers=2"])
     assert_same(single, tp, ["loss/train", "rewards_train/margins", "loss/eval"], tol=1e-5)
     # the checkpoint holds the underlying model's names and the trained weights
     from safetensors.torch import load_file

@@ -341,7 +341,7 @@ def hand_gkd(pol, tea, labels, b, k=None, B=2):
 @pytest.mark.parametrize("b,k", [(0.5, None), (0.1, None), (0.9, 3), (0.0, None), (1.0, None), (1.0, 3)])
 def test_gkd_matches_hand_computation(b, k):
     pol, ref, tea, tref, labels = make_batch(seed=12)
-    loss, m = run_spec("gkd", pol, ref, tea, tref, labels, b=b, lam=0.0, teacher_top_k=k)
+    loss, m = run_spec("gkd", pol, ref, tea, tref, labels, b=b, lam=0.0, top_k=k)
     assert loss.item() == pytest.approx(hand_gkd(pol, tea, labels, b, k), rel=1e-5)
 
 
@@ -385,8 +385,8 @@ def test_gkd_on_policy_generation_is_declared():
 
 def test_gkd_and_adpa_chunked_equal_unchunked(monkeypatch):
     pol, ref, tea, tref, labels = make_batch(seed=14)
-    cases = [("gkd", {"lam": 0.0}), ("gkd", {"lam": 0.0, "teacher_top_k": 3}), ("adpa", {}),
-             ("adpa", {"teacher_top_k": 2}), ("dpkd", {}), ("ddpo", {})]
+    cases = [("gkd", {"lam": 0.0}), ("gkd", {"lam": 0.0, "top_k": 3}), ("adpa", {}),
+             ("adpa", {"top_k": 2}), ("dpkd", {}), ("ddpo", {})]
     whole = [run_spec(n, pol, ref, tea, tref, labels, **kw)[0] for n, kw in cases]
     monkeypatch.setattr(LG, "CHUNK_ELEMENTS", 2 * V)
     parts = [run_spec(n, pol, ref, tea, tref, labels, **kw)[0] for n, kw in cases]
@@ -416,7 +416,7 @@ def hand_adpa(pol, tea, tref, labels, w, k=None, B=2):
 @pytest.mark.parametrize("w,k", [(1.6, None), (0.5, 3)])
 def test_adpa_matches_hand_computation(w, k):
     pol, ref, tea, tref, labels = make_batch(seed=15)
-    loss, m = run_spec("adpa", pol, ref, tea, tref, labels, w=w, teacher_top_k=k)
+    loss, m = run_spec("adpa", pol, ref, tea, tref, labels, w=w, top_k=k)
     assert loss.item() == pytest.approx(hand_adpa(pol, tea, tref, labels, w, k), rel=1e-5)
     assert m["kd/nll"][0].item() == pytest.approx(-seq_logp(pol, labels, 0, average=True), rel=1e-6)
 
@@ -458,8 +458,8 @@ def test_adpa_gradient_raises_mass_on_positive_advantage():
 def test_yaml_defaults_are_the_spec_defaults_and_validate():
     expect = {"simpo": dict(beta=2.0, gamma=1.0), "wpo": dict(beta=0.1), "ddpo": dict(beta=0.1, teacher_beta=0.1),
               "dpkd": dict(beta=0.1, kd_ratio=0.5),
-              "gkd": dict(b=0.5, lam=0.5, temperature=0.9, max_new_tokens=None, teacher_top_k=None),
-              "adpa": dict(w=1.6, temperature=None, max_new_tokens=None, teacher_top_k=None),
+              "gkd": dict(b=0.5, lam=0.5, temperature=0.9, max_new_tokens=None, top_k=None),
+              "adpa": dict(w=1.6, temperature=None, max_new_tokens=None, top_k=None),
               "seqkd": dict(temperature=None, num_beams=1, max_new_tokens=None)}
     for name, fields in expect.items():
         cfg = cfg_of(name)
@@ -472,7 +472,7 @@ def test_yaml_defaults_are_the_spec_defaults_and_validate():
     ("simpo", dict(beta=0.0), "loss.beta"), ("simpo", dict(gamma=None), "loss.gamma"),
     ("wpo", dict(beta=-1.0), "loss.beta"), ("ddpo", dict(teacher_beta=0.0), "loss.teacher_beta"),
     ("dpkd", dict(kd_ratio=1.5), "loss.kd_ratio"), ("adpa", dict(w=-1.0), "loss.w"),
-    ("adpa", dict(teacher_top_k=0), "loss.teacher_top_k"), ("seqkd", dict(num_beams=0), "loss.num_beams"),
+    ("adpa", dict(top_k=0), "loss.top_k"), ("seqkd", dict(num_beams=0), "loss.num_beams"),
     ("seqkd", dict(max_new_tokens=0), "loss.max_new_tokens"), ("adpa", dict(temperature=-1.0), "loss.temperature"),
 ])
 def test_bad_values_name_the_key(name, kw, key):

@@ -320,10 +320,10 @@ def hand_nll(pol, labels, row):
 @pytest.mark.parametrize("k", [None, 3])
 def test_vanillakd_and_dckd_match_hand_computation(k):
     pol, ref, tea, labels = make_batch(seed=10)
-    loss, m = run_spec("vanillakd", pol, ref, tea, labels, kd_weight=1.0, sft_weight=0.5, teacher_top_k=k)
+    loss, m = run_spec("vanillakd", pol, ref, tea, labels, kd_weight=1.0, sft_weight=0.5, top_k=k)
     want = sum(0.5 * hand_nll(pol, labels, r) + hand_fkl(pol, tea, labels, r, k) for r in range(2)) / 2
     assert loss.item() == pytest.approx(want, rel=1e-5)
-    loss, m = run_spec("dckd", pol, ref, tea, labels, lam=0.1, teacher_top_k=k)
+    loss, m = run_spec("dckd", pol, ref, tea, labels, lam=0.1, top_k=k)
     want = sum(hand_nll(pol, labels, i) + 0.1 * (hand_fkl(pol, tea, labels, i, k) + hand_fkl(pol, tea, labels, 2 + i, k))
                for i in range(2)) / 2
     assert loss.item() == pytest.approx(want, rel=1e-5)
@@ -331,8 +331,8 @@ def test_vanillakd_and_dckd_match_hand_computation(k):
 
 def test_topk_collapse_with_all_but_one_token_equals_full_vocabulary():
     pol, ref, tea, labels = make_batch(seed=11)
-    full, _ = run_spec("dckd", pol, ref, tea, labels, teacher_top_k=None)
-    collapsed, _ = run_spec("dckd", pol, ref, tea, labels, teacher_top_k=V - 1)
+    full, _ = run_spec("dckd", pol, ref, tea, labels, top_k=None)
+    collapsed, _ = run_spec("dckd", pol, ref, tea, labels, top_k=V - 1)
     assert collapsed.item() == pytest.approx(full.item(), rel=1e-5)
 
 
@@ -387,8 +387,8 @@ def test_tvkd_bad_config_names_the_key(kw, match):
 
 
 def test_kd_bad_config_names_the_key():
-    with pytest.raises(ValueError, match=r"loss\.teacher_top_k"):
-        L.get_loss("dckd").validate(cfg_of("dckd", teacher_top_k=0))
+    with pytest.raises(ValueError, match=r"loss\.top_k"):
+        L.get_loss("dckd").validate(cfg_of("dckd", top_k=0))
     with pytest.raises(ValueError, match=r"loss\.alpha"):
         L.get_loss("tdpo").validate(cfg_of("tdpo", alpha=-1))
 
@@ -502,8 +502,8 @@ def test_more_losses_chunked_equal_unchunked(monkeypatch):
     pol, ref, tea, labels = make_batch(seed=18)
     cases = [("tvkd", {"potential": "logit"}), ("tvkd", {"potential": "margin", "gamma": 0.9}),
              ("tvkd", {"variant": "released_teacher_value", "top_k": 3}),
-             ("vanillakd", {"teacher_top_k": 3, "sft_weight": 0.3}), ("vanillakd", {}),
-             ("dckd", {"teacher_top_k": 2})]
+             ("vanillakd", {"top_k": 3, "sft_weight": 0.3}), ("vanillakd", {}),
+             ("dckd", {"top_k": 2})]
     whole = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in cases]
     monkeypatch.setattr(LG, "CHUNK_ELEMENTS", 3 * 4 * V)   # three positions per chunk (9 = 3 chunks)
     parts = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in cases]
@@ -514,7 +514,7 @@ def test_more_losses_chunked_equal_unchunked(monkeypatch):
 def test_vanillakd_topk_all_but_one_equals_full_and_metrics():
     pol, ref, tea, labels = make_batch(seed=19)
     full, m = run_spec("vanillakd", pol, ref, tea, labels)
-    collapsed, _ = run_spec("vanillakd", pol, ref, tea, labels, teacher_top_k=V - 1)
+    collapsed, _ = run_spec("vanillakd", pol, ref, tea, labels, top_k=V - 1)
     assert collapsed.item() == pytest.approx(full.item(), rel=1e-5)
     # the defaults: kd_weight 1, sft_weight 0: the loss is the mean per-token FKL of y_w
     assert full.item() == pytest.approx(sum(hand_fkl(pol, tea, labels, r) for r in range(2)) / 2, rel=1e-5)
@@ -530,7 +530,7 @@ def test_kd_vocabulary_mismatch_is_a_clear_error():
         run_spec("dckd", pol, ref, big, labels)
     big[..., -1] = 100.0      # a token the student does not have is in the teacher's top-k
     with pytest.raises(ValueError, match="tokenizer"):
-        run_spec("dckd", pol, ref, big, labels, teacher_top_k=2)
+        run_spec("dckd", pol, ref, big, labels, top_k=2)
     with pytest.raises(ValueError, match=r"loss\.top_k"):
         run_spec("tvkd", pol, ref, tea, labels, variant="released", top_k=V + 1)
 
@@ -550,9 +550,9 @@ def test_missing_alpha_names_the_key_and_yaml_defaults_validate():
         (0.1, 1.0, None, "teacher", True, "logsumexp", "paper", 50, 0.7, 0.0, 1.0)
     td = cfg_of("tdpo")
     assert (td.alpha, td.beta, td.if_tdpo2) == (0.5, 0.1, True)
-    assert (cfg_of("dckd").lam, cfg_of("dckd").teacher_top_k) == (0.1, None)
+    assert (cfg_of("dckd").lam, cfg_of("dckd").top_k) == (0.1, None)
     vk = cfg_of("vanillakd")
-    assert (vk.kd_weight, vk.sft_weight, vk.teacher_top_k) == (1.0, 0.0, None)
+    assert (vk.kd_weight, vk.sft_weight, vk.top_k) == (1.0, 0.0, None)
     spec = L.get_loss("tvkd")
     assert spec.reference_need(tv) == "logps"
     assert spec.reference_need(cfg_of("tvkd", use_reference=False)) is None
@@ -681,9 +681,9 @@ control = peak_growth(lambda: L.token_logps(ref, labels))   # one full-size logs
 out = [n * length * vocab * 4 / 2 ** 20, control, peak_growth(run)]
 with torch.no_grad():                                # teacher_features run under no_grad
     for name, kw in [("tvkd", {}), ("tvkd", dict(potential="logprob")), ("tvkd", dict(variant="released_teacher_value")),
-                     ("dckd", dict(teacher_top_k=50)), ("dckd", {})]:
+                     ("dckd", dict(top_k=50)), ("dckd", {})]:
         base = dict(tvkd=dict(alpha=0.5, beta=0.1, value_temperature=None, potential="logsumexp", variant="paper",
-                              top_k=50), dckd=dict(lam=0.1, teacher_top_k=None))[name]
+                              top_k=50), dckd=dict(lam=0.1, top_k=None))[name]
         c = OmegaConf.create(dict(name=name, **{**base, **kw}))
         out.append(peak_growth(lambda: L.get_loss(name).teacher_features(ref, labels, c)))
 print(*out)

@@ -199,19 +199,19 @@ def test_collapse_rest_slot_is_exact_for_peaked_distributions(seed):
 
 @pytest.mark.parametrize("name", ["vanillakd", "dckd"])
 def test_topk_equal_to_vocabulary_is_full_vocabulary_kd_with_its_gradient(name):
-    """The defect report: teacher_top_k = V must be full-vocabulary KD, loss and gradient,
+    """The defect report: top_k = V must be full-vocabulary KD, loss and gradient,
     in float32 (before the fix: loss within 1e-5 but gradients off, up to ~1e14)."""
     maxima = []
     for i, (pol, tea, labels) in enumerate(report_draws()):
         want, want_grad = kd64(name, pol, tea, labels, None)
         maxima.append(round(want_grad.abs().max().item(), 3))
-        full, full_grad = loss_and_grad(name, pol, tea, labels, teacher_top_k=None)
-        got, grad = loss_and_grad(name, pol, tea, labels, teacher_top_k=V)
+        full, full_grad = loss_and_grad(name, pol, tea, labels, top_k=None)
+        got, grad = loss_and_grad(name, pol, tea, labels, top_k=V)
         assert full == pytest.approx(want, rel=1e-6), i
         assert got == pytest.approx(want, rel=1e-6), i
         assert got == pytest.approx(full, rel=1e-6), i
         assert_grad_close(full_grad, want_grad, what=f"draw {i}, full vocabulary")
-        assert_grad_close(grad, want_grad, what=f"draw {i}, teacher_top_k=V")
+        assert_grad_close(grad, want_grad, what=f"draw {i}, top_k=V")
     if name == "vanillakd":   # the report's full-vocabulary figures: these are its inputs
         assert maxima == [0.116, 0.101, 0.099, 0.090, 0.072]
 
@@ -224,9 +224,9 @@ def test_topk_equal_to_vocabulary_on_a_larger_batch_has_finite_gradients():
     labels = torch.randint(0, V, (16, 24), generator=g)
     labels[:, :2] = -100
     want, want_grad = kd64("vanillakd", pol, tea, labels, None)
-    got, grad = loss_and_grad("vanillakd", pol, tea, labels, teacher_top_k=V)
+    got, grad = loss_and_grad("vanillakd", pol, tea, labels, top_k=V)
     assert got == pytest.approx(want, rel=1e-6)
-    assert_grad_close(grad, want_grad, what="16 x 24, teacher_top_k=V")
+    assert_grad_close(grad, want_grad, what="16 x 24, top_k=V")
 
 
 # ------------------------------------------------------------------ (b) peaked, k < V
@@ -236,7 +236,7 @@ def test_topk_equal_to_vocabulary_on_a_larger_batch_has_finite_gradients():
 def test_topk_kd_on_peaked_distributions_matches_float64(name, k, seed):
     pol, tea, labels = peaked_batch(seed)
     want, want_grad = kd64(name, pol, tea, labels, k)
-    got, grad = loss_and_grad(name, pol, tea, labels, teacher_top_k=k)
+    got, grad = loss_and_grad(name, pol, tea, labels, top_k=k)
     assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
     assert_grad_close(grad, want_grad, what=f"{name} k={k} seed={seed}")
 
@@ -244,9 +244,9 @@ def test_topk_kd_on_peaked_distributions_matches_float64(name, k, seed):
 def test_topk_kd_on_peaked_distributions_with_k_equal_to_vocabulary():
     pol, tea, labels = peaked_batch(3)
     want, want_grad = kd64("vanillakd", pol, tea, labels, None)
-    got, grad = loss_and_grad("vanillakd", pol, tea, labels, teacher_top_k=V)
+    got, grad = loss_and_grad("vanillakd", pol, tea, labels, top_k=V)
     assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
-    assert_grad_close(grad, want_grad, what="peaked, teacher_top_k=V")
+    assert_grad_close(grad, want_grad, what="peaked, top_k=V")
 
 
 # ------------------------------------------------------------------ (c) the released tvkd variants

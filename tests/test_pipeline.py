@@ -16,7 +16,7 @@ TINY_STAGES = [
     "stages.methods.n_examples=32", "stages.methods.eval_every=16",
     "eval.n=16", "eval.batch_size=16", "eval.max_new_tokens=4",
 ]
-PASSTHROUGH = ["wandb.enabled=false", "progress_bar=false", "batch_size=16", "eval_batch_size=16",
+PASSTHROUGH = ["wandb.mode=disabled", "progress_bar=false", "batch_size=16", "eval_batch_size=16",
                "n_eval_examples=16", "eval_every=32", "num_threads=1"]
 
 
@@ -119,7 +119,7 @@ REVERSE_ARGS = [
     "stages.teacher_sft.n_examples=16", "stages.teacher_sft.lr=3e-3", "stages.teacher_dpo.n_examples=8",
     "stages.student_sft.n_examples=16", "stages.methods.n_examples=8", "stages.methods.eval_every=null",
     "eval.batch_size=16", "eval.max_new_tokens=8",
-    f"data.scorer={SCORER}", "max_length=80", "max_prompt_length=64", "wandb.enabled=false", "progress_bar=false",
+    f"data.scorer={SCORER}", "max_length=80", "max_prompt_length=64", "wandb.mode=disabled", "progress_bar=false",
     "batch_size=8", "eval_batch_size=16", "n_eval_examples=8", "do_first_eval=false", "warmup_steps=1", "num_threads=1",
 ]
 
@@ -222,7 +222,7 @@ def test_method_variants_run_in_row_order_and_a_failed_method_does_not_stop_the_
     assert not (out / "teacher_sft").exists()
     # dpo_b is dpo with another beta; kd_bad fails at run time (top-k beyond the vocabulary)
     args = base + ["methods=[dpo_b,kd_bad,dpo]", "variants.dpo_b=[loss=dpo,loss.beta=0.5]",
-                   "variants.kd_bad=[loss=vanillakd,loss.teacher_top_k=100000]"]
+                   "variants.kd_bad=[loss=vanillakd,loss.top_k=100000]"]
     assert pipeline.main(args) == 1
     err = capfd.readouterr().err
     assert "1 method run(s) failed" in err and "kd_bad_seed0" in err

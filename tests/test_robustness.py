@@ -301,7 +301,7 @@ def test_wandb_mode_from_the_environment_unless_the_command_line_sets_it(monkeyp
 def test_wandb_disabled_by_the_environment_writes_no_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     overrides = [o for o in FAST if not o.startswith("wandb")]
-    run_dir, _ = train_run(tmp_path, [o for o in overrides] + ["wandb.enabled=true", "n_examples=8",
+    run_dir, _ = train_run(tmp_path, [o for o in overrides] + ["n_examples=8",
                                                                 "eval_every=null", "exp_name=w"])
     assert not os.path.exists(os.path.join(run_dir, "wandb"))
 

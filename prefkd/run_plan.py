@@ -1,0 +1,127 @@
+"""A run resolved once: what its loss needs (models, caches, generations), checked before any model
+or data set loads, handed to the trainer and to precompute.py.
+
+`RunPlan.of(cfg)` reads the loss's spec (prefkd/loss_spec.py) once; the checks here are the ones
+that do not belong to one key's range (train.py's check_types / check_ranges): renamed keys, the
+run name, hub models and data sets that cannot be reached offline.
+"""
+import os
+import socket
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional
+
+import losses
+from prefkd.loss_spec import Generation, LossSpec
+
+# Keys that were renamed: an old name on a command line is refused with the new one.
+RENAMED = {"reference_cache": "reference.cache", "trainer.cpu_devices": "trainer.cpu_workers",
+           "wandb.enabled": "wandb.mode (wandb.mode=disabled turns wandb off)"}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run's loss needs, from its spec: resolved once (train.validate_config) and read by
+    the trainer (prefkd/models.py builds what it names) and precompute.py."""
+    spec: LossSpec
+    reference: Optional[str]       # None, "logps" or "logits": what the loss reads of the reference
+    reference_model: bool          # the frozen reference is loaded (for its outputs, or to generate)
+    teacher: bool                  # the teacher is loaded (features or generations)
+    teacher_reference: bool        # the teacher's own SFT reference is loaded
+    generation: Optional[Generation]
+    caches: Dict[str, str]         # {"teacher" / "reference": directory} of the caches the config names
+
+    @classmethod
+    def of(cls, cfg) -> "RunPlan":
+        from prefkd import output_cache
+        spec = losses.get_loss(cfg.loss.name)
+        return cls(spec=spec, reference=spec.reference_need(cfg.loss), reference_model=spec.reference_model_need(cfg.loss),
+                   teacher=spec.teacher_need(cfg.loss), teacher_reference=spec.teacher_reference_need(cfg.loss),
+                   generation=spec.generation_need(cfg.loss), caches=output_cache.configured(cfg))
+
+
+def renamed_keys() -> Dict[str, str]:
+    """{old key: new key} of every renamed key, the losses' own (LossSpec.renamed) included."""
+    out = dict(RENAMED)
+    for name, spec in losses.LOSSES.items():
+        for old, new in spec.renamed.items():
+            out.setdefault(f"loss.{old}", f"loss.{new}")
+    return out
+
+
+def refuse_renamed(overrides: Iterable[str]) -> None:
+    """A command-line override naming a renamed key gets a message naming the new key."""
+    renamed = renamed_keys()
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in renamed:
+            new = renamed[key]
+            example = "" if " " in new else f" (e.g. {new}={o.split('=', 1)[1] if '=' in o else '...'})"
+            raise ValueError(f"{key} was renamed: use {new}{example}")
+
+
+def check_run_name(cfg) -> None:
+    """exp_name names a directory directly inside runs_dir: text, no path separators, not . or .."""
+    name = cfg.exp_name
+    if not isinstance(name, str):
+        raise ValueError(f"exp_name={name!r} is read as a number: quote it (exp_name=\"'{name}'\") or use a "
+                         "name that starts with a letter")
+    if not name or name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"exp_name={name!r} must name a directory inside runs_dir ({cfg.runs_dir}): no path "
+                         "separators, not '.' or '..'; to write elsewhere, set runs_dir")
+
+
+# ------------------------------------------------------------------ hub access
+
+def _is_local(path) -> bool:
+    """A local path, or the shipped tokenizer ("embedded", preference_datasets.get_tokenizer)."""
+    return path is None or path == "embedded" or os.path.exists(os.path.expanduser(str(path)))
+
+
+def _hub_cached(repo: str, filename: str, repo_type: str = "model") -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo, filename, repo_type=repo_type), str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_needs(cfg, data_names: List[str]) -> List[str]:
+    """`key=hub id` of every model, tokenizer and data set this run would download (not a local path,
+    not in the local hub cache)."""
+    from prefkd.data.sources import SOURCES
+    needs = []
+    groups = [("model", cfg.model)] + ([("teacher", cfg.teacher)] if RunPlan.of(cfg).teacher else [])
+    for group, mcfg in groups:
+        if mcfg.get("archive"):
+            continue  # a checkpoint of ours: loaded from disk
+        for key, file in (("name_or_path", "config.json"), ("tokenizer", "tokenizer_config.json")):
+            value = mcfg.get(key)
+            if value and not _is_local(value) and not _hub_cached(str(value), file):
+                needs.append(f"{group}.{key}={value}")
+    paths = (cfg.get("data") or {}).get("paths") or {}
+    for name in data_names:
+        src = SOURCES.get(name)
+        if src is not None and src.hub and not paths.get(name) and not _hub_cached(src.hub, "README.md", "dataset"):
+            needs.append(f"data.paths.{name} (hub data set {src.hub})")
+    return needs
+
+
+def check_hub_access(cfg) -> None:
+    """Offline (no route to the hub, or HF_HUB_OFFLINE=1), a run that would download a model or data
+    set is refused naming the keys that point at a local copy, before anything loads."""
+    needs = hub_needs(cfg, list(cfg.get("datasets") or []))
+    if needs and not _hub_reachable():
+        raise ValueError("the Hugging Face hub cannot be reached from here, and this run would download: "
+                         + "; ".join(needs) + ". Point each key at a local copy (a directory or file), "
+                         "e.g. model.name_or_path=/models/Llama-3.2-1B model.tokenizer=/models/Llama-3.2-1B "
+                         "data.paths.dpomix=/data/dpo-mix-7k")
