@@ -441,7 +441,7 @@ def launch(cfg: DictConfig, run_dir: str) -> None:
                 pass
         except mp.ProcessRaisedException as e:
             # a worker's own message (its last traceback line) is what the user needs
-            last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
+            last = [line for line in str(e).strip().splitlines() if line.strip()][-1]
             raise utils.RunError(f"a training process failed: {last}") from None
         finally:
             for sig, handler in previous.items():

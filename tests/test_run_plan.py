@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import losses as L
 import train
 from conftest import REPO, compose
 from prefkd import output_cache, run_plan

@@ -110,8 +110,8 @@ def convert_se(row: Dict) -> List[Dict]:
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
             if scores[i] != scores[j] and texts[i].strip() and texts[j].strip() and texts[i] != texts[j]:
-                w, l = (i, j) if scores[i] > scores[j] else (j, i)
-                out.append(pair_example(prompt, texts[w], texts[l], False, best))
+                win, lose = (i, j) if scores[i] > scores[j] else (j, i)
+                out.append(pair_example(prompt, texts[win], texts[lose], False, best))
     return out
 
 
