@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 import losses as losses_lib
 from prefkd import output_cache
 import utils
-from prefkd import models
+from prefkd import models, run_plan
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)
 USAGE = ("usage: python precompute.py {teacher|reference} <train.py overrides> "
@@ -53,11 +53,7 @@ PLAN_KEYS = ("batch_size", "n_examples", "n_epochs", "n_eval_examples", "eval_ba
 
 def compose(overrides: List[str]):
     """The config train.py would see for these command-line overrides."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    with initialize_config_dir(config_dir=os.path.join(utils.REPO_DIR, "config"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    OmegaConf.set_struct(cfg, False)
-    return cfg
+    return run_plan.compose(overrides)
 
 
 def check(cfg, kind: str, tokenizer) -> str:
@@ -71,11 +67,11 @@ def check(cfg, kind: str, tokenizer) -> str:
         raise ValueError(f"name the cache directory: pass {output_cache.CONFIG_KEY[kind]}=<dir> ({USAGE})")
     plain = copy.deepcopy(cfg)
     plain.teacher.cache, plain.reference.cache = None, None  # the cache does not exist yet
-    train.validate_config(plain)
+    plan = train.validate_config(plain)
     if kind == output_cache.TEACHER:
-        problem = output_cache.teacher_cache_problem(cfg, len(tokenizer))
+        problem = plan.spec.teacher_cache_problem(cfg.loss)
     else:
-        need = losses_lib.get_loss(cfg.loss.name).reference_need(cfg.loss)
+        need = plan.reference
         problem = (f"loss={cfg.loss.name} reads the reference's full logits (a vocabulary-sized tensor per token), "
                    "which cannot be cached: it runs with the live reference") if need == "logits" \
             else output_cache.reference_cache_problem(cfg)

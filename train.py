@@ -55,10 +55,11 @@ def derive_exp_name(cfg: DictConfig, overrides) -> str:
     return "_".join(x for x in (cfg.loss.name, cfg.model.name, tail) if x)
 
 
-def validate_config(cfg: DictConfig, check_archives: bool = True) -> None:
+def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.RunPlan:
     """Fail fast, naming the config key, before any model or data is loaded.
     check_archives=False skips reading model.archive / teacher.archive (a pipeline checks its
-    later stages before the earlier ones have written them)."""
+    later stages before the earlier ones have written them). Returns the run resolved once
+    (prefkd/run_plan.py), which the trainer and precompute.py read."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ValueError(f"missing required config values: {sorted(missing)}; pass them as key=value")
@@ -102,11 +103,12 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> None:
     if cfg.model.name_or_path is None and cfg.model.get("init_config") is None:
         raise ValueError(f"model={cfg.model.name}: set model.name_or_path or model.init_config")
     import trainers
-    trainers.validate_loss_models(cfg, check_archives=check_archives)
+    plan = run_plan.check_models(cfg, check_archives=check_archives)
     if cfg.trainer.name not in trainers.TRAINERS:
         raise ValueError(f"unknown trainer {cfg.trainer.name!r}; choose one of {sorted(trainers.TRAINERS)}")
     if cfg.wandb.mode not in WANDB_MODES:
         raise ValueError(f"wandb.mode={cfg.wandb.mode!r}: use online, offline or disabled")
+    return plan
 
 
 WANDB_MODES = ("online", "offline", "disabled")

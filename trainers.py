@@ -34,11 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 import losses as losses_lib
 import preference_datasets as data
 import utils
-from prefkd import checkpoints, lean_loading, models, output_cache
+from prefkd import checkpoints, lean_loading, models, output_cache, run_plan
 from prefkd import logits as logits_lib
 from prefkd import generation
 from prefkd.generation import InRunGeneration
-from prefkd.loss_spec import GENERATION_SOURCES
 from prefkd.logprobs import IGNORE_INDEX, response_mask, sequence_logps, split_pairs, token_logps
 from utils import NonFiniteError, TrainingStopped, rank0_print
 
@@ -83,12 +82,15 @@ def run_batches(cfg, tokenizer, spec, split: str, rank: int = 0, world_size: int
 class BasicTrainer:
     """Single process; also the base of the distributed trainers."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DictConfig, run_dir: str, rank: int = 0, world_size: int = 1,
+                 plan: Optional[run_plan.RunPlan] = None):
         self.cfg, self.run_dir, self.rank, self.world_size = cfg, run_dir, rank, world_size
+        # the run resolved once (train.validate_config); checked here when built without one
+        self.plan = plan or run_plan.check_models(cfg)
         self.device = self.pick_device()
         # where collectives' tensors live: the GPU under NCCL, the CPU under gloo
         self.collective_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        self.spec = losses_lib.get_loss(cfg.loss.name)
+        self.spec = self.plan.spec
         self.pairwise = self.spec.pairwise
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.examples_seen, self.step = 0, 0
@@ -99,7 +101,7 @@ class BasicTrainer:
         self.last_save_time = self.t0 = time.time()
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         self.resume_ckpt = checkpoints.find_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
-        self.generation = InRunGeneration(cfg, self.spec.generation_need(cfg.loss), self.tokenizer, self.device,
+        self.generation = InRunGeneration(cfg, self.plan.generation, self.tokenizer, self.device,
                                           self.agree, self.generate_kwargs())
         self.setup_models()
         self.optimizer = getattr(torch.optim, cfg.optimizer)(
@@ -120,8 +122,7 @@ class BasicTrainer:
         loss needs (prefkd/models.py), each placed by `wrap`; a frozen model whose outputs are
         cached (prefkd/output_cache.py) is not loaded."""
         cfg = self.cfg
-        validate_loss_models(cfg)
-        caches = output_cache.configured(cfg)
+        caches = dict(self.plan.caches)
         note = output_cache.reference_cache_ignored(cfg)
         if note:
             rank0_print(note)
@@ -408,34 +409,6 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
-
-
-def validate_loss_models(cfg, check_archives: bool = True) -> None:
-    """What the loss's spec needs of the models that the config must provide, checked before any
-    model is loaded (train.validate_config and setup_models call it). check_archives=False: the
-    key must be set, but its checkpoint may not exist yet (a pipeline's later stage)."""
-    spec = losses_lib.get_loss(cfg.loss.name)
-    if spec.teacher_reference_need(cfg.loss):
-        archive = cfg.teacher.get("reference_archive")
-        if not archive:
-            raise ValueError(f"loss={cfg.loss.name} needs the teacher's own SFT reference as a second frozen model: "
-                             "pass teacher.reference_archive=<the SFT run the teacher was DPO-trained from>/LATEST")
-        path = checkpoints.resolve_checkpoint(archive)
-        if check_archives and not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"teacher.reference_archive={archive!r} is not a checkpoint (no config.json at {path}); "
-                             "point it at a run directory, its LATEST file or a step-* directory")
-    gen = spec.generation_need(cfg.loss)
-    if gen is not None:
-        if gen.source not in GENERATION_SOURCES:
-            raise ValueError(f"loss={cfg.loss.name}: unknown generation source {gen.source!r}")
-        if gen.replaces not in (("chosen", "rejected") if spec.pairwise else ("chosen",)):
-            raise ValueError(f"loss={cfg.loss.name}: generations cannot replace {gen.replaces!r} responses")
-        if not 0.0 <= gen.probability <= 1.0:
-            raise ValueError(f"loss={cfg.loss.name}: generation probability {gen.probability} is not in [0, 1]")
-    if cfg.get("generations"):
-        generation.check_files(cfg, gen, check_archives)
-    if output_cache.configured(cfg):  # teacher.cache / reference.cache: usable by this loss, and up to date
-        output_cache.check_config(cfg, models.load_tokenizer(cfg.model), check_exists=check_archives)
 
 
 # ------------------------------------------------------------------ FSDP

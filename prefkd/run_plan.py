@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
 import losses
-from prefkd.loss_spec import Generation, LossSpec
+from prefkd.loss_spec import GENERATION_SOURCES, Generation, LossSpec
 
 # Keys that were renamed: an old name on a command line is refused with the new one.
 RENAMED = {"reference_cache": "reference.cache", "trainer.cpu_devices": "trainer.cpu_workers",
@@ -39,6 +39,19 @@ class RunPlan:
                    generation=spec.generation_need(cfg.loss), caches=output_cache.configured(cfg))
 
 
+def compose(overrides: Iterable[str]):
+    """The config train.py would see for these command-line overrides (Hydra's compose API, on
+    config/; struct mode off, as train.py runs): the one place outside a Hydra app that composes."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    import utils
+    refuse_renamed(overrides)
+    with initialize_config_dir(config_dir=os.path.join(utils.REPO_DIR, "config"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
 def renamed_keys() -> Dict[str, str]:
     """{old key: new key} of every renamed key, the losses' own (LossSpec.renamed) included."""
     out = dict(RENAMED)
@@ -61,13 +74,46 @@ def refuse_renamed(overrides: Iterable[str]) -> None:
 
 def check_run_name(cfg) -> None:
     """exp_name names a directory directly inside runs_dir: text, no path separators, not . or .."""
-    name = cfg.exp_name
+    name = cfg.get("exp_name")
+    if name is None:
+        return  # derived from the overrides (train.derive_exp_name)
     if not isinstance(name, str):
         raise ValueError(f"exp_name={name!r} is read as a number: quote it (exp_name=\"'{name}'\") or use a "
                          "name that starts with a letter")
     if not name or name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"exp_name={name!r} must name a directory inside runs_dir ({cfg.runs_dir}): no path "
                          "separators, not '.' or '..'; to write elsewhere, set runs_dir")
+
+
+def check_models(cfg, check_archives: bool = True) -> RunPlan:
+    """What the loss's spec needs of the models that the config must provide, checked before any
+    model is loaded (train.validate_config calls it). check_archives=False: the
+    key must be set, but its checkpoint may not exist yet (a pipeline's later stage)."""
+    from prefkd import checkpoints, generation, models, output_cache
+    plan = RunPlan.of(cfg)
+    spec = plan.spec
+    if plan.teacher_reference:
+        archive = cfg.teacher.get("reference_archive")
+        if not archive:
+            raise ValueError(f"loss={cfg.loss.name} needs the teacher's own SFT reference as a second frozen model: "
+                             "pass teacher.reference_archive=<the SFT run the teacher was DPO-trained from>/LATEST")
+        path = checkpoints.resolve_checkpoint(archive)
+        if check_archives and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"teacher.reference_archive={archive!r} is not a checkpoint (no config.json at {path}); "
+                             "point it at a run directory, its LATEST file or a step-* directory")
+    gen = plan.generation
+    if gen is not None:
+        if gen.source not in GENERATION_SOURCES:
+            raise ValueError(f"loss={cfg.loss.name}: unknown generation source {gen.source!r}")
+        if gen.replaces not in (("chosen", "rejected") if spec.pairwise else ("chosen",)):
+            raise ValueError(f"loss={cfg.loss.name}: generations cannot replace {gen.replaces!r} responses")
+        if not 0.0 <= gen.probability <= 1.0:
+            raise ValueError(f"loss={cfg.loss.name}: generation probability {gen.probability} is not in [0, 1]")
+    if cfg.get("generations"):
+        generation.check_files(cfg, gen, check_archives)
+    if output_cache.configured(cfg):  # teacher.cache / reference.cache: usable by this loss, and up to date
+        output_cache.check_config(cfg, models.load_tokenizer(cfg.model), check_exists=check_archives)
+    return plan
 
 
 # ------------------------------------------------------------------ hub access
