@@ -140,9 +140,43 @@ def feature_settings(loss_cfg) -> Dict:
     return OmegaConf.to_container(loss_cfg, resolve=True)
 
 
+# cache_key results of this process: the start-up check, the trainer (each rank) and precompute
+# ask for the same key, which loads every split and fingerprints weights. Keyed by the config,
+# the kind and a stamp (path, size, mtime) of every file the key reads, so a retrained archive or
+# an edited data file is seen.
+_KEYS: Dict[str, Dict] = {}
+
+
+def _files_stamp(cfg) -> str:
+    """(path, size, mtime_ns) of the frozen models' weight files and the local data files."""
+    paths = []
+    for role in ("teacher", "teacher_reference", "reference"):
+        src = models.source(cfg, role)
+        where = checkpoints.resolve_checkpoint(src.archive) if src.archive else src.model_cfg.get("name_or_path")
+        if where and os.path.isdir(os.path.expanduser(str(where))):
+            d = os.path.expanduser(str(where))
+            paths += [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith((".safetensors", ".json"))]
+    data_cfg = cfg.get("data") or {}
+    for p in [(data_cfg.get("local") or {}).get(k) for k in ("path", "train", "test")] + \
+            list((data_cfg.get("paths") or {}).values()):
+        if p and os.path.exists(os.path.expanduser(str(p))):
+            root = os.path.expanduser(str(p))
+            paths += [os.path.join(dp, n) for dp, _, ns in os.walk(root) for n in sorted(ns)] \
+                if os.path.isdir(root) else [root]
+    return json.dumps([(q, os.path.getsize(q), os.stat(q).st_mtime_ns) for q in paths if os.path.isfile(q)])
+
+
 def cache_key(cfg, kind: str, tokenizer) -> Dict:
     """Everything that changes the content of a `kind` cache for the run `cfg`, as a flat dict
-    {config key (or a description): value}. Model entries are fingerprint dicts."""
+    {config key (or a description): value}. Model entries are fingerprint dicts. Computed once
+    per process for one config and unchanged files (`_KEYS`)."""
+    memo = json.dumps([kind, OmegaConf.to_yaml(cfg, resolve=True), _files_stamp(cfg)])
+    if memo not in _KEYS:
+        _KEYS[memo] = _cache_key(cfg, kind, tokenizer)
+    return json.loads(json.dumps(_KEYS[memo]))  # a copy: callers may edit theirs
+
+
+def _cache_key(cfg, kind: str, tokenizer) -> Dict:
     key = {"format": CACHE_FORMAT, "kind": kind, **_data_key(cfg, tokenizer)}
     if kind == TEACHER:
         spec = losses_lib.get_loss(cfg.loss.name)
