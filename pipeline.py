@@ -349,7 +349,7 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
     cache would hold the same content share it (one reference cache for all of them, one
     teacher cache per loss and feature setting). caches.teacher / caches.reference = false
     keep the live models. A stage's key is `precompute/<name>`; the methods read the caches
-    through teacher.cache / reference_cache."""
+    through teacher.cache / reference.cache."""
     import hashlib
     import losses
     from prefkd import output_cache

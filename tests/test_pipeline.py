@@ -286,9 +286,9 @@ def test_cache_stages_run_once_for_all_seeds_and_the_methods_match_live_runs(tmp
     assert list(plan) == ["teacher_sft", "teacher_dpo", "student_sft"] + caches + [
         "methods/dpo", "methods/tvkd", "methods/tdpo"]
     ref, teacher = (str(out / "caches" / k.split("/")[1]) for k in caches)
-    assert f"reference_cache={ref}" in plan["methods/dpo"] and f"reference_cache={ref}" in plan["methods/tvkd"]
+    assert f"reference.cache={ref}" in plan["methods/dpo"] and f"reference.cache={ref}" in plan["methods/tvkd"]
     assert f"teacher.cache={teacher}" in plan["methods/tvkd"]
-    assert not [a for a in plan["methods/tdpo"] if a.startswith(("reference_cache=", "teacher.cache="))]
+    assert not [a for a in plan["methods/tdpo"] if a.startswith(("reference.cache=", "teacher.cache="))]
     for cache in (ref, teacher):  # computed once, for both seeds
         manifest = json.loads(open(os.path.join(cache, "manifest.json")).read())
         assert [p["seed"] for p in manifest["coverage"]["plans"]] == [0, 1] and manifest["rows"] > 0
@@ -296,7 +296,7 @@ def test_cache_stages_run_once_for_all_seeds_and_the_methods_match_live_runs(tmp
     assert printed.count(f"(cached: {ref})") == 4 and printed.count(f"(cached: {teacher})") == 2
     # a method run from the caches has the losses of the same run with the live teacher and reference
     run = out / "methods" / "tvkd_seed1"
-    live_args = [a for a in plan["methods/tvkd"] if not a.startswith(("reference_cache=", "teacher.cache=", "seed=",
+    live_args = [a for a in plan["methods/tvkd"] if not a.startswith(("reference.cache=", "teacher.cache=", "seed=",
                                                                       "exp_name=", "runs_dir="))]
     cfg = compose(live_args + ["seed=1", "exp_name=live", f"runs_dir={tmp_path}"])
     live = read_metrics(train_py.run(cfg, live_args))
@@ -313,4 +313,4 @@ def test_cache_stages_run_once_for_all_seeds_and_the_methods_match_live_runs(tmp
     assert [p["seed"] for p in json.loads(open(os.path.join(ref, "manifest.json")).read())["coverage"]["plans"]
             ] == [0, 1, 2]
     config = (out / "methods/tvkd_seed2/config.yaml").read_text()
-    assert f"reference_cache: {ref}" in config and "cache: null" in config
+    assert f"reference:\n  cache: {ref}" in config and "cache: null" in config
