@@ -147,10 +147,11 @@ def feature_settings(loss_cfg) -> Dict:
 _KEYS: Dict[str, Dict] = {}
 
 
-def _files_stamp(cfg) -> str:
-    """(path, size, mtime_ns) of the frozen models' weight files and the local data files."""
+def _files_stamp(cfg, kind: str) -> str:
+    """(path, size, mtime_ns) of the weight files of the models a `kind` cache holds the outputs
+    of, and of the local data files."""
     paths = []
-    for role in ("teacher", "teacher_reference", "reference"):
+    for role in (("teacher", "teacher_reference") if kind == TEACHER else ("reference",)):
         src = models.source(cfg, role)
         where = checkpoints.resolve_checkpoint(src.archive) if src.archive else src.model_cfg.get("name_or_path")
         if where and os.path.isdir(os.path.expanduser(str(where))):
@@ -170,7 +171,7 @@ def cache_key(cfg, kind: str, tokenizer) -> Dict:
     """Everything that changes the content of a `kind` cache for the run `cfg`, as a flat dict
     {config key (or a description): value}. Model entries are fingerprint dicts. Computed once
     per process for one config and unchanged files (`_KEYS`)."""
-    memo = json.dumps([kind, OmegaConf.to_yaml(cfg, resolve=True), _files_stamp(cfg)])
+    memo = json.dumps([kind, OmegaConf.to_yaml(cfg, resolve=True), _files_stamp(cfg, kind)])
     if memo not in _KEYS:
         _KEYS[memo] = _cache_key(cfg, kind, tokenizer)
     return json.loads(json.dumps(_KEYS[memo]))  # a copy: callers may edit theirs

@@ -29,17 +29,16 @@ def make_checkpoints(root):
     """(archive dir: our format, tied embeddings; sharded hub-style dir with an index; a
     directory whose tensor names lack the 'model.' prefix)."""
     import preference_datasets as data
-    import trainers
     from safetensors.torch import save_file
     tok = data.get_tokenizer("embedded")
-    tied = trainers._build_full_model(model_cfg(init_config=dict(INIT, tie_word_embeddings=True)), tok,
+    tied = models._build_full_model(model_cfg(init_config=dict(INIT, tie_word_embeddings=True)), tok,
                                       torch.float32, seed=3)
     archive = os.path.join(root, "archive")
     os.makedirs(archive)
     sd = {k: v.contiguous() for k, v in tied.state_dict().items() if k != "lm_head.weight"}
     save_file(sd, os.path.join(archive, "model.safetensors"), metadata={"format": "pt"})
     tied.config.save_pretrained(archive)
-    untied = trainers._build_full_model(model_cfg(), tok, torch.bfloat16, seed=4)
+    untied = models._build_full_model(model_cfg(), tok, torch.bfloat16, seed=4)
     hub = os.path.join(root, "hub")
     untied.save_pretrained(hub, max_shard_size="20KB")
     renamed = os.path.join(root, "renamed")
@@ -90,7 +89,7 @@ def worker(rank, world, port, root, paths, errors):
             got = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             buffers = {k: b.clone() for k, b in model.named_buffers()}
             if rank == 0:
-                ref = trainers._build_full_model(cfg, tok, dtype, archive, seed)
+                ref = models._build_full_model(cfg, tok, dtype, archive, seed)
                 want = ref.state_dict()
                 if source.strategy != expected:
                     problems.append(f"{name}: strategy {source.strategy}, expected {expected}")

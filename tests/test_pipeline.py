@@ -213,21 +213,35 @@ def test_pipeline_refuses_sft_and_preference_data_of_different_formats(tmp_path,
 
 
 def test_method_variants_run_in_row_order_and_a_failed_method_does_not_stop_the_others(tmp_path, capfd,
-                                                                                       restore_threads):
+                                                                                       restore_threads,
+                                                                                       monkeypatch):
     out = tmp_path / "variants"
     base = [a for a in REVERSE_ARGS if not a.startswith("methods=")] + [f"out={out}"]
     # a variant with a bad value is refused before anything trains
     assert pipeline.main(base + ["methods=[dpo,bad]", "variants.bad=[loss=dpo,loss.beta=-1]"]) == 2
     assert "stage methods/bad: loss.beta must be > 0" in capfd.readouterr().err
     assert not (out / "teacher_sft").exists()
-    # dpo_b is dpo with another beta; kd_bad fails at run time (top-k beyond the vocabulary)
-    args = base + ["methods=[dpo_b,kd_bad,dpo]", "variants.dpo_b=[loss=dpo,loss.beta=0.5]",
-                   "variants.kd_bad=[loss=vanillakd,loss.top_k=100000]"]
+    # so is a top-k beyond the tokenizer's vocabulary
+    assert pipeline.main(base + ["methods=[dpo,kd_bad]", "variants.kd_bad=[loss=vanillakd,loss.top_k=100000]"]) == 2
+    assert "stage methods/kd_bad: loss.top_k=100000 exceeds the vocabulary size" in capfd.readouterr().err
+    assert not (out / "teacher_sft").exists()
+    # dpo_b is dpo with another beta; broken fails at run time (here: its run raises as a diverged one does)
+    import train as train_py
+    import utils
+    live_run = train_py.run
+
+    def run(cfg, overrides):
+        if cfg.exp_name == "broken_seed0":
+            raise utils.RunError("broken_seed0: the loss turned non-finite")
+        return live_run(cfg, overrides)
+    monkeypatch.setattr(train_py, "run", run)
+    args = base + ["methods=[dpo_b,broken,dpo]", "variants.dpo_b=[loss=dpo,loss.beta=0.5]",
+                   "variants.broken=[loss=dpo]"]
     assert pipeline.main(args) == 1
     err = capfd.readouterr().err
-    assert "1 method run(s) failed" in err and "kd_bad_seed0" in err
+    assert "1 method run(s) failed" in err and "broken_seed0" in err
     assert "beta: 0.5" in (out / "methods/dpo_b_seed0/config.yaml").read_text()
-    assert (out / "methods/dpo_seed0/DONE").exists() and not (out / "methods/kd_bad_seed0/DONE").exists()
+    assert (out / "methods/dpo_seed0/DONE").exists() and not (out / "methods/broken_seed0/DONE").exists()
     rows = lambda: [r.split("|")[1].strip() for r in (out / "results.md").read_text().splitlines()[2:]]  # noqa: E731
     assert rows() == ["DPO teacher", "SFT teacher", "SFT student", "dpo_b", "dpo"]  # the order of `methods`
     # another command in the same directory reuses the finished runs; its table shows what it asked for
