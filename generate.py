@@ -2,11 +2,11 @@
 as a data set any loss can train on (TRL's standard prompt/completion format, read back
 with `datasets=[local] data.local.path=<out>`).
 
-    python generate.py runs/pipeline/teacher_dpo/LATEST out=teacher_gen.jsonl          # greedy, train split
-    python generate.py <ckpt> datasets=[dpomix] split=train out=gen.jsonl n=2000 \
+    python generate.py checkpoint=runs/pipeline/teacher_dpo/LATEST out=teacher_gen.jsonl   # greedy, train split
+    python generate.py checkpoint=<ckpt> datasets=[dpomix] split=train out=gen.jsonl n=2000 \
         do_sample=true temperature=0.9 max_new_tokens=512
-    torchrun --nproc_per_node=8 generate.py <ckpt> out=gen.jsonl                       # data parallel
-    torchrun --nproc_per_node=8 generate.py <ckpt> out=gen.jsonl fsdp=true             # sharded weights
+    torchrun --nproc_per_node=8 generate.py checkpoint=<ckpt> out=gen.jsonl                # data parallel
+    torchrun --nproc_per_node=8 generate.py checkpoint=<ckpt> out=gen.jsonl fsdp=true      # sharded weights
 
 Uses: seqkd trains on a teacher's generations; on-policy preference data starts from a
 student's. Every setting defaults to the checkpoint's own run config (data sets, data
@@ -34,42 +34,14 @@ from omegaconf import OmegaConf
 
 import preference_datasets as data
 import utils
-from prefkd import checkpoints
-
-DEFAULTS = {
-    "checkpoint": None,
-    "out": None,
-    "datasets": None,          # null: the checkpoint's run's data sets (else [embedded])
-    "split": "train",
-    "n": None,                 # at most this many prompts (null: all of the split)
-    "batch_size": 32,
-    "max_new_tokens": None,    # null: the run's max_length - max_prompt_length
-    "max_prompt_length": None,  # null: the run's
-    "truncation_mode": None,   # null: the run's (keep_end)
-    "do_sample": False,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "seed": 0,
-    "dtype": "float32",
-    "fsdp": False,
-    "data": None,              # data options (null: the run's `data:` section)
-}
-
+from prefkd import checkpoints, models, run_plan
 
 def parse_args(argv: List[str]):
-    cfg = OmegaConf.create(DEFAULTS)
-    for a in argv:
-        if "=" not in a:
-            if cfg.checkpoint is not None:
-                raise ValueError(f"argument {a!r}: one checkpoint only; other arguments are key=value")
-            cfg.checkpoint = a
-            continue
-        key = a.split("=", 1)[0].lstrip("+")
-        if key.split(".")[0] not in DEFAULTS:
-            raise ValueError(f"unknown argument {key!r}; known: {sorted(DEFAULTS)}")
-        cfg.merge_with(OmegaConf.from_dotlist([a.lstrip("+")]))
+    """The settings (config/generate.yaml) for key=value arguments, completed from the
+    checkpoint's run config and checked; a ValueError names the bad argument."""
+    cfg = run_plan.compose_command("generate", argv)
     if not cfg.checkpoint:
-        raise ValueError("name a checkpoint: python generate.py <run dir, LATEST or step-* dir> out=<file>")
+        raise ValueError("name a checkpoint: python generate.py checkpoint=<run dir, LATEST or step-* dir> out=<file>")
     if not cfg.out:
         raise ValueError("out=<file.jsonl> is required")
     ckpt = checkpoints.resolve_checkpoint(cfg.checkpoint)
@@ -78,13 +50,19 @@ def parse_args(argv: List[str]):
         raise ValueError(f"checkpoint {cfg.checkpoint!r} is not usable: {problem}")
     run = run_config(ckpt)
     cfg.datasets = list(cfg.datasets or (run.get("datasets") if run else None) or ["embedded"])
-    if cfg.data is None and run:
-        cfg.data = run.get("data")
+    cfg.data = OmegaConf.merge((run.get("data") if run else None) or {}, cfg.data or {})
     for key, fallback in (("max_prompt_length", 24), ("truncation_mode", "keep_end")):
         if cfg[key] is None:
             cfg[key] = run.get(key, fallback) if run else fallback
     if cfg.max_new_tokens is None:
         cfg.max_new_tokens = (run["max_length"] - run["max_prompt_length"]) if run and "max_length" in run else 256
+    check_settings(cfg)
+    cfg.checkpoint = ckpt
+    return cfg
+
+
+def check_settings(cfg) -> None:
+    """Each setting within its range, named when it is not."""
     if cfg.split not in data.SPLITS:
         raise ValueError(f"split={cfg.split!r}: use one of {list(data.SPLITS)}")
     for key in ("batch_size", "max_new_tokens", "max_prompt_length"):
@@ -98,8 +76,6 @@ def parse_args(argv: List[str]):
         raise ValueError(f"top_p={cfg.top_p!r} must be in (0, 1]")
     if cfg.truncation_mode not in data.TRUNCATION_MODES:
         raise ValueError(f"truncation_mode={cfg.truncation_mode!r}: use one of {list(data.TRUNCATION_MODES)}")
-    cfg.checkpoint = ckpt
-    return cfg
 
 
 def run_config(ckpt: str) -> Optional[Dict]:
@@ -139,19 +115,13 @@ def completion_row(ex: Dict, text: str, generator: str) -> Dict:
 
 
 def load_model(cfg, device):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(cfg.checkpoint, dtype=utils.get_dtype(cfg.dtype)).eval()
+    """The checkpoint's model, on `device`, or sharded with FSDP2 across the processes (fsdp=true
+    under torchrun) by the trainer's sharding rule (models.shard_fsdp)."""
+    model = models.load_checkpoint(cfg.checkpoint, utils.get_dtype(cfg.dtype))[0]
     if cfg.fsdp and utils.is_distributed():
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh(device.type, (utils.get_world_size(),))
-        blocks = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        if not blocks:
-            raise ValueError("fsdp=true: the model has no *DecoderLayer modules to shard")
-        for block in blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
+        return models.shard_fsdp(model, mesh, None, what=f"fsdp=true: {cfg.checkpoint}")
     return model.to(device)
 
 
@@ -220,8 +190,7 @@ def generate(cfg) -> str:
     if os.path.exists(out):
         utils.rank0_print(f"{out} exists: nothing to generate (remove it to generate again)")
         return out
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    device = models.pick_device(None, rank)
     tokenizer = data.get_tokenizer(cfg.checkpoint)
     examples = unique_prompts(cfg)
     partial = out + ".partial"

@@ -28,10 +28,12 @@ margin; generations in judge formats) and `report.py` (results.md, results.csv,
 results.png). Every stage runs with resume=true: re-running the command skips stages that
 are complete and resumes an interrupted one; evaluations are cached next to their checkpoint.
 
-Arguments are key=value. Keys of the preset (out, seeds, methods, model, teacher, preset,
-common, stages.*, sft_data.*, pref_data.*, eval.*, caches.*) configure the pipeline; a stage's settings
-change one key at a time (stages.teacher_sft.lr=3e-4), or all at once with a list
-(stages.teacher_sft=[loss=sft,lr=3e-4]). Any other key=value is passed to every train.py
+Arguments are Hydra-style key=value. A preset is a Hydra config (config/pipeline/<preset>.yaml,
+composed with its defaults list); its keys (out, seeds, methods, model, teacher, preset,
+common, stages.*, sft_data.*, pref_data.*, eval.*, caches.*) configure the pipeline; a stage's
+settings change one key at a time (stages.teacher_sft.lr=3e-4), or all at once with a list
+(stages.teacher_sft=[loss=sft,lr=3e-4]). A key that is neither the preset's nor train.py's is
+refused. Any other key=value is passed to every train.py
 stage (e.g. trainer=FSDPTrainer, data.scorer=mytask:score, max_length=256); the stage's own
 settings, then the pipeline's chaining keys, are applied after it.
 """
@@ -47,8 +49,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import utils
 
-PIPELINE_KEYS = {"out", "seeds", "methods", "variants", "model", "teacher", "preset", "base", "eval", "stages",
-                 "common", "sft_data", "pref_data", "in_process", "caches"}
 CACHE_KINDS = ("teacher", "reference")
 STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "methods")
 DATA_OF_STAGE = {"teacher_sft": "sft_data", "student_sft": "sft_data", "teacher_dpo": "pref_data",
@@ -77,19 +77,6 @@ def _as_dict(node, what: str) -> Dict:
     if isinstance(node, (dict, DictConfig)):
         return OmegaConf.to_container(node) if isinstance(node, DictConfig) else dict(node)
     raise ValueError(f"{what} must be key: value settings, got {node!r}")
-
-
-def load_preset(path: str, seen=()) -> DictConfig:
-    """A preset, merged over the preset its `base:` names (if any)."""
-    cfg = OmegaConf.load(path)
-    base = cfg.get("base")
-    if base:
-        base_path = os.path.join(os.path.dirname(path), f"{base}.yaml")
-        if base in seen or not os.path.exists(base_path):
-            raise ValueError(f"{path}: base={base!r} is " + ("circular" if base in seen else f"not a preset ({base_path})"))
-        cfg = OmegaConf.merge(load_preset(base_path, seen + (base,)), cfg)
-        cfg.base = None
-    return cfg
 
 
 METHOD_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -140,48 +127,107 @@ def method_overrides(cfg) -> Dict[str, List[str]]:
     return out
 
 
-def parse_args(argv: List[str]):
-    """Split key=value arguments into the pipeline's config and pass-through train.py overrides."""
-    preset = "embedded"
-    for a in argv:
-        if a.startswith("preset="):
-            preset = a.split("=", 1)[1]
-    path = os.path.join(utils.REPO_DIR, "config", "pipeline", f"{preset}.yaml")
-    if not os.path.exists(path):
-        known = sorted(f[:-5] for f in os.listdir(os.path.dirname(path)))
-        raise ValueError(f"preset={preset!r}: no {path}; known presets: {known}")
-    cfg = load_preset(path)
-    for role in ("sft_data", "pref_data"):
-        cfg[role] = OmegaConf.merge(EMPTY_DATA, cfg.get(role) or {})
-    cfg.common = _as_dict(cfg.get("common"), "common")
-    cfg.stages = {s: _as_dict((cfg.get("stages") or {}).get(s), f"stages.{s}") for s in STAGES}
-    passthrough = []
+PRESETS = os.path.join(utils.REPO_DIR, "config", "pipeline")
+# sections whose keys are the user's own (a stage setting, a method, a data option): a new key
+# there needs no `+`, as in train.py's loss.* keys
+OPEN_SECTIONS = ("stages", "common", "variants", "sft_data.options", "pref_data.options")
+
+
+def _split_list(value: str) -> List[str]:
+    """The top-level elements of '[a=1,b=[x,y]]': ['a=1', 'b=[x,y]'] (commas inside brackets or
+    quotes do not split)."""
+    items, depth, quote, cur = [], 0, None, ""
+    for ch in value.strip()[1:-1]:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    return items + ([cur.strip()] if cur.strip() else [])
+
+
+def hydra_overrides(arg: str) -> List[str]:
+    """A pipeline argument as Hydra overrides. A list of train.py overrides as a method
+    (variants.x=[loss=tvkd,loss.alpha=1.0]) is a list of quoted strings to Hydra; as a whole stage
+    or `common` (stages.methods=[lr=1e-4]) it replaces that section. A key in an open section
+    may be new (`++`)."""
+    key, value = arg.split("=", 1)
+    key = key.lstrip("+")
+    listed = value.startswith("[") and value.endswith("]") and "=" in value
+    if listed and (key == "common" or (key.startswith("stages.") and key.count(".") == 1)):
+        return [f"~{key}", f"+{key}={hydra_value(_pairs_to_dict(_split_list(value), key))}"]
+    if listed:
+        value = "[" + ",".join("'" + x.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                               for x in _split_list(value)) + "]"
+    open_key = any(key == sec or key.startswith(sec + ".") for sec in OPEN_SECTIONS)
+    return [("++" if open_key else "") + f"{key}={value}"]
+
+
+def compose_preset(preset: str, overrides: List[str]) -> DictConfig:
+    """config/pipeline/<preset>.yaml (its defaults list included) with the pipeline's overrides,
+    composed by Hydra; a bad key or value is a ValueError naming it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    if not os.path.exists(os.path.join(PRESETS, f"{preset}.yaml")):
+        known = sorted(f[:-5] for f in os.listdir(PRESETS) if f.endswith(".yaml"))
+        raise ValueError(f"preset={preset!r}: no config/pipeline/{preset}.yaml; known presets: {known}")
+    try:
+        with initialize_config_dir(config_dir=PRESETS, version_base="1.3"):
+            cfg = compose(config_name=preset, overrides=[h for o in overrides for h in hydra_overrides(o)])
+    except HydraException as e:
+        raise ValueError(f"preset={preset}: {e}") from None
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def split_arguments(argv: List[str], preset_keys, train_keys) -> tuple:
+    """(the pipeline's own arguments, the train.py arguments passed to every stage). A key that
+    is neither is refused naming both key sets."""
+    import difflib
+    own, passthrough = [], []
     for a in argv:
         if "=" not in a:
             raise ValueError(f"argument {a!r} is not key=value")
-        key, value = a.split("=", 1)
-        key = key.lstrip("+")
-        top = key.split(".")[0]
-        if top not in PIPELINE_KEYS:
-            passthrough.append(a)
-            continue
+        key = a.split("=", 1)[0].lstrip("+~")
+        top, parts = key.split(".")[0], key.split(".")
         if key == "preset":
             continue
-        parts = key.split(".")
+        if top not in preset_keys:
+            if top not in train_keys and not a.startswith("+"):  # +key=value: a key the user adds on purpose
+                near = difflib.get_close_matches(top, sorted(preset_keys | train_keys), n=1)
+                raise ValueError(f"{key}: {top!r} is neither a pipeline key {sorted(preset_keys)} nor a train.py "
+                                 "key (config/config.yaml)" + (f"; did you mean {near[0]!r}?" if near else ""))
+            passthrough.append(a)
+            continue
         if top == "stages" and (len(parts) < 2 or parts[1] not in STAGES):
             raise ValueError(f"{key}: unknown stage; the stages are {list(STAGES)} (e.g. stages.teacher_sft.lr=3e-4)")
         if top in ("sft_data", "pref_data") and len(parts) > 1 and parts[1] not in DATA_KEYS:
             raise ValueError(f"{key}: unknown key; {top} has {sorted(DATA_KEYS)} (options holds any data.* key)")
-        try:
-            parsed = OmegaConf.from_dotlist([f"x={value}"]).x
-        except Exception:  # e.g. an interpolation: not a list
-            parsed = None
-        if (key in ("common",) or (top == "stages" and len(parts) == 2)) and isinstance(parsed, ListConfig):
-            # a whole stage (or common) as a list of key=value: replaces it
-            target = cfg.stages if top == "stages" else cfg
-            target[parts[-1]] = _pairs_to_dict(list(parsed), key)
-            continue
-        cfg.merge_with(OmegaConf.from_dotlist([f"{key}={value}"]))
+        own.append(a)
+    return own, passthrough
+
+
+def parse_args(argv: List[str]):
+    """Split key=value arguments into the pipeline's config (the preset composed by Hydra with
+    its overrides) and pass-through train.py overrides."""
+    from prefkd import run_plan
+    preset = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("preset=")), "embedded")
+    preset_keys = set(compose_preset(preset, []).keys()) | {"preset"}
+    train_keys = set(run_plan.compose([]).keys()) | {"hydra"}
+    own, passthrough = split_arguments(argv, preset_keys, train_keys)
+    cfg = compose_preset(preset, own)
+    for role in ("sft_data", "pref_data"):
+        cfg[role] = OmegaConf.merge(EMPTY_DATA, cfg.get(role) or {})
+    cfg.common = _as_dict(cfg.get("common"), "common")
+    cfg.stages = {s: _as_dict((cfg.get("stages") or {}).get(s), f"stages.{s}") for s in STAGES}
     if int(cfg.seeds) < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1")
     cfg.caches = OmegaConf.merge({k: True for k in CACHE_KINDS}, _as_dict(cfg.get("caches"), "caches"))
@@ -328,7 +374,7 @@ def generation_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Di
             path = os.path.join(cfg.out, "generations", f"{tag}.{split}.jsonl")
             files.append(path)
             gens[f"generate/{tag}.{split}"] = (
-                [source, f"out={path}", f"split={split}", f"datasets={hydra_value(list(c.datasets))}",
+                [f"checkpoint={source}", f"out={path}", f"split={split}", f"datasets={hydra_value(list(c.datasets))}",
                  f"max_new_tokens={max_new}", f"max_prompt_length={c.max_prompt_length}",
                  f"truncation_mode={c.truncation_mode}"] + decoding
                 + flatten(OmegaConf.to_container(c.data, resolve=True), "data."))

@@ -9,7 +9,8 @@ then each student method (runs named <method>_seed<k>): with a pipeline.yaml (wr
 pipeline.py) the methods and seeds it lists, in its order (the paper's row order in the
 presets); else every run found, by name; columns: the task scores
 (task_<name>, one per name the scorer returns), held-out logp accuracy, preference accuracy
-and margin: mean ± sample standard deviation over seeds (the mean alone for one seed; the
+and margin (the implicit reward scored with one common beta for every row, named in the
+column's title): mean ± sample standard deviation over seeds (the mean alone for one seed; the
 CSV leaves the _std column empty then).
 """
 import csv
@@ -83,7 +84,18 @@ def columns(rows: Dict[str, List[dict]]) -> List[tuple]:
             for k, v in r.items():
                 if k.startswith("task_") and isinstance(v, (int, float)):
                     task.setdefault(k, "task " + k[len("task_"):].replace("_", " "))
-    return list(task.items()) + COLUMNS
+    return list(task.items()) + [(k, margin_title(rows) if k == "pref_margin" else t) for k, t in COLUMNS]
+
+
+def margin_title(rows: Dict[str, List[dict]]) -> str:
+    """The margin's column title, naming the beta of the implicit reward it was scored with: one
+    common beta for every row (evaluate.py's and the pipeline's rule), so margins compare across
+    methods whatever beta each trained with."""
+    betas = {r["settings"]["beta"] for results in rows.values() for r in results
+             if r.get("pref_margin") is not None and isinstance(r.get("settings"), dict) and "beta" in r["settings"]}
+    if not betas:
+        return "pref. margin"
+    return f"pref. margin (common β = {betas.pop():g})" if len(betas) == 1 else "pref. margin (β differs by row)"
 
 
 def summarise(rows: Dict[str, List[dict]]) -> List[dict]:

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import losses
 import utils
-from prefkd import run_plan
+from prefkd import models, run_plan
 from prefkd import checkpoints
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
@@ -358,10 +358,10 @@ def worker(rank: int, world_size: int, cfg: DictConfig, run_dir: str):
         os.environ.setdefault("MASTER_PORT", str(cfg.trainer.port))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
         os.environ.setdefault("LOCAL_RANK", str(rank))
-        use_cuda = cfg.trainer.get("device", "auto") != "cpu" and torch.cuda.is_available()
-        backend = cfg.trainer.get("backend") or ("nccl" if use_cuda else "gloo")
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = models.pick_device(cfg, rank)  # the one device rule (LOCAL_RANK, set above)
+        backend = cfg.trainer.get("backend") or ("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         rank, world_size = dist.get_rank(), dist.get_world_size()
     utils.set_seed(cfg.seed)

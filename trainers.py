@@ -90,8 +90,7 @@ class BasicTrainer:
         self.device = self.pick_device()
         # where collectives' tensors live: the GPU under NCCL, the CPU under gloo
         self.collective_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        self.spec = self.plan.spec
-        self.pairwise = self.spec.pairwise
+        self.spec, self.pairwise = self.plan.spec, self.plan.spec.pairwise
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.examples_seen, self.step = 0, 0
         self.saved_step = None  # the step of the newest checkpoint written or resumed from
@@ -106,8 +105,8 @@ class BasicTrainer:
         self.setup_models()
         self.optimizer = getattr(torch.optim, cfg.optimizer)(
             [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over cfg.warmup_steps
+            self.optimizer, lambda s, w=cfg.warmup_steps: min(1.0, (s + 1) / (w + 1)))
         if self.resume_ckpt is not None:
             self.load_training_state(self.resume_ckpt)
         if cfg.resume and self.rank == 0:

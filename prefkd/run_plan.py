@@ -52,6 +52,41 @@ def compose(overrides: Iterable[str]):
     return cfg
 
 
+def compose_command(config_name: str, argv: Iterable[str], open_keys: Iterable[str] = ("data",)):
+    """The config of a command other than train.py (config/<config_name>.yaml) for its
+    key=value arguments, with Hydra's override grammar (datasets=[a,b], x=null). Keys under
+    `open_keys` (free-form sections such as data.*) may be new. A bare argument, an unknown key or
+    a required key left unset is a ValueError naming it."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    import utils
+    argv = [str(a) for a in argv]
+    bare = [a for a in argv if "=" not in a]
+    if bare:
+        raise ValueError(f"argument {bare[0]!r} is not key=value: {config_name}.py takes Hydra-style key=value "
+                         f"arguments, e.g. checkpoint={bare[0]}")
+    path = os.path.join(utils.REPO_DIR, "config", f"{config_name}.yaml")
+    known = sorted(OmegaConf.load(path).keys())
+    tops = [a.lstrip("+~").split("=", 1)[0].split(".")[0] for a in argv]
+    unknown = [t for t in tops if t not in known]
+    if unknown:
+        raise ValueError(f"unknown argument {unknown[0]!r}: the keys of {config_name}.py are {known} "
+                         f"(config/{config_name}.yaml)")
+    overrides = [("++" + a.lstrip("+")) if t in tuple(open_keys) else a for a, t in zip(argv, tops)]
+    try:
+        with initialize_config_dir(config_dir=os.path.dirname(path), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except HydraException as e:
+        raise ValueError(f"{config_name}.py: {e}".rstrip(".") + f". The keys of {config_name}.py are {known} "
+                         f"(config/{config_name}.yaml)") from None
+    missing = [k for k in cfg if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise ValueError(f"{config_name}.py: {missing[0]}=<...> is required (config/{config_name}.yaml says what it is)")
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
 def renamed_keys() -> Dict[str, str]:
     """{old key: new key} of every renamed key, the losses' own (LossSpec.renamed) included."""
     out = dict(RENAMED)

@@ -1,5 +1,5 @@
 """evaluate.py on a run of one's own task (tests/fixtures/reverse): every setting from the run's
-config, flags that override one each, every held-out row evaluated once, judge-ready files."""
+config, key=value arguments that override one each, every held-out row evaluated once, judge-ready files."""
 import json
 import os
 
@@ -31,8 +31,8 @@ def run_dir(tmp_path_factory):
 
 def test_defaults_come_from_the_run_and_every_row_is_evaluated_once(run_dir, tmp_path, capsys):
     gens, alpaca, mt = tmp_path / "g.jsonl", tmp_path / "alpaca.json", tmp_path / "mt.jsonl"
-    assert evaluate.main([run_dir, "--n", "500", "--generations", str(gens), "--alpaca-eval", str(alpaca),
-                          "--mt-bench", str(mt)]) == 0
+    assert evaluate.main([f"checkpoint={run_dir}", "n=500", f"generations={gens}", f"alpaca_eval={alpaca}",
+                          f"mt_bench={mt}"]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)
     assert "n=500 is more than the 16 held-out examples of ['local']: evaluating each of the 16 once" in err
@@ -79,8 +79,9 @@ def test_flags_override_one_setting_each_and_the_run_directory_forms_agree(run_d
 
 
 def test_a_bad_scorer_flag_fails_before_the_model_is_loaded(run_dir, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("the model was loaded"))
-    assert evaluate.main([run_dir, "--scorer", "nowhere_module:score"]) == 2
+    from prefkd import models
+    monkeypatch.setattr(models, "load_checkpoint", lambda *a: pytest.fail("the model was loaded"))
+    assert evaluate.main([f"checkpoint={run_dir}", "scorer=nowhere_module:score"]) == 2
     assert "error: data.scorer='nowhere_module:score': cannot import module" in capsys.readouterr().err
 
 
@@ -94,3 +95,23 @@ def test_training_time_evaluation_counts_each_held_out_row_once():
                                             options={"local": {"path": REVERSE}}))
     prompts = [p[0]["content"] for b in batches for p in b["original_prompt"]]
     assert len(prompts) == len(set(prompts)) == 16
+
+
+def test_key_value_arguments_are_checked_before_anything_loads(capsys):
+    """evaluate.py takes Hydra-style key=value (config/evaluate.yaml): a bare path, a misspelt key
+    or no checkpoint is refused with exit 2 and a message naming what to write."""
+    assert evaluate.main(["runs/x"]) == 2
+    assert "argument 'runs/x' is not key=value" in capsys.readouterr().err
+    assert evaluate.main(["chekpoint=runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert "chekpoint" in err and "'checkpoint'" in err and "config/evaluate.yaml" in err
+    assert evaluate.main(["n=3"]) == 2
+    assert "checkpoint=<...> is required" in capsys.readouterr().err
+
+
+def test_the_implicit_reward_uses_a_common_beta_not_the_runs(tmp_path):
+    """One rule with the pipeline: pref_margin is scored with beta = 0.1 for every run (a simpo
+    run trains with beta 2.0), unless beta= is given."""
+    (tmp_path / "config.yaml").write_text("loss: {name: simpo, beta: 2.0}\nmax_length: 48\n")
+    assert evaluate.resolve_settings(str(tmp_path))["beta"] == 0.1
+    assert evaluate.resolve_settings(str(tmp_path), beta=2.0)["beta"] == 2.0

@@ -33,7 +33,7 @@ def run_generate(args):
 def test_greedy_rows_are_the_models_own_greedy_answers_and_train_as_sft_data(tmp_path, sft_run):
     from transformers import AutoModelForCausalLM
     import preference_datasets as data
-    out = run_generate([sft_run, f"out={tmp_path}/g.jsonl", "n=20", "batch_size=8", "split=test"])
+    out = run_generate([f"checkpoint={sft_run}", f"out={tmp_path}/g.jsonl", "n=20", "batch_size=8", "split=test"])
     got = rows(out)
     test = data.get_dataset("embedded", "test", silent=True)
     assert [r["prompt"] for r in got] == [ex["prompt"] for ex in test[:20]]
@@ -55,7 +55,7 @@ def test_greedy_rows_are_the_models_own_greedy_answers_and_train_as_sft_data(tmp
 
 
 def test_an_interrupted_sampled_generation_resumes_to_the_same_rows(tmp_path, sft_run):
-    args = [sft_run, "n=24", "batch_size=8", "do_sample=true", "temperature=0.9", "seed=3"]
+    args = [f"checkpoint={sft_run}", "n=24", "batch_size=8", "do_sample=true", "temperature=0.9", "seed=3"]
     full = rows(run_generate(args + [f"out={tmp_path}/full.jsonl"]))
     assert len(full) == 24 and len({r["completion"] for r in full}) > 1
     # a crash after 8 rows, the 9th half-written
@@ -72,11 +72,11 @@ def test_an_interrupted_sampled_generation_resumes_to_the_same_rows(tmp_path, sf
 
 @pytest.mark.parametrize("args,match", [
     (["out=x.jsonl"], "name a checkpoint"),
-    (["/does/not/exist", "out=x.jsonl"], "not usable"),
-    (["{run}", "split=dev", "out=x.jsonl"], "split='dev'"),
-    (["{run}", "temperature=0", "out=x.jsonl"], "temperature=0"),
-    (["{run}", "nope=1", "out=x.jsonl"], "unknown argument 'nope'"),
-    (["{run}"], "out="),
+    (["checkpoint=/does/not/exist", "out=x.jsonl"], "not usable"),
+    (["checkpoint={run}", "split=dev", "out=x.jsonl"], "split='dev'"),
+    (["checkpoint={run}", "temperature=0", "out=x.jsonl"], "temperature=0"),
+    (["checkpoint={run}", "nope=1", "out=x.jsonl"], "unknown argument 'nope'"),
+    (["checkpoint={run}"], "out="),
 ])
 def test_bad_arguments_are_refused_before_loading(args, match, sft_run):
     with pytest.raises(ValueError, match=match):
@@ -98,7 +98,7 @@ def _two_process_worker(rank, world, args, port):
 def test_two_processes_write_the_rows_of_one(tmp_path, sft_run, fsdp):
     import socket
     import torch.multiprocessing as mp
-    args = [sft_run, "n=20", "batch_size=4", "do_sample=true", "seed=1", f"fsdp={str(fsdp).lower()}"]
+    args = [f"checkpoint={sft_run}", "n=20", "batch_size=4", "do_sample=true", "seed=1", f"fsdp={str(fsdp).lower()}"]
     one = rows(run_generate(args + [f"out={tmp_path}/one.jsonl"]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,7 +115,7 @@ def test_seqkd_reading_the_teachers_generation_files_trains_as_it_does_generatin
     a seqkd run reading them (generations=) computes the same losses as one that generates."""
     local = ["datasets=[local]", f"data.local.path={REVERSE}", "data.local.train=train.jsonl",
              "data.local.test=test.jsonl"]
-    files = [run_generate([sft_run, f"out={tmp_path}/t.{split}.jsonl", f"split={split}", "batch_size=8",
+    files = [run_generate([f"checkpoint={sft_run}", f"out={tmp_path}/t.{split}.jsonl", f"split={split}", "batch_size=8",
                            "max_new_tokens=24"] + local[1:] + ["datasets=[local]"]) for split in ("train", "test")]
     meta = json.load(open(files[0] + ".meta.json"))
     assert meta["checkpoint"] == checkpoints.resolve_checkpoint(sft_run) and meta["do_sample"] is False
@@ -133,7 +133,7 @@ def test_seqkd_reading_the_teachers_generation_files_trains_as_it_does_generatin
 def test_generation_files_that_do_not_match_the_run_are_refused(tmp_path, sft_run):
     import train
     from conftest import compose
-    out = run_generate([sft_run, f"out={tmp_path}/g.jsonl", "n=4", "split=test", "do_sample=true"])
+    out = run_generate([f"checkpoint={sft_run}", f"out={tmp_path}/g.jsonl", "n=4", "split=test", "do_sample=true"])
     base = ["teacher=tiny_teacher", f"teacher.archive={sft_run}", f"generations=[{out}]"]
     with pytest.raises(ValueError, match="do_sample=True, but this run's do_sample gives False"):
         train.validate_config(compose(["loss=seqkd"] + base))

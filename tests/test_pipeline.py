@@ -181,7 +181,7 @@ def test_pipeline_on_a_task_of_ones_own(tmp_path, capfd, restore_threads):
     assert "n_examples: 16" in (out / "teacher_sft" / "config.yaml").read_text()  # ... the others kept
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == ("| method | seeds | task correct | task letters | held-out logp acc. | pref. acc. (vs ref) "
-                        "| pref. margin |")
+                        "| pref. margin (common β = 0.1) |")
     assert [r.split("|")[1].strip() for r in table[2:]] == ["DPO teacher", "SFT teacher", "SFT student", "dpo"]
     for row, run in zip(table[2:], ["teacher_dpo", "teacher_sft", "student_sft", "methods/dpo_seed0"]):
         ev = json.loads((out / run / "eval.json").read_text())
@@ -247,6 +247,22 @@ def test_method_variants_run_in_row_order_and_a_failed_method_does_not_stop_the_
     # another command in the same directory reuses the finished runs; its table shows what it asked for
     assert pipeline.main(base + ["methods=[dpo]"]) == 0
     assert rows() == ["DPO teacher", "SFT teacher", "SFT student", "dpo"]
+
+
+def test_a_misspelt_pipeline_key_is_refused_naming_it(capsys):
+    """A key that is neither the pipeline's nor train.py's, or a preset key that does not exist,
+    exits 2 with a message naming it (no traceback), before anything runs."""
+    assert pipeline.main(["stagez.methods.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "stagez.methods.lr: 'stagez' is neither a pipeline key" in err and "did you mean 'stages'?" in err
+    assert "Traceback" not in err
+    assert pipeline.main(["eval.nn=3"]) == 2
+    assert "Could not override 'eval.nn'" in capsys.readouterr().err
+    # a whole stage given as a list replaces it; a new key in a stage needs no +
+    cfg, passthrough = pipeline.parse_args(["stages.teacher_sft=[loss=sft,lr=3e-4]", "stages.methods.beta=0.2",
+                                            "loss.alpha=1.0"])
+    assert dict(cfg.stages.teacher_sft) == {"loss": "sft", "lr": 3e-4} and cfg.stages.methods.beta == 0.2
+    assert passthrough == ["loss.alpha=1.0"]
 
 
 def test_the_table5_preset_is_the_paper_ablation_over_the_embedded_preset():
