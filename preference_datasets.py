@@ -78,7 +78,7 @@ DEFAULT_OPTIONS = {
     "skip_invalid": False, "cache_dir": None, "test_fraction": 0.05, "chat_template": None,
     "paths": {}, "local": {"path": None, "train": None, "test": None, "prompt": "prompt", "chosen": "chosen",
                            "rejected": "rejected", "messages": "messages", "completion": "completion"},
-    "scorer": None, "allow_mixed_formats": False, "check_lengths": 1000,
+    "scorer": None, "allow_mixed_formats": False, "check_lengths": 1000, "flip_fraction": 0.0, "flip_seed": 0,
 }
 
 
@@ -94,7 +94,39 @@ def data_options(options=None) -> Dict:
         out[k] = {**out[k], **(v or {})} if isinstance(out[k], dict) else v
     if not 0 < float(out["test_fraction"]) < 1:
         raise ValueError(f"data.test_fraction={out['test_fraction']} must be in (0, 1)")
+    if not isinstance(out["flip_fraction"], (int, float)) or not 0 <= float(out["flip_fraction"]) <= 1:
+        raise ValueError(f"data.flip_fraction={out['flip_fraction']!r} must be a share in [0, 1] of the train pairs")
+    if not isinstance(out["flip_seed"], int):
+        raise ValueError(f"data.flip_seed={out['flip_seed']!r} must be a whole number")
     return out
+
+
+def flipped_pairs(examples: List[Dict], fraction: float, seed: int) -> List[int]:
+    """The indices of the pairs (rows with a chosen and a rejected response) whose labels
+    data.flip_fraction swaps: round(fraction x pairs) of them, the lowest by a hash of
+    (seed, the row's content), so the choice is deterministic, independent of row order and of
+    other rows, and a larger fraction flips a superset of a smaller one's pairs."""
+    pairs = [i for i, ex in enumerate(examples) if ex.get("chosen") is not None and ex.get("rejected") is not None]
+    if not pairs or fraction <= 0:
+        return []
+
+    def rank(i: int) -> str:
+        ex = examples[i]
+        row = json.dumps([seed, ex["prompt"], ex["chosen"], ex["rejected"]], sort_keys=True, default=str)
+        return hashlib.sha256(row.encode()).hexdigest()
+    return sorted(sorted(pairs, key=rank)[:int(round(fraction * len(pairs)))])
+
+
+def flip_labels(examples: List[Dict], fingerprint: str, split: str, opts: Dict) -> Tuple[List[Dict], str]:
+    """Label noise (data.flip_fraction): a train split with its chosen and rejected swapped in
+    the chosen pairs (flipped_pairs); test splits untouched. The fingerprint names the flip
+    (the token cache and the teacher / reference caches are keyed by it)."""
+    fraction = float(opts["flip_fraction"])
+    if split != "train" or fraction <= 0:
+        return examples, fingerprint
+    for i in flipped_pairs(examples, fraction, int(opts["flip_seed"])):
+        examples[i]["chosen"], examples[i]["rejected"] = examples[i]["rejected"], examples[i]["chosen"]
+    return examples, f"{fingerprint}-flip{fraction:g}s{int(opts['flip_seed'])}"
 
 
 # ---------------------------------------------------------------------------
@@ -140,9 +172,9 @@ def load_dataset_checked(name: str, split: str, options=None, silent: bool = Fal
         raise ValueError(f"unknown data set {name!r}; known data sets: {DATASETS}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for data set {name!r}; expected one of {SPLITS}")
-    if name == "embedded":
-        return load_embedded(split, silent=silent), embedded_fingerprint()
     opts = data_options(options)
+    if name == "embedded":
+        return flip_labels(load_embedded(split, silent=silent), embedded_fingerprint(), split, opts)
     examples, problems, fingerprint, _ = _load_source(name, split, opts)
     if problems and not opts["skip_invalid"]:
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -155,7 +187,14 @@ def load_dataset_checked(name: str, split: str, options=None, silent: bool = Fal
     if problems and not silent:
         print(f"data set {name!r} ({split}): skipped {len(problems)} invalid row(s) (data.skip_invalid=true); "
               f"first: {problems[0]}")
-    return [dict(ex) for ex in examples], fingerprint
+    return flip_labels([dict(ex) for ex in examples], fingerprint, split, opts)
+
+
+def _flip_report(examples: List[Dict], flip: float, opts: Dict) -> Dict:
+    """{"flipped": n} with label noise on (data.flip_fraction > 0), else {}."""
+    if not float(opts["flip_fraction"]):
+        return {}
+    return {"flipped": len(flipped_pairs(examples, flip, int(opts["flip_seed"])))}
 
 
 def skipped_rows(name: str, split: str, options=None) -> int:
@@ -167,12 +206,14 @@ def skipped_rows(name: str, split: str, options=None) -> int:
 def describe_split(name: str, split: str, options=None) -> Dict:
     """Where a split's examples come from and how many there are (after load_dataset_checked):
     {"source": "built in" | "<hub id>[<split>]" | [files], "holdout": share held out by prompt
-    hash or None, "rows": rows read, "examples": n, "skipped": k, "unread": [...], "note": ...}."""
+    hash or None, "rows": rows read, "examples": n, "skipped": k, "unread": [...], "note": ...,
+    "flipped": pairs whose labels data.flip_fraction swapped (only with the option on)}."""
+    opts = data_options(options)
+    flip = float(opts["flip_fraction"]) if split == "train" else 0.0
     if name == "embedded":
         n = EMBEDDED_TRAIN_SIZE if split == "train" else EMBEDDED_TEST_SIZE
         return {"source": "built in (the sorting task)", "holdout": None, "rows": n, "examples": n, "skipped": 0,
-                "unread": [], "note": None}
-    opts = data_options(options)
+                "unread": [], "note": None, **_flip_report(load_embedded(split), flip, opts)}
     src = SOURCES[name]
     plan = split_plan(src, split, opts)
     examples, problems, _, n_rows = _load_source(name, split, opts)
@@ -181,7 +222,7 @@ def describe_split(name: str, split: str, options=None) -> Dict:
     return {"source": plan.get("hub") or plan["files"],
             "holdout": (share if split == "test" else 1 - share) if held else None,
             "rows": n_rows, "examples": len(examples), "skipped": len(problems),
-            "unread": plan.get("unread", []), "note": plan.get("note")}
+            "unread": plan.get("unread", []), "note": plan.get("note"), **_flip_report(examples, flip, opts)}
 
 
 def get_dataset(name: str, split: str, silent: bool = False, options=None) -> List[Dict]:

@@ -270,7 +270,8 @@ def startup_report(cfg, tokenizer, need_pairs: bool, sft_mode: bool, echo=print)
     for key, s in splits.items():
         src = s["source"] if isinstance(s["source"], str) else ", ".join(s["source"])
         held = f" ({100 * s['holdout']:g}% of its prompts by hash)" if s["holdout"] else ""
-        skipped = f", {s['skipped']} invalid rows skipped (data.skip_invalid=true)" if s["skipped"] else ""
+        skipped = (f", {s['skipped']} invalid rows skipped (data.skip_invalid=true)" if s["skipped"] else "") + (
+            f", labels of {s['flipped']} pairs flipped (data.flip_fraction)" if s.get("flipped") else "")
         t = s["truncation"]
         trunc = "" if not t else (f"; truncated: {t['truncated']}/{t['checked']}" +
                                   (f" checked of {t['of']}" if t["checked"] < t["of"] else ""))

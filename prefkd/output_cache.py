@@ -122,6 +122,8 @@ def _data_key(cfg, tokenizer) -> Dict:
     opts = data.data_options(cfg.get("data"))
     for k in DATA_OPTIONS_NEUTRAL:
         opts.pop(k, None)
+    if not opts["flip_fraction"]:  # no label noise: the key of a cache written before the option existed
+        opts.pop("flip_fraction"), opts.pop("flip_seed")
     sources = {}
     for name in cfg.datasets:
         for split in ("train", "test"):
