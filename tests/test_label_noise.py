@@ -55,19 +55,19 @@ def test_a_bad_share_is_refused_naming_the_key(value):
 
 
 def test_a_run_reports_the_flipped_pairs_and_its_caches_are_keyed_by_them(tmp_path, capsys):
+    """train.py's start-up data check (what it prints and writes to <run>/data_summary.json)
+    counts the flipped pairs; the cache key of a noisy run differs from the clean one's."""
     import train
     from conftest import FAST, compose
     from prefkd import output_cache
     over = list(FAST) + [f"runs_dir={tmp_path}", "loss=dpo", "datasets=[local]", f"data.local.path={REVERSE}",
-                         "max_length=80", "max_prompt_length=64", "n_examples=8", "eval_every=null",
-                         "n_eval_examples=8", "eval_batch_size=8", "exp_name=noisy", "data.flip_fraction=0.25",
+                         "max_length=80", "max_prompt_length=64", "data.flip_fraction=0.25",
                          f"data.cache_dir={tmp_path}/cache"]
-    run_dir = train.run(compose(over), over)
+    splits = train.check_data(compose(over))["splits"]
     n = len(pdata.load_dataset_checked("local", "train", {"local": {"path": REVERSE}}, silent=True)[0])
-    with open(os.path.join(run_dir, "data_summary.json")) as f:
-        splits = json.load(f)["splits"]
     assert splits["local/train"]["flipped"] == round(0.25 * n) and splits["local/test"]["flipped"] == 0
     assert f"labels of {round(0.25 * n)} pairs flipped (data.flip_fraction)" in capsys.readouterr().out
+    json.dumps(splits)  # what data_summary.json holds
     tok = pdata.get_tokenizer("embedded")
     noisy = output_cache._data_key(compose(over), tok)
     clean = output_cache._data_key(compose([o for o in over if "flip" not in o]), tok)
