@@ -31,7 +31,7 @@ from prefkd.token_terms import (ACTION_POTENTIALS, STATE_POTENTIALS, action_pote
                                 generalized_jsd, log_sum_squared_probs, released_rewards, state_potential,
                                 tdpo_token_terms, token_divergence, token_fkl)
 from prefkd.loss_spec import (GENERATION_SOURCES, LOSSES, Generation, LossInputs, LossSpec, Metrics,  # noqa: F401
-                              register, require)
+                              register, require, teacher_sequence)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -230,17 +230,18 @@ def tvkd_shaping(values_cur: torch.Tensor, values_next: torch.Tensor, mask: torc
     return (gamma * values_next - values_cur) * mask
 
 
-def tvkd_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor,
-              n_pairs: int, beta: float, alpha: float):
+def tvkd_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, mask: torch.Tensor,
+              psi_sum: torch.Tensor, n_pairs: int, beta: float, alpha: float):
     """TVKD (Kwon et al., NeurIPS 2025, Eq. for L_TVKD): DPO with the reward shaped by alpha psi.
 
         g(y) = beta sum_t m_t (l_theta,t - l_ref,t) - alpha sum_t m_t psi_t
         loss = -log sigma( g(y_w) - g(y_l) )
 
-    Args: policy_logps, reference_logps, psi, mask: [2B, T] (chosen rows first).
-    Returns losses [B], shaping [2B] (alpha sum_t m_t psi_t)."""
+    Args: policy_logps, reference_logps, mask: [2B, T] (chosen rows first); psi_sum [2B]: the
+    teacher's sum_t m_t psi_t per response (`_tvkd_sequence`, on the teacher's own tokens if its
+    tokenizer differs). Returns losses [B], shaping [2B] (alpha sum_t m_t psi_t)."""
     g_dpo = beta * ((policy_logps - reference_logps) * mask).sum(-1)
-    shaping = alpha * (psi * mask).sum(-1)
+    shaping = alpha * psi_sum
     g = g_dpo - shaping
     g_w, g_l = split_pairs(g, n_pairs)
     return -F.logsigmoid(g_w - g_l), shaping
@@ -267,6 +268,23 @@ def _tvkd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTenso
         out["psi"] = chunked(lambda z, a: action_potential(z, a.squeeze(-1), potential).unsqueeze(-1),
                              teacher_logits[:, :-1], tokens).squeeze(-1)
     return out
+
+
+def _tvkd_sequence(teacher: Dict[str, torch.Tensor], mask: torch.Tensor, cfg) -> Dict[str, torch.Tensor]:
+    """The paper variant's teacher signal per response from its features and the mask [N, L-1] of
+    their rows: `psi_sum` = sum_t m_t psi_t [N], `final_value` = V(s_{T+1}) [N] (logged)."""
+    v_cur, v_next = gather_next(teacher["values"])
+    if "psi" in teacher:
+        psi = teacher["psi"] * mask
+    else:
+        psi = tvkd_shaping(v_cur, v_next, mask, cfg.gamma, cfg.get("terminal_value", "teacher"))
+    return {"psi_sum": (psi * mask).sum(-1), "final_value": (v_next * last_token_mask(mask)).sum(-1)}
+
+
+def _tvkd_sequence_problem(cfg) -> Optional[str]:
+    return None if cfg.get("variant", "paper") == "paper" else (
+        f"loss.variant={cfg.get('variant')} collapses the student's distribution onto the teacher's top-k token ids "
+        "at each student token (a per-token signal in one vocabulary)")
 
 
 def _validate_tvkd(cfg):
@@ -297,7 +315,8 @@ def _tvkd_reference(cfg):
 
 
 @register("tvkd", reference=_tvkd_reference, teacher_features=_tvkd_teacher_features, validate=_validate_tvkd,
-          teacher_feature_settings=_tvkd_feature_settings, check_vocab=_check_top_k_vocab)
+          teacher_feature_settings=_tvkd_feature_settings, check_vocab=_check_top_k_vocab,
+          sequence_teacher=_tvkd_sequence, sequence_teacher_problem=_tvkd_sequence_problem)
 def _tvkd(inp: LossInputs, cfg):
     pol = sequence_logps(inp.policy_logps, inp.mask)
     variant = cfg.get("variant", "paper")
@@ -318,17 +337,13 @@ def _tvkd(inp: LossInputs, cfg):
                         "shaping/margin": (xw - xl).detach()})
         return losses.mean(), metrics
     ref_logps = inp.reference_logps if inp.reference_logps is not None else torch.zeros_like(inp.policy_logps)
-    v_cur, v_next = gather_next(inp.teacher["values"])
-    if "psi" in inp.teacher:
-        psi = inp.teacher["psi"] * inp.mask
-    else:
-        psi = tvkd_shaping(v_cur, v_next, inp.mask, cfg.gamma, cfg.get("terminal_value", "teacher"))
-    losses, shaping = tvkd_loss(inp.policy_logps, ref_logps, psi, inp.mask, inp.n_pairs, cfg.beta, cfg.alpha)
+    seq = teacher_sequence(inp, _tvkd_sequence, cfg)
+    losses, shaping = tvkd_loss(inp.policy_logps, ref_logps, inp.mask, seq["psi_sum"], inp.n_pairs, cfg.beta,
+                                cfg.alpha)
     ref = sequence_logps(ref_logps, inp.mask)
     (pc, pr), (rc, rr) = split_pairs(pol, inp.n_pairs), split_pairs(ref, inp.n_pairs)
     metrics = preference_metrics(cfg.beta * (pc - rc), cfg.beta * (pr - rr), pc, pr)
-    final_value = (v_next * last_token_mask(inp.mask)).sum(-1)
-    (vw, vl), (sw, sl) = split_pairs(final_value, inp.n_pairs), split_pairs(shaping, inp.n_pairs)
+    (vw, vl), (sw, sl) = split_pairs(seq["final_value"], inp.n_pairs), split_pairs(shaping, inp.n_pairs)
     metrics.update({"value/chosen_last": vw.detach(), "value/rejected_last": vl.detach(),
                     "shaping/chosen": sw.detach(), "shaping/rejected": sl.detach(),
                     "shaping/margin": (sw - sl).detach()})
@@ -566,6 +581,12 @@ def _ddpo_teacher_reference_features(teacher_reference_logits, labels, cfg, teac
     return {**teacher, "teacher_reference_logps": chunked_token_logps(teacher_reference_logits, labels)}
 
 
+def _ddpo_sequence(teacher: Dict[str, torch.Tensor], mask: torch.Tensor, cfg) -> Dict[str, torch.Tensor]:
+    """r_T(y) [N] per response from the teacher's and its reference's log-probs (mask [N, L-1])."""
+    return {"teacher_rewards": teacher_implicit_rewards(teacher["teacher_logps"], teacher["teacher_reference_logps"],
+                                                        mask, cfg.teacher_beta)}
+
+
 def _validate_ddpo(cfg):
     require(cfg, "beta", positive=True)
     require(cfg, "teacher_beta", positive=True)
@@ -573,12 +594,11 @@ def _validate_ddpo(cfg):
 
 @register("ddpo", reference="logps", teacher_features=_ddpo_teacher_features,
           teacher_reference_features=_ddpo_teacher_reference_features, validate=_validate_ddpo,
-          teacher_feature_settings=lambda cfg: {})  # per-token log-probs of both teacher models only
+          teacher_feature_settings=lambda cfg: {},  # per-token log-probs of both teacher models only
+          sequence_teacher=_ddpo_sequence)
 def _ddpo(inp: LossInputs, cfg):
     pc, pr, rc, rr = pair_logps(inp)
-    r_t = teacher_implicit_rewards(inp.teacher["teacher_logps"], inp.teacher["teacher_reference_logps"], inp.mask,
-                                   cfg.teacher_beta)
-    tc, tr = split_pairs(r_t, inp.n_pairs)
+    tc, tr = split_pairs(teacher_sequence(inp, _ddpo_sequence, cfg)["teacher_rewards"], inp.n_pairs)
     losses, cr, rj = ddpo_loss(pc, pr, rc, rr, tc, tr, cfg.beta)
     metrics = preference_metrics(cr, rj, pc, pr)
     metrics.update({"teacher_rewards/chosen": tc.detach(), "teacher_rewards/rejected": tr.detach(),

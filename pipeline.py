@@ -130,7 +130,7 @@ def method_overrides(cfg) -> Dict[str, List[str]]:
 PRESETS = os.path.join(utils.REPO_DIR, "config", "pipeline")
 # sections whose keys are the user's own (a stage setting, a method, a data option): a new key
 # there needs no `+`, as in train.py's loss.* keys
-OPEN_SECTIONS = ("stages", "common", "variants", "sft_data.options", "pref_data.options")
+OPEN_SECTIONS = ("stages", "common", "variants", "start_from", "labels", "sft_data.options", "pref_data.options")
 
 
 def _split_list(value: str) -> List[str]:
@@ -321,6 +321,23 @@ def stage_of(key: str) -> str:
     return key.split("/", 1)[0]
 
 
+def start_points(cfg) -> Dict[str, str]:
+    """{method: the method whose run of the same seed it starts from} (`start_from`; every other
+    method starts from the SFT student). The source must be one of `methods`, listed before it
+    (it runs first), and may not itself start from another method's run."""
+    starts = {str(k): str(v) for k, v in (cfg.get("start_from") or {}).items()}
+    methods = [str(m) for m in cfg.methods]
+    for m, src in starts.items():
+        if m not in methods:
+            continue  # a preset's start point for a method this command does not run
+        if src not in methods or methods.index(src) > methods.index(m):
+            raise ValueError(f"start_from.{m}={src}: {m} starts from the {src} run of each seed, so {src} must be "
+                             f"one of methods, listed before {m} (methods={methods})")
+        if src in starts:
+            raise ValueError(f"start_from.{m}={src}: {src} itself starts from {starts[src]}; chain one step only")
+    return {m: src for m, src in starts.items() if m in methods}
+
+
 def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     """The train.py arguments of every stage, in running order: common, the pass-through
     arguments, the stage's data (sft_data / pref_data), the stage's settings, then (for a
@@ -338,8 +355,10 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     out = {s: merge_overrides(common, passthrough, base, data_overrides(cfg[DATA_OF_STAGE[s]]), settings(s), fixed[s])
            for s in fixed}
     seeds = "seed=" + ",".join(str(k) for k in range(int(cfg.seeds)))
+    starts = start_points(cfg)
     for m, own in method_overrides(cfg).items():
-        chain = [f"model={cfg.model}", f"model.archive={d['student_sft']}", f"teacher={cfg.teacher}",
+        start = os.path.join(cfg.out, "methods", f"{starts[m]}_seed${{seed}}") if m in starts else d["student_sft"]
+        chain = [f"model={cfg.model}", f"model.archive={start}", f"teacher={cfg.teacher}",
                  f"teacher.archive={d['teacher_dpo']}", f"teacher.reference_archive={d['teacher_sft']}",
                  f"runs_dir={os.path.join(cfg.out, 'methods')}", seeds,
                  f"exp_name={m}_seed${{seed}}"]

@@ -162,6 +162,8 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
             for batch in run_batches(cfg, tokenizer, split):
                 mine, index = index % world == rank, index + 1
                 inputs = trainers.concatenated_inputs(batch, spec.pairwise)
+                if kind == output_cache.TEACHER:  # the teacher's rows: its own tokens when its tokenizer differs
+                    inputs = frozen.teacher_inputs(batch, inputs)
                 keys = output_cache.row_keys(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])[0]
                 keys = keys.tolist()
                 new = [i for i, k in enumerate(keys) if k not in seen and k not in keys[:i]]

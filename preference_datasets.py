@@ -66,6 +66,10 @@ from prefkd.logprobs import IGNORE_INDEX  # noqa: E402,F401  (labels off the res
 # ---------------------------------------------------------------------------
 
 EMBEDDED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
+# the shipped tokenizers, by the name a model config's `tokenizer` gives (scripts/build_tokenizer.py):
+# the character tokenizer, and a byte-level BPE (the cross-tokenizer teacher's, tiny_teacher_bpe)
+EMBEDDED_TOKENIZERS = {"embedded": EMBEDDED_TOKENIZER_DIR,
+                       "embedded_bpe": os.path.join(os.path.dirname(EMBEDDED_TOKENIZER_DIR), "tokenizer_bpe")}
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # A plain template for tokenizers that ship none (base checkpoints): used, with a
@@ -135,7 +139,8 @@ def flip_labels(examples: List[Dict], fingerprint: str, split: str, opts: Dict) 
 
 
 def get_tokenizer(name_or_path: str):
-    """Load a tokenizer. ``"embedded"`` -> the shipped char-level tokenizer.
+    """Load a tokenizer. ``"embedded"`` -> the shipped char-level tokenizer, ``"embedded_bpe"`` ->
+    the shipped byte-level BPE (EMBEDDED_TOKENIZERS).
 
     Anything else goes to ``AutoTokenizer.from_pretrained`` (a local path works
     offline). A missing pad token falls back to eos, as padded positions are
@@ -143,12 +148,12 @@ def get_tokenizer(name_or_path: str):
     """
     from transformers import AutoTokenizer  # lazy: keeps `import preference_datasets` cheap
 
-    if name_or_path == "embedded":
-        if not os.path.isfile(os.path.join(EMBEDDED_TOKENIZER_DIR, "tokenizer.json")):
-            raise FileNotFoundError(
-                f"embedded tokenizer not found in {EMBEDDED_TOKENIZER_DIR}; run `python scripts/build_tokenizer.py`"
-            )
-        tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TOKENIZER_DIR)
+    if name_or_path in EMBEDDED_TOKENIZERS:
+        where = EMBEDDED_TOKENIZERS[name_or_path]
+        if not os.path.isfile(os.path.join(where, "tokenizer.json")):
+            raise FileNotFoundError(f"{name_or_path} tokenizer not found in {where}; run `python "
+                                    f"scripts/build_tokenizer.py{' --bpe' if name_or_path != 'embedded' else ''}`")
+        tokenizer = AutoTokenizer.from_pretrained(where)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:

@@ -20,7 +20,7 @@ import os
 import re
 import statistics
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 # Task columns come first, one per score name found in the eval.json files (task_<name>:
 # the data set's scorer, see prefkd/scorers.py); then these.
@@ -42,7 +42,7 @@ def collect(root: str) -> Dict[str, List[dict]]:
         if os.path.exists(path):
             rows[name] = [load_json(path)]
     found: Dict[str, List[dict]] = {}
-    order, n_seeds = pipeline_methods(root)
+    order, n_seeds, _ = pipeline_methods(root)
     for path in sorted(glob.glob(os.path.join(root, "methods", "*", "eval.json"))):
         run = os.path.basename(os.path.dirname(path))
         method, seed = re.match(r"^(.*?)(?:_seed(\d+))?$", run).groups()
@@ -58,15 +58,17 @@ def collect(root: str) -> Dict[str, List[dict]]:
 
 
 def pipeline_methods(root: str):
-    """(methods, seeds) of the last pipeline command that wrote `root` (its pipeline.yaml), or
-    ([], 0): the table shows what that command asked for, though several commands (the
-    embedded table and the table5 ablation, say) share the directory and its finished runs."""
+    """(methods, seeds, {method: its row label}) of the last pipeline command that wrote `root`
+    (its pipeline.yaml), or ([], 0, {}): the table shows what that command asked for, though
+    several commands (the embedded table and the table5 ablation, say) share the directory and
+    its finished runs."""
     path = os.path.join(root, "pipeline.yaml")
     if not os.path.exists(path):
-        return [], 0
+        return [], 0, {}
     from omegaconf import OmegaConf
     cfg = OmegaConf.load(path)
-    return [str(m) for m in (cfg.get("methods") or [])], int(cfg.get("seeds") or 1)
+    labels = {str(k): str(v) for k, v in (cfg.get("labels") or {}).items()}
+    return [str(m) for m in (cfg.get("methods") or [])], int(cfg.get("seeds") or 1), labels
 
 
 def mean_std(values: List[float]):
@@ -117,13 +119,15 @@ def _cell(mean, std) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
-def markdown(summary: List[dict], cols: List[tuple]) -> str:
+def markdown(summary: List[dict], cols: List[tuple], labels: Optional[Dict[str, str]] = None) -> str:
+    """The table; a row shows its label (the pipeline's `labels`) where it has one."""
+    labels = labels or {}
     present = [(k, t) for k, t in cols if any(r.get(k) is not None for r in summary)]
     lines = ["| method | seeds | " + " | ".join(t for _, t in present) + " |",
              "|---|---|" + "---|" * len(present)]
     for r in summary:
         cells = [_cell(r.get(k), r.get(k + "_std")) for k, _ in present]
-        lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(r['method'], r['method'])} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -181,7 +185,7 @@ def write_report(root: str) -> str:
     rows = collect(root)
     cols = columns(rows)
     summary = summarise(rows)
-    table = markdown(summary, cols)
+    table = markdown(summary, cols, pipeline_methods(root)[2])
     with open(os.path.join(root, "results.md.tmp"), "w") as f:
         f.write(table + "\n")
     os.replace(os.path.join(root, "results.md.tmp"), os.path.join(root, "results.md"))

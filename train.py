@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import traceback
+from typing import Dict
 
 import hydra
 import torch
@@ -287,6 +288,24 @@ def _flatten(d, prefix=""):
     return out
 
 
+def added_key_defaults(cfg: DictConfig) -> Dict:
+    """{flat key: default value} of this framework's config for the run's config groups (and the
+    data options' defaults): a key a checkpoint predates is no change when it is at its default."""
+    import preference_datasets as data
+    groups = [f"{g}={cfg[g].name}" for g in ("loss", "model", "teacher", "trainer")]
+    from hydra.core.global_hydra import GlobalHydra
+    # inside train.py's Hydra app, Hydra is initialised already: compose with it
+    compose = (lambda o: hydra.compose(config_name="config", overrides=o)) if GlobalHydra.instance().is_initialized() \
+        else run_plan.compose
+    try:
+        base = compose(groups)
+    except Exception:  # a config group of the user's own outside config/: the plain defaults
+        base = compose([])
+    out = _flatten(OmegaConf.to_container(base, resolve=True))
+    out.update({f"data.{k}": v for k, v in data.DEFAULT_OPTIONS.items()})
+    return out
+
+
 def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
     """Refuse a resume whose training-relevant settings differ from its checkpoint's, naming
     each differing key (resume_allow_changes=true accepts them)."""
@@ -297,9 +316,14 @@ def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         saved = _flatten(json.load(f).get("config", {}))
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    free = lambda k: k in RESUME_FREE or k.split(".")[0] in RESUME_FREE
+    free = lambda k: k in RESUME_FREE or k.split(".")[0] in RESUME_FREE  # noqa: E731
+    added = {k for k in set(now) - set(saved) if not free(k)}
+    if added:  # a key newer than the checkpoint, at its default, is the behaviour the checkpoint had
+        defaults = added_key_defaults(cfg)
+        added = {k for k in added if k not in defaults or defaults[k] != now[k]}
     diffs = [f"{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} now"
-             for k in sorted(set(saved) | set(now)) if not free(k) and saved.get(k) != now.get(k)]
+             for k in sorted(set(saved) | set(now))
+             if not free(k) and saved.get(k) != now.get(k) and (k in saved or k in added)]
     if diffs and not cfg.get("resume_allow_changes", False):
         raise ValueError(f"resume=true: {os.path.basename(ckpt)} of {run_dir} was trained with other settings:\n  "
                          + "\n  ".join(diffs) + "\nresume with the checkpoint's values, start a new run "

@@ -146,9 +146,7 @@ class BasicTrainer:
         inputs = utils.move_batch(concatenated_inputs(batch, self.pairwise), self.device)
         model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         extra = self.frozen.reference_outputs(inputs, self.logits, self.device)
-        teacher = self.frozen.teacher_features(inputs, self.logits, self.device)
-        if teacher is not None:
-            extra["teacher"] = teacher
+        extra.update(self.frozen.teacher_outputs(batch, inputs, self.logits, self.device))
         with contextlib.nullcontext() if train else torch.no_grad():
             logits = self.logits(self.policy, model_in)
             inp = losses_lib.LossInputs(policy_logits=logits, labels=inputs["labels"],

@@ -165,6 +165,10 @@ class InRunGeneration:
         missing = cache is None or any(k not in cache for k in keys)
         if cache is not None:
             (missing,) = self.agree([missing])
+        if missing and models.get(gen.source) is None:  # a teacher of another tokenizer is read from files only
+            raise ValueError(f"generations: prompts of this batch are not in {list(self.cfg.get('generations') or [])}, "
+                             f"and the {gen.source} (another tokenizer than the student's) cannot generate them in the "
+                             "run: write its answers to every train and test prompt with generate.py")
         if missing:
             responses = self.responses(models[gen.source], batch["prompt_input_ids"], batch["prompt_attention_mask"])
             if cache is not None:  # a frozen source's generation is kept: each prompt is generated once

@@ -32,6 +32,9 @@ class LossInputs:
     reference_logps: Optional[torch.Tensor] = None   # [N, L-1] if spec.reference == "logps"
     reference_logits: Optional[Logits] = None      # [N, L, V] if spec.reference == "logits"
     teacher: Optional[Dict[str, torch.Tensor]] = None  # spec.teacher_features(teacher_logits, labels, cfg)
+    # {name: [N]}: spec.sequence_teacher of the teacher's features on its own tokens of the same
+    # text (a teacher with another tokenizer, prefkd/cross_tokenizer.py); then `teacher` is None
+    teacher_sequence: Optional[Dict[str, torch.Tensor]] = None
     _cache: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -46,6 +49,15 @@ class LossInputs:
         if "policy_logps" not in self._cache:
             self._cache["policy_logps"] = token_logps(self.policy_logits, self.labels)
         return self._cache["policy_logps"]
+
+
+def teacher_sequence(inp: LossInputs, reduce: Callable, cfg) -> Dict[str, torch.Tensor]:
+    """A loss's per-response teacher signal (its `sequence_teacher` function, `reduce`): computed on
+    the teacher's own tokens (LossInputs.teacher_sequence), else reduced from the per-token
+    features with the student's response mask: with one tokenizer, the same numbers."""
+    if inp.teacher_sequence is not None:
+        return inp.teacher_sequence
+    return reduce(inp.teacher, inp.mask, cfg)
 
 
 ComputeFn = Callable[[LossInputs, object], Tuple[torch.Tensor, Metrics]]
@@ -114,6 +126,16 @@ class LossSpec:
     # config): what a teacher cache (prefkd/output_cache.py) is keyed by besides the models and data.
     # None: the whole loss config (safe, but any loss.* change then invalidates a cache).
     teacher_feature_settings: Optional[Callable[[object], Dict]] = None
+
+    # The teacher signal per response: (the teacher's features as teacher_features and
+    # teacher_reference_features return them for a [N, L] batch, its [N, L-1] response mask, cfg)
+    # -> {name: [N]}. Declared, the loss reads its teacher only through these (LossInputs.
+    # teacher_sequence, or this function of LossInputs.teacher), so a teacher with another tokenizer
+    # computes them on its own tokens of the same text (prefkd/cross_tokenizer.py). None: the loss
+    # reads the teacher per token of the student's sequence (another tokenizer is refused).
+    sequence_teacher: Optional[Callable] = None
+    # Why a loss config cannot use sequence_teacher (a function of the loss config: a phrase, or None).
+    sequence_teacher_problem: Optional[Callable[[object], Optional[str]]] = None
 
     # Names of the teacher features that hold one value per vocabulary entry at every position
     # for this loss config (full-vocabulary KD: the teacher's log-softmax): they cannot be cached

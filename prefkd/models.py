@@ -17,9 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 import utils
-from prefkd import lean_loading
-from prefkd.logprobs import token_logps
-from prefkd import checkpoints
+from prefkd import checkpoints, cross_tokenizer, lean_loading
+from prefkd.logprobs import response_mask, token_logps
 
 ROLES = ("policy", "reference", "teacher", "teacher_reference")
 
@@ -64,17 +63,6 @@ def pick_device(cfg, rank: int = 0) -> torch.device:
 def load_tokenizer(model_cfg):
     import preference_datasets as data
     return data.get_tokenizer(model_cfg.tokenizer)
-
-
-def check_same_tokenizer(student_tok, teacher_tok, probe: str = "The quick brown fox: 12+34=46.\n"):
-    """Teacher and student must share one vocabulary; a mismatch would silently misalign logits."""
-    s_ids = student_tok(probe, add_special_tokens=False).input_ids
-    t_ids = teacher_tok(probe, add_special_tokens=False).input_ids
-    if len(student_tok) != len(teacher_tok) or s_ids != t_ids:
-        raise ValueError(
-            f"teacher and student tokenizers differ (vocabulary {len(teacher_tok)} vs {len(student_tok)}; "
-            f"probe ids {t_ids[:8]}... vs {s_ids[:8]}...): set teacher.tokenizer to the student's tokenizer "
-            f"(model.tokenizer) or choose a teacher of the same family")
 
 
 def build(cfg, role: str, tokenizer, archive: Optional[str] = None):
@@ -181,14 +169,17 @@ class FrozenModels:
         self.cfg, self.spec = cfg, spec
         self.teacher_cache, self.reference_cache = caches.get("teacher"), caches.get("reference")
         self.reference = self.teacher = self.teacher_reference = None
-        self.teacher_tokenizer = None
+        self.teacher_tokenizer, self.teacher_tokens = None, "student"
         if spec.teacher_need(cfg.loss) and "teacher" in roles:
-            # Tokenizers are cheap: check them before any model is loaded.
+            # Tokenizers are cheap: check them before any model is loaded. "own": the teacher reads
+            # its own tokenization of the text (prefkd/cross_tokenizer.py)
             self.teacher_tokenizer = load_tokenizer(cfg.teacher)
-            check_same_tokenizer(tokenizer, self.teacher_tokenizer)
+            self.teacher_tokens = cross_tokenizer.check(cfg, spec, tokenizer, self.teacher_tokenizer)
         if "reference" in roles and spec.reference_model_need(cfg.loss) and self.reference_cache is None:
             self.reference = freeze(build(cfg, "reference", tokenizer))  # for its outputs, or to generate
-        if "teacher" in roles and spec.teacher_need(cfg.loss) and self.teacher_cache is None:
+        # a teacher of another vocabulary that only generates (seqkd) is read from generations= files
+        generates_only = self.teacher_tokens == "own" and spec.teacher_features is None
+        if "teacher" in roles and spec.teacher_need(cfg.loss) and self.teacher_cache is None and not generates_only:
             self.teacher = freeze(build(cfg, "teacher", self.teacher_tokenizer))
             if spec.teacher_reference_need(cfg.loss):
                 self.teacher_reference = freeze(build(cfg, "teacher_reference", self.teacher_tokenizer))
@@ -198,7 +189,7 @@ class FrozenModels:
         """FrozenModels holding models built elsewhere (tests, benchmarks), with no loading."""
         self = cls.__new__(cls)
         caches = caches or {}
-        self.cfg, self.spec, self.teacher_tokenizer = cfg, spec, None
+        self.cfg, self.spec, self.teacher_tokenizer, self.teacher_tokens = cfg, spec, None, "student"
         self.teacher_cache, self.reference_cache = caches.get("teacher"), caches.get("reference")
         self.reference, self.teacher, self.teacher_reference = reference, teacher, teacher_reference
         return self
@@ -228,6 +219,26 @@ class FrozenModels:
             out = self.spec.teacher_reference_features(logits(self.teacher_reference, model_in), labels,
                                                        self.cfg.loss, out)
         return out
+
+    def teacher_inputs(self, batch: Dict, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The rows the teacher reads for a batch: the student's `inputs`, or (a teacher with its
+        own tokenizer) its own tokenization of the batch's text, on the inputs' device."""
+        if self.teacher_tokens != "own":
+            return inputs
+        rows = cross_tokenizer.teacher_rows(batch, self.teacher_tokenizer, self.cfg, self.spec.pairwise)
+        return {k: v.to(inputs["input_ids"].device) for k, v in rows.items()}
+
+    def teacher_outputs(self, batch: Dict, inputs: Dict[str, torch.Tensor], logits: Callable, device) -> Dict:
+        """The LossInputs fields of the teacher for one batch: {"teacher": its features on the
+        student's rows}, or {"teacher_sequence": the loss's per-response signal on the teacher's
+        own rows} (LossSpec.sequence_teacher, with the teacher's response mask); {} if none."""
+        rows = self.teacher_inputs(batch, inputs)
+        features = self.teacher_features(rows, logits, device)
+        if features is None:
+            return {}
+        if self.teacher_tokens != "own":
+            return {"teacher": features}
+        return {"teacher_sequence": self.spec.sequence_teacher(features, response_mask(rows["labels"]), self.cfg.loss)}
 
     @torch.no_grad()
     def reference_outputs(self, inputs: Dict[str, torch.Tensor], logits: Callable, device) -> Dict:

@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 
 import losses as losses_lib
 import utils
-from prefkd import checkpoints
+from prefkd import checkpoints, cross_tokenizer
 from prefkd import models
 
 CACHE_FORMAT = 1
@@ -186,6 +186,14 @@ def _cache_key(cfg, kind: str, tokenizer) -> Dict:
         key["loss.name"] = cfg.loss.name
         for k, v in sorted(feature_settings(cfg.loss).items()):
             key[f"loss.{k}"] = v
+        teacher_tok = models.load_tokenizer(cfg.teacher)
+        if cross_tokenizer.teacher_tokens(cfg, tokenizer, teacher_tok) == "own":
+            # rows are the teacher's own tokens of the text (prefkd/cross_tokenizer.py): the
+            # teacher's tokenizer and chat template, not the student's, decide them
+            import preference_datasets as data
+            key["tokenizer"] = data.tokenizer_fingerprint(teacher_tok)
+            key["teacher.tokenization"] = "own"
+            key["teacher.chat_template"] = cross_tokenizer.template_of(cfg) or "<the teacher tokenizer's own>"
         key["teacher.archive"] = model_fingerprint(*models.source(cfg, "teacher"))
         if spec.teacher_reference_need(cfg.loss):
             key["teacher.reference_archive"] = model_fingerprint(*models.source(cfg, "teacher_reference"))

@@ -124,9 +124,11 @@ def check_models(cfg, check_archives: bool = True) -> RunPlan:
     """What the loss's spec needs of the models that the config must provide, checked before any
     model is loaded (train.validate_config calls it). check_archives=False: the
     key must be set, but its checkpoint may not exist yet (a pipeline's later stage)."""
-    from prefkd import checkpoints, generation, models, output_cache
+    from prefkd import checkpoints, cross_tokenizer, generation, models, output_cache
     plan = RunPlan.of(cfg)
     spec = plan.spec
+    if plan.teacher and cfg.teacher.get("name") != "none":  # a teacher of another tokenizer: can this loss read it?
+        cross_tokenizer.check(cfg, spec, models.load_tokenizer(cfg.model), models.load_tokenizer(cfg.teacher))
     if plan.teacher_reference:
         archive = cfg.teacher.get("reference_archive")
         if not archive:
@@ -154,8 +156,9 @@ def check_models(cfg, check_archives: bool = True) -> RunPlan:
 # ------------------------------------------------------------------ hub access
 
 def _is_local(path) -> bool:
-    """A local path, or the shipped tokenizer ("embedded", preference_datasets.get_tokenizer)."""
-    return path is None or path == "embedded" or os.path.exists(os.path.expanduser(str(path)))
+    """A local path, or a shipped tokenizer ("embedded", "embedded_bpe": preference_datasets.get_tokenizer)."""
+    import preference_datasets as data
+    return path is None or path in data.EMBEDDED_TOKENIZERS or os.path.exists(os.path.expanduser(str(path)))
 
 
 def _hub_cached(repo: str, filename: str, repo_type: str = "model") -> bool:

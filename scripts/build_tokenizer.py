@@ -1,8 +1,17 @@
-"""Build the framework's embedded character-level tokenizer (no downloads).
+"""Build the framework's embedded tokenizers (no downloads).
 
 Usage (from the repo root):
 
-    python scripts/build_tokenizer.py [--out assets/tokenizer]
+    python scripts/build_tokenizer.py [--out assets/tokenizer]              # the character tokenizer
+    python scripts/build_tokenizer.py --bpe [--out assets/tokenizer_bpe]    # the second one (BPE)
+
+The second tokenizer (``embedded_bpe``, the cross-tokenizer teacher's: config/model/
+tiny_teacher_bpe.yaml) is a byte-level BPE trained here with ``tokenizers`` on the embedded
+task's train text (prompts and responses), 320 entries: the 256 bytes, the same eight special
+tokens and 56 merges (e.g. "sort" and pairs of digits), so it splits the same text into other
+and fewer tokens than the character tokenizer, with other ids. Its chat template differs too
+(a newline after each role marker and after each turn), so a teacher reading its own
+tokenization of a conversation sees its own template.
 
 The output is deterministic: running the script twice produces byte-identical
 files, so ``assets/tokenizer/`` can be committed and regenerated at will.
@@ -96,14 +105,59 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+BPE_VOCAB_SIZE = 320
+BPE_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{ raise_exception('Unknown role: ' + message['role'] + ' (expected system/user/assistant)') }}"
+    "{%- endif -%}"
+    "<|{{ message['role'] }}|>{{ '\\n' }}{{ message['content'] }}<|end|>{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}"
+)
+
+
+def bpe_corpus():
+    """The embedded task's train text, in its fixed order (the generator is seeded)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import preference_datasets as data
+    for ex in data.get_dataset("embedded", "train", silent=True):
+        yield ex["prompt"]
+        yield ex["chosen"]
+        yield ex["rejected"]
+
+
+def build_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the embedded task's text (deterministic: one thread's worth of
+    fixed input, ties broken by the trainer's ordering)."""
+    from tokenizers import pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(bpe_corpus(), trainer=trainer)
+    bos = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                  additional_special_tokens=ROLE_TOKENS, model_max_length=MODEL_MAX_LENGTH,
+                                  padding_side="right", clean_up_tokenization_spaces=False)
+    out.chat_template = BPE_CHAT_TEMPLATE
+    return out
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
-    default_out = os.path.join(os.path.dirname(here), "assets", "tokenizer")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--bpe", action="store_true", help="build the second (byte-level BPE) tokenizer")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    default_out = os.path.join(os.path.dirname(here), "assets", "tokenizer_bpe" if args.bpe else "tokenizer")
+    args.out = args.out or default_out
 
-    tok = build_tokenizer()
+    tok = build_bpe_tokenizer() if args.bpe else build_tokenizer()
     os.makedirs(args.out, exist_ok=True)
     files = tok.save_pretrained(args.out)
     print(f"vocab size {len(tok)}; saved: {', '.join(sorted(os.path.basename(f) for f in files))}")

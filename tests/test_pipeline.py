@@ -247,6 +247,14 @@ def test_method_variants_run_in_row_order_and_a_failed_method_does_not_stop_the_
     # another command in the same directory reuses the finished runs; its table shows what it asked for
     assert pipeline.main(base + ["methods=[dpo]"]) == 0
     assert rows() == ["DPO teacher", "SFT teacher", "SFT student", "dpo"]
+    # a method can start from another method's run of the same seed (start_from), listed before it;
+    # a row shows its label
+    chained = base + ["variants.dpo_more=[loss=dpo,lr=1e-5]", "start_from.dpo_more=dpo", "labels.dpo=DPO (plain)"]
+    assert pipeline.main(chained + ["methods=[dpo_more,dpo]"]) == 2
+    assert "start_from.dpo_more=dpo: dpo_more starts from the dpo run of each seed" in capfd.readouterr().err
+    assert pipeline.main(chained + ["methods=[dpo,dpo_more]"]) == 0
+    assert f"archive: {out}/methods/dpo_seed0" in (out / "methods/dpo_more_seed0/config.yaml").read_text()
+    assert rows() == ["DPO teacher", "SFT teacher", "SFT student", "DPO (plain)", "dpo_more"]
 
 
 def test_a_misspelt_pipeline_key_is_refused_naming_it(capsys):
@@ -263,6 +271,22 @@ def test_a_misspelt_pipeline_key_is_refused_naming_it(capsys):
                                             "loss.alpha=1.0"])
     assert dict(cfg.stages.teacher_sft) == {"loss": "sft", "lr": 3e-4} and cfg.stages.methods.beta == 0.2
     assert passthrough == ["loss.alpha=1.0"]
+
+
+def test_table1_has_both_tvkd_rows_and_the_paper_preset_the_authors_recipe():
+    for preset in ("embedded", "paper"):
+        cfg, _ = pipeline.parse_args([f"preset={preset}"])
+        methods = list(pipeline.method_overrides(cfg))
+        assert methods[:12] == ["dpo", "simpo", "wpo", "tdpo", "vanillakd", "seqkd", "ddpo", "dpkd", "gkd", "dckd",
+                                "adpa", "tvkd"] and methods[12] == "tvkd_released"
+        assert pipeline.method_overrides(cfg)["tvkd_released"] == ["loss=tvkd", "loss.variant=released"]
+        ov = pipeline.stage_overrides(cfg, [])
+        assert f"model.archive={cfg.out}/student_sft" in ov["methods/tvkd_released"]  # the same start as every row
+        assert "paper's equation" in cfg.labels.tvkd and "authors'" in cfg.labels.tvkd_released
+    authors = ov["methods/tvkd_authors"]  # the paper preset's: the authors' whole recipe
+    for o in ("loss.variant=released", "lr=5e-7", "n_epochs=5", "batch_size=64", "max_length=2048",
+              "max_prompt_length=1800", f"model.archive={cfg.out}/methods/dpo_seed${{seed}}"):
+        assert o in authors, o
 
 
 def test_the_table5_preset_is_the_paper_ablation_over_the_embedded_preset():

@@ -272,6 +272,27 @@ def test_resume_trims_redone_records_and_refuses_changed_settings(tmp_path):
     assert [r["step"] for r in resumed if "loss/train" in r] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_checkpoint_older_than_a_key_resumes_when_the_key_is_at_its_default(tmp_path):
+    import json
+    import train
+    from prefkd import checkpoints
+    run_dir, _ = train_run(tmp_path, SAVING)
+    os.remove(os.path.join(run_dir, "DONE"))
+    for step in [d for d in os.listdir(run_dir) if d.startswith("step-")]:
+        path = os.path.join(run_dir, step, "trainer_state.json")
+        with open(path) as f:
+            state = json.load(f)
+        for k in ("flip_fraction", "flip_seed"):  # written before the option existed
+            state["config"]["data"].pop(k)
+        utils.atomic_write_json(path, state)
+        checkpoints.write_manifest(os.path.join(run_dir, step))  # still a complete checkpoint
+    cfg = compose(FAST + SAVING + ["resume=true", f"runs_dir={tmp_path}"])
+    train.check_resume_settings(cfg, run_dir)  # at the default: the behaviour the checkpoint had
+    cfg.data.flip_fraction = 0.2
+    with pytest.raises(ValueError, match=r"data.flip_fraction: '<absent>' in the checkpoint, 0.2 now"):
+        train.check_resume_settings(cfg, run_dir)
+
+
 def test_resume_allow_changes_continues_with_the_new_settings(tmp_path, capsys):
     run_dir, _ = train_run(tmp_path, SAVING)
     os.remove(os.path.join(run_dir, "DONE"))

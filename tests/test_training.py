@@ -116,13 +116,13 @@ def test_tvkd_with_a_trained_teacher_raises_heldout_preference_accuracy(tmp_path
     assert abs(last["shaping_eval/margin"] - 0.5 * (last["value_eval/chosen_last"] - last["value_eval/rejected_last"])) < 1e-3
 
 
-def test_teacher_with_another_tokenizer_is_refused_before_training(tmp_path, trained_teacher):
+def test_teacher_with_another_tokenizer_is_refused_before_training_by_a_per_token_loss(tmp_path, trained_teacher):
     import pytest
     import preference_datasets as data
     tok = data.get_tokenizer("embedded")
     tok.add_tokens(["<|extra|>"])
     tok.save_pretrained(tmp_path / "other_tok")
-    with pytest.raises(ValueError, match="tokenizers differ"):
-        train_run(tmp_path, ["loss=tvkd", "n_examples=16", "exp_name=x", "teacher=tiny_teacher",
+    with pytest.raises(ValueError, match="loss=dckd reads the teacher per token"):
+        train_run(tmp_path, ["loss=dckd", "n_examples=16", "exp_name=x", "teacher=tiny_teacher",
                              f"teacher.archive={trained_teacher}", f"teacher.tokenizer={tmp_path}/other_tok"])
     assert not os.path.exists(tmp_path / "x" / "metrics.jsonl")  # nothing trained
