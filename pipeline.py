@@ -130,7 +130,8 @@ def method_overrides(cfg) -> Dict[str, List[str]]:
 PRESETS = os.path.join(utils.REPO_DIR, "config", "pipeline")
 # sections whose keys are the user's own (a stage setting, a method, a data option): a new key
 # there needs no `+`, as in train.py's loss.* keys
-OPEN_SECTIONS = ("stages", "common", "variants", "start_from", "labels", "sft_data.options", "pref_data.options")
+OPEN_SECTIONS = ("stages", "common", "variants", "start_from", "labels", "groups", "reuse", "sft_data.options",
+                 "pref_data.options")
 
 
 def _split_list(value: str) -> List[str]:
@@ -309,7 +310,10 @@ def merge_overrides(*groups: List[str]) -> List[str]:
 
 
 def stage_dirs(cfg) -> Dict[str, str]:
-    return {name: os.path.join(cfg.out, name) for name in ("teacher_sft", "teacher_dpo", "student_sft")}
+    """The run directory of each teacher / SFT stage: <out>/<stage>, or the run `reuse` names."""
+    reuse = cfg.get("reuse") or {}
+    return {name: str(reuse.get(name) or os.path.join(cfg.out, name)) for name in ("teacher_sft", "teacher_dpo",
+                                                                                   "student_sft")}
 
 
 def method_runs(cfg) -> List[str]:
@@ -352,8 +356,9 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     }
     common = flatten(OmegaConf.to_container(cfg.common, resolve=True))
     settings = lambda s: flatten(OmegaConf.to_container(cfg.stages[s], resolve=True))  # noqa: E731
+    reused = set(cfg.get("reuse") or {})  # trained by another group (or another command): not run here
     out = {s: merge_overrides(common, passthrough, base, data_overrides(cfg[DATA_OF_STAGE[s]]), settings(s), fixed[s])
-           for s in fixed}
+           for s in fixed if s not in reused}
     seeds = "seed=" + ",".join(str(k) for k in range(int(cfg.seeds)))
     starts = start_points(cfg)
     for m, own in method_overrides(cfg).items():
@@ -490,11 +495,18 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
     import preference_datasets as data
     import train as train_py
     configs = {s: compose_stage(ov) for s, ov in overrides.items()}
-    for stage, c in configs.items():
+    for stage, c in list(configs.items()):
         try:  # every stage's and every method's settings, before the first one trains
             train_py.validate_config(c, check_archives=False)
         except ValueError as e:
-            raise ValueError(f"stage {stage}: {e}") from None
+            if not (cfg.get("skip_refused") and stage_of(stage) == "methods"):
+                raise ValueError(f"stage {stage}: {e}") from None
+            # skip_refused (a study over settings some methods cannot run in): the row says why
+            method = stage.split("/", 1)[1]
+            print(f"pipeline: {method} is not run here: {e}", flush=True)
+            cfg.absent = {**(cfg.get("absent") or {}), method: str(e)}
+            cfg.methods = [m for m in cfg.methods if m != method]
+            del configs[stage], overrides[stage]
     formats: Dict[str, Dict] = {"sft_data": {}, "pref_data": {}}
     for stage, c in configs.items():
         names, options = list(c.datasets), c.get("data")
@@ -503,9 +515,10 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
         f = data_checks.dataset_formats(names, options)
         data_checks.check_formats(f, options)
         formats[DATA_OF_STAGE[stage_of(stage)]].update(f)
-    sft, pref = configs["teacher_sft"], configs["teacher_dpo"]
-    kinds = {role: data_checks.role_format(f) for role, f in formats.items()}
-    if kinds["sft_data"] != kinds["pref_data"]:
+    sft = configs.get("teacher_sft") or configs.get("student_sft") or next(iter(configs.values()))
+    pref = configs.get("teacher_dpo") or next(c for s, c in configs.items() if DATA_OF_STAGE[stage_of(s)] == "pref_data")
+    kinds = {role: data_checks.role_format(f) for role, f in formats.items() if f}
+    if len(kinds) == 2 and kinds["sft_data"] != kinds["pref_data"]:
         msg = (f"the SFT data ({describe_role(sft)}) is {data_checks.FORMAT_NAMES[kinds['sft_data']]}, but the "
                f"preference data ({describe_role(pref)}) is {data_checks.FORMAT_NAMES[kinds['pref_data']]}: the "
                "models would be fine-tuned on one prompt format, then trained and evaluated on another. Give both "
@@ -585,6 +598,8 @@ def run_stages(cfg, overrides: Dict[str, List[str]]) -> None:
                     for k in range(int(cfg.seeds))]
             if all(os.path.exists(os.path.join(run, "DONE")) for run in runs):
                 print(f"\nstage {stage}: every run that reads it is complete (DONE); not computed", flush=True)
+                for key in readers:  # so they are not checked against a cache that was never written
+                    overrides[key] = [o for o in overrides[key] if o != ov[-1]]
                 continue
             if script_stage("precompute", ov + ["--if-needed"], bool(cfg.get("in_process"))):
                 raise utils.RunError(f"stage {stage} failed; fix the cause and run the same command again, or "
@@ -613,7 +628,9 @@ def evaluate_all(cfg, passthrough=None) -> None:
     pref_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(d["teacher_dpo"], "config.yaml")), resolve=True)
     names = list(cfg.eval.get("datasets") or pref_cfg["datasets"])
     n = cfg.eval.get("n")
-    settings = {"datasets": names, "data": pref_cfg["data"], "n": n, "batch_size": int(cfg.eval.batch_size),
+    # the test split is never flipped (data.flip_fraction): a noisy and a clean study share evaluations
+    held_out = {k: v for k, v in pref_cfg["data"].items() if k not in ("flip_fraction", "flip_seed")}
+    settings = {"datasets": names, "data": held_out, "n": n, "batch_size": int(cfg.eval.batch_size),
                 "beta": float(cfg.eval.beta), "max_new_tokens": int(cfg.eval.max_new_tokens)}
     key = json.dumps(settings, sort_keys=True)
     for run, reference in jobs:
@@ -637,16 +654,42 @@ def evaluate_all(cfg, passthrough=None) -> None:
         print(f"evaluated {run}: " + json.dumps({k: v for k, v in result.items() if k != "settings_key"}), flush=True)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg, passthrough = parse_args(argv)
-        overrides = stage_overrides(cfg, passthrough)
-        configs = preflight(cfg, overrides)
-        overrides = cache_stages(cfg, generation_stages(cfg, overrides, configs), configs)
-    except ValueError as e:  # DataError and ScorerError are ValueErrors: nothing has been trained
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def group_configs(cfg) -> List[DictConfig]:
+    """The pipelines of a study (`groups`: one column group each, e.g. a teacher-student pair or a
+    label-noise fraction): the preset's config with each group's settings merged in, in order;
+    a group's `reuse.<stage>` names another group (its run of that stage) or a run directory.
+    Without groups, [cfg]."""
+    groups = OmegaConf.to_container(cfg.get("groups") or {}, resolve=True)
+    if not groups:
+        return [cfg]
+    base = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "groups"])
+    out = []
+    for name, settings in groups.items():
+        settings = dict(settings or {})
+        unknown = sorted(set(settings) - set(base.keys()) - {"reuse"})
+        if unknown:
+            raise ValueError(f"groups.{name}.{unknown[0]}: not a pipeline key ({sorted(base.keys())})")
+        g = OmegaConf.merge(base, settings)
+        g.group, g.out = name, os.path.abspath(str(g.out))
+        for stage, source in dict(settings.get("reuse") or {}).items():
+            if stage not in ("teacher_sft", "teacher_dpo", "student_sft"):
+                raise ValueError(f"groups.{name}.reuse.{stage}: reuse names teacher_sft, teacher_dpo or student_sft")
+            earlier = {x.group: x for x in out}
+            g.reuse[stage] = stage_dirs(earlier[source])[stage] if source in earlier else os.path.abspath(source)
+        method_overrides(g)
+        out.append(g)
+    return out
+
+
+def prepare(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
+    """Every stage's train.py arguments, checked (config and data) before anything trains."""
+    overrides = stage_overrides(cfg, passthrough)
+    configs = preflight(cfg, overrides)
+    return cache_stages(cfg, generation_stages(cfg, overrides, configs), configs)
+
+
+def execute(cfg, overrides: Dict[str, List[str]], argv: List[str]) -> int:
+    """Run, evaluate and report one pipeline; 0, or 1 if a stage or a method failed."""
     if os.environ.get("WANDB_MODE") and not any("wandb.mode" in a for a in argv):
         # wandb's convention: the environment's mode wins over a preset's
         cfg.common.get("wandb", {}).pop("mode", None)
@@ -670,6 +713,25 @@ def main(argv=None) -> int:
               + "; fix the cause and run the same command again (finished runs are skipped)", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, passthrough = parse_args(argv)
+        plans = [(g, prepare(g, passthrough)) for g in group_configs(cfg)]  # every group checked first
+    except ValueError as e:  # DataError and ScorerError are ValueErrors: nothing has been trained
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rc = 0
+    for g, overrides in plans:
+        rc = max(rc, execute(g, overrides, argv))
+    if len(plans) > 1:
+        import report
+        where = os.path.abspath(str(cfg.get("report") or os.path.join(cfg.out, "study")))
+        table = report.write_group_report(where, [g for g, _ in plans], cfg.get("plot_x"))
+        print(f"\n{table}\nthe study's table and plot: {where}/results.md, results.csv, results.png")
+    return rc
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ def load_json(path):
         return json.load(f)
 
 
-def collect(root: str) -> Dict[str, List[dict]]:
-    """{row name: [eval results, one per seed]} in table order."""
+def collect(root: str, dirs: Optional[Dict[str, str]] = None) -> Dict[str, List[dict]]:
+    """{row name: [eval results, one per seed]} in table order; `dirs`: the directory of a fixed
+    stage run elsewhere (a study's reused stage), else <root>/<stage>."""
     rows: Dict[str, List[dict]] = {}
     for name, sub in FIXED:
-        path = os.path.join(root, sub, "eval.json")
+        path = os.path.join((dirs or {}).get(sub) or os.path.join(root, sub), "eval.json")
         if os.path.exists(path):
             rows[name] = [load_json(path)]
     found: Dict[str, List[dict]] = {}
@@ -48,13 +49,27 @@ def collect(root: str) -> Dict[str, List[dict]]:
         method, seed = re.match(r"^(.*?)(?:_seed(\d+))?$", run).groups()
         if order and (method not in order or (seed is not None and int(seed) >= n_seeds)):
             continue  # another pipeline command's run in the same directory
-        found.setdefault(method, []).append(load_json(path))
+        found.setdefault(method, []).append({**load_json(path), **train_margins(os.path.dirname(path))})
     # the pipeline's order of methods (the paper's row order in the presets), else by name
     for method in sorted(found, key=lambda m: (order.index(m) if m in order else len(order), m)):
         rows[method] = found[method]
     if not rows:
         raise ValueError(f"{root}: no eval.json found (run pipeline.py, or evaluate.py on its runs)")
     return rows
+
+
+def train_margins(run: str) -> Dict[str, float]:
+    """{"shaping_margin": the last evaluation's shaping margin} of a run that logs one (tvkd's
+    alpha sum psi, chosen minus rejected: how much the teacher moves the pair's margin), from
+    its metrics.jsonl; {} otherwise."""
+    path, out = os.path.join(run, "metrics.jsonl"), {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if "shaping_eval/margin" in rec:
+                    out = {"shaping_margin": rec["shaping_eval/margin"]}
+    return out
 
 
 def pipeline_methods(root: str):
@@ -100,9 +115,10 @@ def margin_title(rows: Dict[str, List[dict]]) -> str:
     return f"pref. margin (common β = {betas.pop():g})" if len(betas) == 1 else "pref. margin (β differs by row)"
 
 
-def summarise(rows: Dict[str, List[dict]]) -> List[dict]:
+def summarise(rows: Dict[str, List[dict]], extra: List[tuple] = ()) -> List[dict]:
+    """A row per model: mean and std of each column (and of the `extra` (key, title) columns)."""
     out = []
-    cols = columns(rows)
+    cols = columns(rows) + list(extra)
     for name, results in rows.items():
         row = {"method": name, "seeds": len(results)}
         for key, _ in cols:
@@ -198,6 +214,85 @@ def write_report(root: str) -> str:
     os.replace(os.path.join(root, "results.csv.tmp"), os.path.join(root, "results.csv"))
     plot(root, summary, os.path.join(root, "results.png"), plot_key(summary, cols))
     return table
+
+
+GROUP_COLUMNS = [("pref_margin", "pref. margin"), ("shaping_margin", "shaping margin")]
+
+
+def write_group_report(where: str, groups: List, plot_x: Optional[str] = None) -> str:
+    """One table over a study's pipelines (`groups`: their configs, as pipeline.py resolved them):
+    a row per model, per group the task score (the first task column), the preference margin and
+    the shaping margin; a method a group refused shows why below the table. Writes results.md,
+    results.csv and results.png (the task score against `plot_x`, a setting of each group, else
+    bars per group) in `where`."""
+    import utils
+    per = []
+    for g in groups:
+        rows = collect(g.out, dict(g.get("reuse") or {}))  # a reused stage's run (pipeline.stage_dirs)
+        cols = columns(rows)
+        task = next((k for k, _ in cols if k.startswith("task_")), "logp_accuracy")
+        title = f"{g.group} ({g.teacher} → {g.model})"
+        per.append((g, title, {r["method"]: r for r in summarise(rows, GROUP_COLUMNS)}, [(task, dict(cols)[task])] + GROUP_COLUMNS))
+    names = list(dict.fromkeys(m for _, _, s, _ in per for m in s))
+    names += [m for g, *_ in per for m in (g.get("absent") or {}) if m not in names]
+    head = [f"{title}: {t}" for _, title, _, cols in per for _, t in cols]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    notes, records, labels = [], [], {str(k): str(v) for k, v in (groups[0].get("labels") or {}).items()}
+    for m in names:
+        cells = []
+        for g, title, summary, cols in per:
+            r = summary.get(m)
+            refused = m in (g.get("absent") or {})
+            cells += ["refused" if refused else _cell(r.get(k), r.get(k + "_std")) if r else "-" for k, _ in cols]
+            if r:
+                records.append({"group": g.group, **r})
+        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+    for g, title, *_ in per:
+        notes += [f"- {m} in {g.group}: {why}" for m, why in (g.get("absent") or {}).items()]
+    table = "\n".join(lines + ([""] + notes if notes else []))
+    os.makedirs(where, exist_ok=True)
+    utils.atomic_write_text(os.path.join(where, "results.md"), table + "\n")
+    fields = ["group", "method", "seeds"] + [x for k, _ in per[0][3] for x in (k, k + "_std")]
+    with open(os.path.join(where, "results.csv.tmp"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(records)
+    os.replace(os.path.join(where, "results.csv.tmp"), os.path.join(where, "results.csv"))
+    plot_groups(per, names, os.path.join(where, "results.png"), plot_x)
+    return table
+
+
+def plot_groups(per: List, names: List[str], path: str, plot_x: Optional[str]) -> None:
+    """The study's headline score per model: against `plot_x` (lines, mean ± std over seeds), else
+    grouped bars (one group of bars per pipeline)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from omegaconf import OmegaConf
+    key, title = per[0][3][0]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / max(1, len(names))
+    for i, m in enumerate(names):
+        pts = [((OmegaConf.select(g, plot_x) if plot_x else j), s[m][key], s[m][key + "_std"] or 0.0)
+               for j, (g, _, s, _) in enumerate(per) if m in s and s[m].get(key) is not None]
+        if not pts:
+            continue
+        xs, ys, es = zip(*pts)
+        if plot_x:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, linestyle="--" if m in dict(FIXED) else "-")
+        else:
+            ax.bar([x + i * width for x in xs], ys, width, yerr=es, capsize=2, label=m)
+    if plot_x:
+        ax.set_xlabel(plot_x)
+    else:
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(per))], [t for _, t, _, _ in per])
+    ax.set_ylabel(f"{title} (held-out)")
+    ax.set_title(f"{title} per model (mean ± std over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

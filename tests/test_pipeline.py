@@ -40,7 +40,7 @@ def test_pipeline_chains_stages_writes_the_table_and_skips_finished_stages(tmp_p
     assert "pref_accuracy" in json.loads((out / "methods/tvkd_seed0/eval.json").read_text())
     assert "pref_accuracy" not in json.loads((out / "student_sft/eval.json").read_text())
     table = (out / "results.md").read_text()
-    for row in ("DPO teacher", "SFT teacher", "SFT student", "| tvkd | 2 |"):
+    for row in ("DPO teacher", "SFT teacher", "SFT student", "| tvkd (paper's equation) | 2 |"):
         assert row in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table.strip() in first  # printed at the end
@@ -289,6 +289,15 @@ def test_table1_has_both_tvkd_rows_and_the_paper_preset_the_authors_recipe():
         assert o in authors, o
 
 
+def test_the_paper_table2_preset_has_the_papers_three_pairs():
+    cfg, _ = pipeline.parse_args(["preset=paper_table2"])
+    groups = pipeline.group_configs(cfg)
+    assert [(g.teacher, g.model) for g in groups] == [("mistral7b", "danube500m"), ("mistral7b", "llama1b"),
+                                                      ("llama8b", "llama3b")]
+    assert groups[1].reuse.teacher_dpo == pipeline.stage_dirs(groups[0])["teacher_dpo"]  # one Mistral teacher
+    assert list(pipeline.method_overrides(groups[2])) == ["dpo", "simpo", "dckd", "tvkd", "tvkd_released"]
+
+
 def test_the_table5_preset_is_the_paper_ablation_over_the_embedded_preset():
     cfg, _ = pipeline.parse_args(["preset=table5"])
     methods = pipeline.method_overrides(cfg)
@@ -368,3 +377,46 @@ def test_cache_stages_run_once_for_all_seeds_and_the_methods_match_live_runs(tmp
             ] == [0, 1, 2]
     config = (out / "methods/tvkd_seed2/config.yaml").read_text()
     assert f"reference:\n  cache: {ref}" in config and "cache: null" in config
+
+
+STUDY = ["in_process=true", "seeds=1"] + TINY_STAGES + PASSTHROUGH
+
+
+def test_the_table2_study_runs_three_pairs_one_across_tokenizers(tmp_path, capfd, restore_threads):
+    out = tmp_path / "t2"
+    assert pipeline.main(["preset=table2", f"out={out}", "methods=[dpo,dckd,tvkd]"] + STUDY) == 0
+    printed = capfd.readouterr().out
+    table = (out / "table2" / "results.md").read_text()
+    assert table.strip() in printed
+    assert "bpe (tiny_teacher_bpe → tiny): task exact" in table and "small (tiny_teacher → tiny_small): task exact" in table
+    dckd = next(line for line in table.splitlines() if line.startswith("| dckd |")).split("|")[2:-1]
+    assert [c.strip() for c in dckd].count("refused") == 3  # the bpe group's three columns
+    assert "- dckd in bpe: teacher=tiny_teacher_bpe: its tokenizer" in table and "loss=dckd reads the teacher per token" in table
+    tvkd = next(line for line in table.splitlines() if line.startswith("| tvkd (paper's equation) |")).split("|")[2:-1]
+    assert all(c.strip() not in ("-", "refused") for c in tvkd)  # every pair, with its shaping margin
+    cfg = lambda run: (out / run / "config.yaml").read_text()  # noqa: E731
+    assert "tokenizer: embedded_bpe" in cfg("table2_bpe/methods/tvkd_seed0")  # the teacher reads its own tokens
+    assert f"archive: {out}/student_sft" in cfg("table2_bpe/methods/tvkd_seed0")  # the shared SFT student
+    assert f"archive: {out}/teacher_dpo" in cfg("table2_small/methods/dckd_seed0")  # the shared teacher
+    assert not (out / "table2_small" / "teacher_sft").exists() and not (out / "table2_bpe" / "student_sft").exists()
+    assert (out / "table2_bpe" / "methods/tvkd_seed0/DONE").exists()
+    assert not (out / "table2_bpe" / "methods/dckd_seed0").exists()
+    assert (out / "table2" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_noise_study_flips_the_preference_labels_of_teacher_and_students(tmp_path, capfd, restore_threads):
+    out = tmp_path / "noise"
+    assert pipeline.main(["preset=noise", f"out={out}", "methods=[dpo,tvkd_a8]"] + STUDY) == 0
+    table = (out / "noise" / "results.md").read_text()
+    assert "flip40 (tiny_teacher → tiny): shaping margin" in table and "| tvkd_a8 |" in table
+    summary = lambda run: json.loads((out / run / "data_summary.json").read_text())["splits"]  # noqa: E731
+    assert "flipped" not in summary("methods/dpo_seed0")["embedded/train"]
+    for run, share in (("noise20/teacher_dpo", 0.2), ("noise40/methods/tvkd_a8_seed0", 0.4)):
+        split = summary(run)["embedded/train"]
+        assert split["flipped"] == round(share * split["examples"]) and summary(run)["embedded/test"]["flipped"] == 0
+    assert not (out / "noise20" / "teacher_sft").exists()  # the clean SFT stages are shared
+    rows = list(csv.DictReader(open(out / "noise" / "results.csv")))
+    assert {(r["group"], r["method"]) for r in rows} >= {(g, m) for g in ("flip0", "flip20", "flip40")
+                                                          for m in ("dpo", "tvkd_a8")}
+    assert all(float(r["shaping_margin"]) != 0 for r in rows if r["method"] == "tvkd_a8")
+    assert (out / "noise" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
