@@ -469,12 +469,8 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
 
 def compose_stage(overrides: List[str]):
     """The config train.py will see for these arguments (first method / seed of a multirun)."""
-    from hydra import compose, initialize_config_dir
-    first = [re.sub(r"^(loss|seed)=([^,]*),.*$", r"\1=\2", o) for o in overrides]
-    with initialize_config_dir(config_dir=os.path.join(utils.REPO_DIR, "config"), version_base="1.3"):
-        c = compose(config_name="config", overrides=first)
-    OmegaConf.set_struct(c, False)
-    return c
+    from prefkd import run_plan
+    return run_plan.compose([re.sub(r"^(loss|seed)=([^,]*),.*$", r"\1=\2", o) for o in overrides])
 
 
 def describe_role(c) -> str:
@@ -705,7 +701,7 @@ def execute(cfg, overrides: Dict[str, List[str]], argv: List[str]) -> int:
         return 1
     evaluate_all(cfg)
     import report
-    table = report.write_report(cfg.out)
+    table = report.write_report(cfg.out, dict(cfg.get("reuse") or {}))
     print(f"\n{table}\nwall time {time.time() - t0:.0f} s; results in {cfg.out}/results.md, results.csv, results.png")
     failed = failed_methods(cfg)
     if failed:

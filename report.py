@@ -197,8 +197,9 @@ def plot(root: str, summary: List[dict], path: str, key: str = "logp_accuracy"):
     plt.close(fig)
 
 
-def write_report(root: str) -> str:
-    rows = collect(root)
+def write_report(root: str, dirs: Optional[Dict[str, str]] = None) -> str:
+    """results.md / .csv / .png of one pipeline directory (`dirs`: its stages run elsewhere)."""
+    rows = collect(root, dirs)
     cols = columns(rows)
     summary = summarise(rows)
     table = markdown(summary, cols, pipeline_methods(root)[2])
