@@ -655,9 +655,9 @@ def group_configs(cfg) -> List[DictConfig]:
     label-noise fraction): the preset's config with each group's settings merged in, in order;
     a group's `reuse.<stage>` names another group (its run of that stage) or a run directory.
     Without groups, [cfg]."""
-    groups = OmegaConf.to_container(cfg.get("groups") or {}, resolve=True)
-    if not groups:
+    if not cfg.get("groups"):
         return [cfg]
+    groups = OmegaConf.to_container(cfg.groups, resolve=True)
     base = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "groups"])
     out = []
     for name, settings in groups.items():

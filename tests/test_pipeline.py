@@ -249,7 +249,7 @@ def test_method_variants_run_in_row_order_and_a_failed_method_does_not_stop_the_
     assert rows() == ["DPO teacher", "SFT teacher", "SFT student", "dpo"]
     # a method can start from another method's run of the same seed (start_from), listed before it;
     # a row shows its label
-    chained = base + ["variants.dpo_more=[loss=dpo,lr=1e-5]", "start_from.dpo_more=dpo", "labels.dpo=DPO (plain)"]
+    chained = base + ["variants.dpo_more=[loss=dpo,lr=1e-5]", "start_from.dpo_more=dpo", "labels.dpo='DPO (plain)'"]
     assert pipeline.main(chained + ["methods=[dpo_more,dpo]"]) == 2
     assert "start_from.dpo_more=dpo: dpo_more starts from the dpo run of each seed" in capfd.readouterr().err
     assert pipeline.main(chained + ["methods=[dpo,dpo_more]"]) == 0
