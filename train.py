@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import losses
 import utils
-from prefkd import models, run_plan
+from prefkd import adapters, models, run_plan
 from prefkd import checkpoints
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
@@ -67,6 +67,7 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
     run_plan.check_run_name(cfg)
     check_types(cfg)
     check_ranges(cfg)
+    adapters.check(cfg)  # model.lora / teacher.lora settings; the targets once the archives are checked
     spec = losses.get_loss(cfg.loss.name)
     if spec.validate is not None:
         try:
@@ -103,6 +104,8 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
                                  "run directory, its LATEST file or a complete step-* directory")
     if cfg.model.name_or_path is None and cfg.model.get("init_config") is None:
         raise ValueError(f"model={cfg.model.name}: set model.name_or_path or model.init_config")
+    if adapters.enabled(cfg.model):
+        adapters.check(cfg, models.policy_config(cfg, check_archives))
     import trainers
     plan = run_plan.check_models(cfg, check_archives=check_archives)
     if cfg.trainer.name not in trainers.TRAINERS:

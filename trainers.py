@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 import losses as losses_lib
 import preference_datasets as data
 import utils
-from prefkd import checkpoints, lean_loading, models, output_cache, run_plan
+from prefkd import adapters, checkpoints, lean_loading, models, output_cache, run_plan
 from prefkd import logits as logits_lib
 from prefkd import generation
 from prefkd.generation import InRunGeneration
@@ -79,7 +79,70 @@ def run_batches(cfg, tokenizer, spec, split: str, rank: int = 0, world_size: int
 
 # ------------------------------------------------------------------ the basic trainer
 
-class BasicTrainer:
+class Checkpointing:
+    """The trainer's checkpoint methods (prefkd/checkpoints.py does the I/O): gathering the
+    state, saving a step, restoring the training state on resume. Mixed into BasicTrainer,
+    whose state (policy, optimizer, scheduler, counters, run_dir, rank) they read."""
+
+    def full_state_dicts(self):
+        """(model state dict, optimizer state dict), full and on the CPU, on rank 0. A LoRA
+        policy's model state dict is its adapter's (peft's names)."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = adapters.trainable_state(self.policy) if self.lora else get_model_state_dict(self.policy, options=opts)
+        return model_sd, get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
+
+    def merged_state_dict(self) -> Dict:
+        """A LoRA policy's merged model (plain transformers names), full, on rank 0 ({} elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return adapters.merged_state_dict(full, self.policy) if self.rank == 0 else {}
+
+    def save(self, final: bool = False):
+        """Write <run>/step-N (prefkd/checkpoints.py); a LoRA run's adapter, and its merged model
+        when `final` (the end of the run) or model.lora.save_merged. Refuses non-finite weights."""
+        if self.saved_step == self.step:
+            return  # this step is on disk already: never write (or replace) it twice
+        model_sd, optim_sd = self.full_state_dicts()
+        merged = self.merged_state_dict() if self.lora and (final or self.cfg.model.lora.get("save_merged")) else None
+        finite = self.rank != 0 or checkpoints.state_is_finite(model_sd, optim_sd)
+        if self.agree([not finite])[0]:
+            raise NonFiniteError(f"the weights or optimizer state at step {self.step} are not finite: checkpoint "
+                                 f"step-{self.step:08d} not written (LATEST still names "
+                                 f"{checkpoints.latest_name(self.run_dir)})")
+        checkpoints.save(self.run_dir, self.step, self.rank, self.agree,
+                         lambda tmp: self.write_checkpoint_files(tmp, model_sd, optim_sd, merged), self.cfg.keep_checkpoints)
+        self.saved_step = self.step
+        self.last_save_time = time.time()
+
+    def write_checkpoint_files(self, tmp: str, model_sd: Dict, optim_sd: Dict, merged: Optional[Dict] = None) -> None:
+        if self.lora:  # the adapter in peft's format; the model files only when merged
+            adapters.write_adapter(os.path.join(tmp, adapters.ADAPTER_DIR), model_sd, self.policy,
+                                   models.base_location(self.cfg))
+            model_sd = merged
+        checkpoints.write_files(tmp, model_sd, {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
+                                self.policy, self.tokenizer, {
+                                    "step": self.step, "examples_seen": self.examples_seen,
+                                    "world_size": self.world_size,
+                                    "config": OmegaConf.to_container(self.cfg, resolve=True)})
+
+    def load_training_state(self, ckpt: str):
+        """Restore optimizer, scheduler, counters and RNG from a checkpoint (the weights were
+        loaded when the policy was built)."""
+        state = checkpoints.load_state(ckpt, self.rank, self.world_size)
+        self.load_optimizer_state(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.examples_seen = state["step"], state["examples_seen"]
+        self.saved_step = self.step
+        rank0_print(f"resumed from {ckpt} at step {self.step} ({self.examples_seen} examples)")
+
+    def load_optimizer_state(self, optim_sd):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.policy, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+class BasicTrainer(Checkpointing):
     """Single process; also the base of the distributed trainers."""
 
     def __init__(self, cfg: DictConfig, run_dir: str, rank: int = 0, world_size: int = 1,
@@ -100,6 +163,7 @@ class BasicTrainer:
         self.last_save_time = self.t0 = time.time()
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         self.resume_ckpt = checkpoints.find_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
+        self.lora = adapters.enabled(cfg.model)  # LoRA adapters train, the base is frozen (prefkd/adapters.py)
         self.generation = InRunGeneration(cfg, self.plan.generation, self.tokenizer, self.device,
                                           self.agree, self.generate_kwargs())
         self.setup_models()
@@ -129,12 +193,18 @@ class BasicTrainer:
         opened = {kind: output_cache.open_for_run(cfg, kind, self.tokenizer) for kind in caches}
         self.teacher_cache, self.reference_cache = opened.get(output_cache.TEACHER), opened.get(output_cache.REFERENCE)
         policy = models.build(cfg, "policy", self.tokenizer, archive=self.resume_ckpt)
-        self.frozen = models.FrozenModels(cfg, self.spec, self.tokenizer, caches=opened)
+        self.frozen = models.FrozenModels(cfg, self.spec, self.tokenizer, caches=opened,
+                                          reference_from_policy=self.lora)
         if cfg.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = self.wrap(policy, cfg.model, trainable=True)
         self.frozen.wrap(self.wrap)
-        rank0_print(describe_models(cfg, self.spec, policy, self.frozen, self.device))
+        self.frozen.use_policy(self.policy)  # a LoRA policy's reference: its adapters off
+        report = models.startup_report(cfg, self.spec, self.policy, self.frozen)
+        rank0_print(describe_models(cfg, self.frozen, report, self.device))
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            utils.atomic_write_json(os.path.join(self.run_dir, "model_report.json"), report)
 
     def wrap(self, model, model_cfg, trainable: bool):
         return model.to(self.device)
@@ -187,7 +257,7 @@ class BasicTrainer:
         last_saved, evaluated_last = self.examples_seen, False
         self.last_save_time = self.t0 = time.time()
         with StopSignals() as signals:
-            for batch in batches:
+            for batch, last in utils.with_last(batches):
                 logged = self.train_step(batch)
                 stop, time_due = self.agree([signals.received is not None, self.save_time_due()])
                 if logged is None:  # a skipped non-finite step
@@ -200,8 +270,10 @@ class BasicTrainer:
                     self.examples_seen // cfg.eval_every > (self.examples_seen - cfg.batch_size) // cfg.eval_every
                 if evaluated_last:
                     self.evaluate()
-                if stop or time_due or (cfg.save_every and self.examples_seen - last_saved >= cfg.save_every):
-                    self.save()
+                # the last step is saved after the loop, as the run's final checkpoint (a LoRA run's
+                # holds the merged model): a save here would make that one a no-op
+                if stop or (not last and (time_due or (cfg.save_every and self.examples_seen - last_saved >= cfg.save_every))):
+                    self.save(final=last)
                     last_saved = self.examples_seen
                 if stop:
                     raise TrainingStopped(f"stopped by {signals.name or 'a signal on another rank'} at step "
@@ -211,7 +283,7 @@ class BasicTrainer:
             bar.close()
         if not evaluated_last:
             self.evaluate()
-        self.save()
+        self.save(final=True)
         if self.rank == 0:
             checkpoints.mark_done(self.run_dir, self.step, self.examples_seen, self.cfg.n_examples, self.cfg.n_epochs)
 
@@ -333,51 +405,6 @@ class BasicTrainer:
     def log(self, metrics: Dict[str, float], eval_samples=None):
         if self.rank == 0:
             write_log(self.metrics_path, self.wandb_run, self.step, self.examples_seen, metrics, eval_samples)
-
-    # -- checkpoints -------------------------------------------------------------
-    def full_state_dicts(self):
-        """(model state dict, optimizer state dict), full and on the CPU, on rank 0."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(self.policy, options=opts),
-                get_optimizer_state_dict(self.policy, self.optimizer, options=opts))
-
-    def save(self):
-        """Write <run>/step-N (prefkd/checkpoints.py). Refuses non-finite weights."""
-        if self.saved_step == self.step:
-            return  # this step is on disk already: never write (or replace) it twice
-        model_sd, optim_sd = self.full_state_dicts()
-        finite = self.rank != 0 or checkpoints.state_is_finite(model_sd, optim_sd)
-        if self.agree([not finite])[0]:
-            raise NonFiniteError(f"the weights or optimizer state at step {self.step} are not finite: checkpoint "
-                                 f"step-{self.step:08d} not written (LATEST still names "
-                                 f"{checkpoints.latest_name(self.run_dir)})")
-        checkpoints.save(self.run_dir, self.step, self.rank, self.agree,
-                         lambda tmp: self.write_checkpoint_files(tmp, model_sd, optim_sd), self.cfg.keep_checkpoints)
-        self.saved_step = self.step
-        self.last_save_time = time.time()
-
-    def write_checkpoint_files(self, tmp: str, model_sd: Dict, optim_sd: Dict) -> None:
-        checkpoints.write_files(tmp, model_sd, {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
-                                self.policy, self.tokenizer, {
-                                    "step": self.step, "examples_seen": self.examples_seen,
-                                    "world_size": self.world_size,
-                                    "config": OmegaConf.to_container(self.cfg, resolve=True)})
-
-    def load_training_state(self, ckpt: str):
-        """Restore optimizer, scheduler, counters and RNG from a checkpoint (the weights were
-        loaded when the policy was built)."""
-        state = checkpoints.load_state(ckpt, self.rank, self.world_size)
-        self.load_optimizer_state(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.examples_seen = state["step"], state["examples_seen"]
-        self.saved_step = self.step
-        rank0_print(f"resumed from {ckpt} at step {self.step} ({self.examples_seen} examples)")
-
-    def load_optimizer_state(self, optim_sd):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(self.policy, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
 
 class StopSignals:
@@ -537,13 +564,15 @@ def nonfinite_stop_message(what: str, latest: Optional[str], lr: float, allowed:
               f"steps in a row" + (f" ({allowed} allowed now)" if allowed else ""))
 
 
-def describe_models(cfg, spec, policy, frozen, device) -> str:
-    """The start-up line naming the policy's size and where each frozen model comes from."""
-    need_ref = spec.reference_need(cfg.loss)
-    n = sum(p.numel() for p in policy.parameters())
+def describe_models(cfg, frozen, report: Dict, device) -> str:
+    """The start-up line: the policy's size (and adapters), the reference mode, the teacher."""
     ref_cache, t_cache = frozen.reference_cache, frozen.teacher_cache
-    return (f"policy: {n / 1e6:.2f} M parameters; "
-            f"reference: {need_ref or ('generation only' if frozen.reference is not None else 'none')}"
+    n = report["parameters"]
+    lora = report["lora"]
+    return (f"policy: {n['total'] / 1e6:.2f} M parameters, {n['trainable'] / 1e6:.3f} M trainable"
+            + (f" (LoRA r={lora['r']} alpha={lora['alpha']} on {len(lora['target_modules'])} modules: "
+               f"{', '.join(lora['target_module_names'])})" if lora else "")
+            + f"; reference: {report['reference']}"
             f"{' (cached: ' + ref_cache.path + ')' if ref_cache else ''}; "
             f"teacher: {cfg.teacher.name if frozen.teacher is not None or t_cache else 'none'}"
             f"{' (cached: ' + t_cache.path + ')' if t_cache else ''}"

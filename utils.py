@@ -3,11 +3,12 @@
 Nothing here knows about losses or data sets: distributed bookkeeping, seeding,
 padding, atomic file writes and the run-directory layout.
 """
+import contextlib
 import json
 import os
 import random
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -73,6 +74,19 @@ def broadcast_object(obj, src: int = 0):
 
 # ---------------------------------------------------------------- tensors
 
+def with_last(items: Iterable) -> Iterator[Tuple[object, bool]]:
+    """(item, is it the last one) for each item, reading one item ahead."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for upcoming in it:
+        yield current, False
+        current = upcoming
+    yield current, True
+
+
 def pad_to_length(t: torch.Tensor, length: int, pad_value, dim: int = -1) -> torch.Tensor:
     if t.size(dim) >= length:
         return t
@@ -89,6 +103,18 @@ def set_seed(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def fork_rng(seed: int):
+    """Seed torch's CPU generator for the block and restore its state after it: building a
+    model (or its adapters) does not move the run's random stream."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
 
 
 def get_rng_state() -> Dict:

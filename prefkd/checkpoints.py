@@ -44,20 +44,33 @@ def resolve_checkpoint(path: str) -> str:
 MANIFEST = "COMPLETE"
 
 
-# What a training checkpoint must hold besides the per-rank RNG files.
-REQUIRED_FILES = ("config.json", "model.safetensors", "optimizer.pt", "trainer_state.json")
+# What a training checkpoint must hold besides the per-rank RNG files: the training state, and
+# the model's files or (a LoRA run, prefkd/adapters.py) its adapter's, or both.
+REQUIRED_FILES = ("optimizer.pt", "trainer_state.json")
+WEIGHT_FILES = (("config.json", "model.safetensors"), ("adapter/adapter_config.json", "adapter/adapter_model.safetensors"))
+
+
+def _files_of(ckpt: str) -> List[str]:
+    """The files of a checkpoint directory and of its subdirectories (the adapter's), relative."""
+    out = []
+    for root, dirs, names in os.walk(ckpt):
+        dirs.sort()
+        out += [os.path.relpath(os.path.join(root, n), ckpt) for n in sorted(names)]
+    return out
 
 
 def write_manifest(ckpt: str) -> None:
     """Flush every file of `ckpt` to disk, then record their sizes in its manifest."""
     sizes = {}
-    for name in sorted(os.listdir(ckpt)):
+    for name in _files_of(ckpt):
         full = os.path.join(ckpt, name)
-        if name == MANIFEST or not os.path.isfile(full):
+        if name == MANIFEST:
             continue
         with open(full, "rb") as f:
             os.fsync(f.fileno())
         sizes[name] = os.path.getsize(full)
+    for sub in {os.path.dirname(n) for n in sizes if os.path.dirname(n)}:
+        fsync_dir(os.path.join(ckpt, sub))
     atomic_write_json(os.path.join(ckpt, MANIFEST), {"files": sizes})
     fsync_dir(ckpt)
 
@@ -74,6 +87,8 @@ def checkpoint_problem(ckpt: str) -> Optional[str]:
     for name in REQUIRED_FILES:
         if name not in files:
             return f"its manifest lists no {name}"
+    if not any(all(n in files for n in group) for group in WEIGHT_FILES):
+        return "its manifest lists no model.safetensors (nor an adapter's files)"
     for name, size in files.items():
         full = os.path.join(ckpt, name)
         if not os.path.isfile(full):
@@ -144,9 +159,10 @@ def safetensors_problem(path: str) -> Optional[str]:
 
 
 def model_dir_problem(path: str) -> Optional[str]:
-    """None if `path` looks like a loadable model directory, else what is wrong (naming the file)."""
+    """None if `path` looks like a loadable model directory (or an adapter directory naming its
+    base, prefkd/adapters.py), else what is wrong (naming the file)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
-        return f"no config.json at {path}"
+        return _adapter_dir_problem(path)
     try:
         with open(os.path.join(path, "config.json")) as f:
             json.load(f)
@@ -164,22 +180,43 @@ def model_dir_problem(path: str) -> Optional[str]:
 
 
 
+def _adapter_dir_problem(path: str) -> Optional[str]:
+    from prefkd import adapters
+    where = adapters.location(path)
+    if where is None:
+        return f"no config.json at {path}"
+    weights = os.path.join(where, adapters.WEIGHTS_FILE)
+    problem = safetensors_problem(weights) if os.path.isfile(weights) else f"no {weights}"
+    if problem:
+        return f"{weights}: {problem}" if os.path.isfile(weights) else problem
+    try:
+        base = adapters.base_of(where)
+    except ValueError as e:
+        return f"{os.path.join(where, adapters.CONFIG_FILE)} is not valid JSON ({e})"
+    if not base:
+        return (f"{where} holds only an adapter over a randomly initialised model, which it cannot name: use the "
+                "run's final checkpoint (it holds the merged model) or train with model.lora.save_merged=true")
+    return None
+
+
 # ------------------------------------------------------------------ writing
 
-def write_files(tmp: str, model_sd: Dict, optim_blob: Dict, model, tokenizer, trainer_state: Dict) -> None:
+def write_files(tmp: str, model_sd: Optional[Dict], optim_blob: Dict, model, tokenizer, trainer_state: Dict) -> None:
     """Rank 0's files of a checkpoint, into the temporary directory `tmp`: the weights as
     safetensors (a tied output layer saved once, as Hugging Face loads it), the model and
-    generation configs, the tokenizer, optimizer.pt, trainer_state.json; then the manifest."""
+    generation configs, the tokenizer, optimizer.pt, trainer_state.json; then the manifest.
+    model_sd None: no model files (a LoRA checkpoint holding only its adapter)."""
     from safetensors.torch import save_file
-    config = model.config if hasattr(model, "config") else model.module.config
-    if getattr(config, "tie_word_embeddings", False):
-        model_sd.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt"})
-    config.save_pretrained(tmp)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(tmp)
+    if model_sd is not None:
+        config = model.config if hasattr(model, "config") else model.module.config
+        if getattr(config, "tie_word_embeddings", False):
+            model_sd.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(optim_blob, os.path.join(tmp, "optimizer.pt"))
     atomic_write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)

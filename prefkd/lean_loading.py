@@ -70,6 +70,10 @@ class Source:
     path: Optional[str]
     build_full: Callable[[], torch.nn.Module]
     strategy: str = field(default="")  # set by materialize: "slices" or "broadcast"
+    # A LoRA policy (prefkd/adapters.py): the starting model's name of each parameter, and the
+    # values of the parameters it does not have (the adapters: initial, or a resumed run's)
+    rename: Callable[[str], str] = field(default=lambda name: name)
+    fresh: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def meta_model(config, dtype: Optional[torch.dtype], path: Optional[str], build_full: Callable):
@@ -172,26 +176,40 @@ def _local_slice(param) -> Tuple[torch.Tensor, List[int], List[int]]:
     return param.to_local(), list(shape), list(offset)
 
 
-def _slices_plan(model, path: Optional[str]) -> Optional[Dict[str, str]]:
-    """param name -> file when every parameter is in `path`'s safetensors with its shape; else None."""
-    if not path:
+def _slices_plan(model, source: Source) -> Optional[Dict[str, str]]:
+    """param name -> file when every parameter (but the fresh ones) is in the source's safetensors
+    with its shape; else None."""
+    if not source.path:
         return None
-    index = safetensors_index(path)
+    index = safetensors_index(source.path)
     if index is None:
         return None
     files: Dict[str, SafetensorsFile] = {}
     try:
         for name, p in model.named_parameters():  # deduplicated: a tied lm_head is not listed
-            fname = index.get(name)
+            if name in source.fresh:
+                continue
+            stored = source.rename(name)
+            fname = index.get(stored)
             if fname is None:
                 return None
             f = files.get(fname) or files.setdefault(fname, SafetensorsFile(fname))
-            if name not in f.entries or f.shape(name) != tuple(p.shape) or f.entries[name]["dtype"] not in SAFETENSORS_DTYPES:
+            if f.shape(stored) != tuple(p.shape) or f.entries[stored]["dtype"] not in SAFETENSORS_DTYPES:
                 return None
     finally:
         for f in files.values():
             f.close()
-    return {name: index[name] for name, _ in model.named_parameters()}
+    return {name: index[source.rename(name)] for name, _ in model.named_parameters() if name not in source.fresh}
+
+
+def _copy_fresh(model, fresh: Dict[str, torch.Tensor]) -> None:
+    """Each rank's rows of the parameters whose whole values every rank holds (`fresh`)."""
+    for name, p in model.named_parameters():
+        if name in fresh:
+            local, shape, offset = _local_slice(p)
+            start = offset[0] if shape else 0
+            if local.numel():
+                local.copy_(fresh[name][start:start + shape[0]].to(local.dtype).reshape(local.shape))
 
 
 def _all_agree(flag: bool) -> bool:
@@ -228,9 +246,10 @@ def materialize(model, device: torch.device) -> Optional[str]:
     del model.lean_source
     model.to_empty(device=device)
     _init_buffers(model)
-    plan = _slices_plan(model, source.path)
+    plan = _slices_plan(model, source)
+    _copy_fresh(model, source.fresh)
     if _all_agree(plan is not None):
-        _load_slices(model, plan, source.path)
+        _load_slices(model, plan, source)
         source.strategy = "slices"
     else:
         _load_broadcast(model, source)
@@ -238,11 +257,13 @@ def materialize(model, device: torch.device) -> Optional[str]:
     return source.strategy
 
 
-def _load_slices(model, plan: Dict[str, str], path: str) -> None:
+def _load_slices(model, plan: Dict[str, str], source: Source) -> None:
     files: Dict[str, SafetensorsFile] = {}
     try:
         for name, p in model.named_parameters():
-            fname = plan[name]
+            if name not in plan:
+                continue  # fresh: filled already
+            fname, stored = plan[name], source.rename(name)
             f = files.get(fname) or files.setdefault(fname, SafetensorsFile(fname))
             local, shape, offset = _local_slice(p)
             if local.numel() == 0:
@@ -251,20 +272,21 @@ def _load_slices(model, plan: Dict[str, str], path: str) -> None:
                 raise ValueError(f"{name}: lean loading handles dim-0 sharding only (placements {p.placements})")
             start = offset[0] if shape else 0
             stop = start + (shape[0] if shape else 1)
-            if f.dtype(name) == local.dtype and local.is_contiguous() and local.device.type == "cpu":
-                f.read_rows(name, start, stop, out=local)  # straight into the shard: no transient copy
+            if f.dtype(stored) == local.dtype and local.is_contiguous() and local.device.type == "cpu":
+                f.read_rows(stored, start, stop, out=local)  # straight into the shard: no transient copy
             else:
-                rows = f.read_rows(name, start, stop)
+                rows = f.read_rows(stored, start, stop)
                 local.copy_(rows.to(local.dtype).reshape(local.shape))
                 del rows
         # persistent buffers stored in the checkpoint (Llama has none)
-        index = safetensors_index(path) or {}
+        index = safetensors_index(source.path) or {}
         persistent = set(model.state_dict().keys())
         for name, b in model.named_buffers():
-            if name in persistent and name in index:
-                fname = index[name]
+            stored = source.rename(name)
+            if name in persistent and stored in index:
+                fname = index[stored]
                 f = files.get(fname) or files.setdefault(fname, SafetensorsFile(fname))
-                t = f.read_rows(name, 0, f.shape(name)[0] if f.shape(name) else 1)
+                t = f.read_rows(stored, 0, f.shape(stored)[0] if f.shape(stored) else 1)
                 b.copy_(t.to(b.dtype).reshape(b.shape))
     finally:
         for f in files.values():
@@ -278,15 +300,16 @@ def _load_broadcast(model, source: Source) -> None:
     shards plus one tensor's chunk."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    targets = list(model.named_parameters())
+    targets = [(n, p) for n, p in model.named_parameters() if n not in source.fresh]
     persistent = set(model.state_dict().keys())
     targets += [(n, b) for n, b in model.named_buffers() if n in persistent]
     full_sd: Dict[str, torch.Tensor] = {}
     problem = None
     if rank == 0:
         full = source.build_full()
-        full_sd = dict(full.state_dict())
-        del full
+        by_name = dict(full.state_dict())
+        full_sd = {n: by_name[source.rename(n)] for n, _ in targets if source.rename(n) in by_name}
+        del full, by_name
         for name, t in targets:
             if name not in full_sd or tuple(full_sd[name].shape) != tuple(t.shape):
                 problem = f"{name}: {tuple(full_sd[name].shape) if name in full_sd else 'missing'} in the built " \

@@ -166,17 +166,20 @@ class _HiddenStatesHead(torch.nn.Module):
 
 
 def output_head(model):
-    """(name, module) of the model's output layer when its logits are exactly
-    `module(final hidden states)` with a Linear-like module that is a direct child; else None."""
+    """(owner, name, module) of the model's output layer when its logits are exactly
+    `module(final hidden states)` with a Linear-like module that is a direct child of `owner`
+    (the model, or the transformers model inside a peft model); else None. An adapted output
+    layer (a peft layer wrapping one: its output is not weight @ hidden) is None too."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or hasattr(head, "base_layer"):
         return None
     config = getattr(model, "config", None)
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
         return None
-    names = [n for n, m in model.named_children() if m is head]
-    return (names[0], head) if names else None
+    owner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    names = [n for n, m in owner.named_children() if m is head]
+    return (owner, names[0], head) if names else None
 
 
 def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool):
@@ -193,17 +196,17 @@ def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool):
     found = output_head(model) if chunk else None
     if found is not None:
         n, length = model_in["input_ids"].shape[:2]
-        if n * length * found[1].weight.shape[0] <= CHUNK_ELEMENTS:
+        if n * length * found[2].weight.shape[0] <= CHUNK_ELEMENTS:
             found = None  # the logits fit in one chunk: chunking would only add recomputation
     if found is None:
         return model(**model_in, use_cache=False).logits
-    name, head = found
+    owner, name, head = found
     stand_in = _HiddenStatesHead(head)
-    model._modules[name] = stand_in
+    owner._modules[name] = stand_in
     try:
         hidden = model(**model_in, use_cache=False).logits
     finally:
-        model._modules[name] = head
+        owner._modules[name] = head
     weight, bias = stand_in.weight, stand_in.bias
     from torch.distributed.tensor import DTensor
     if head.weight is not weight or isinstance(weight, DTensor):

@@ -9,7 +9,6 @@ trainer's `wrap`: FSDP sharding, tensor parallel or a device move) and runs the 
 feature functions on them. `pick_device` is the one device rule; `shard_fsdp` the one FSDP
 sharding rule (the FSDP trainer and generate.py).
 """
-import contextlib
 import os
 from typing import Callable, Dict, NamedTuple, Optional
 
@@ -17,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 import utils
-from prefkd import checkpoints, cross_tokenizer, lean_loading
+from prefkd import adapters, checkpoints, cross_tokenizer, lean_loading
 from prefkd.logprobs import response_mask, token_logps
 
 ROLES = ("policy", "reference", "teacher", "teacher_reference")
@@ -38,8 +37,10 @@ def source(cfg, role: str) -> Source:
     resumed one). The teacher and its reference are seeded seed+1 and seed+2: randomly
     initialised ones (tests, a pipeline's first stage) then differ from the student."""
     if role in ("policy", "reference"):
-        dtype = cfg.model.policy_dtype if role == "policy" else cfg.model.reference_dtype
-        return Source(cfg.model, cfg.model.get("archive"), int(cfg.seed), dtype)
+        # a LoRA policy's reference is the policy with its adapters off: the policy's dtype
+        own = role == "policy" or adapters.enabled(cfg.model)
+        return Source(cfg.model, cfg.model.get("archive"), int(cfg.seed),
+                      cfg.model.policy_dtype if own else cfg.model.reference_dtype)
     if role == "teacher":
         return Source(cfg.teacher, cfg.teacher.get("archive"), int(cfg.seed) + 1, cfg.teacher.reference_dtype)
     if role == "teacher_reference":
@@ -67,9 +68,18 @@ def load_tokenizer(model_cfg):
 
 def build(cfg, role: str, tokenizer, archive: Optional[str] = None):
     """The run's `role` model (see `source`), unwrapped; `archive` overrides its checkpoint (the
-    policy resumed from a checkpoint)."""
+    policy resumed from a checkpoint). A LoRA policy (model.lora.r set, prefkd/adapters.py) is its
+    starting model with adapters: initialised, or those of the resumed checkpoint."""
     src = source(cfg, role)
-    return build_model(src.model_cfg, tokenizer, utils.get_dtype(src.dtype), archive or src.archive, src.seed)
+    dtype = utils.get_dtype(src.dtype)
+    if role == "policy" and adapters.enabled(cfg.model):
+        resumed = adapters.location(checkpoints.resolve_checkpoint(archive)) if archive else None
+        if archive and resumed is None:
+            raise ValueError(f"{archive} holds no adapter ({adapters.ADAPTER_DIR}/): it was not written by a "
+                             "run with model.lora.r set")
+        base = build_model(src.model_cfg, tokenizer, dtype, src.archive, src.seed)
+        return adapters.attach(base, src.model_cfg, src.seed, resumed)
+    return build_model(src.model_cfg, tokenizer, dtype, archive or src.archive, src.seed)
 
 
 def build_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str] = None, seed: int = 0):
@@ -81,10 +91,68 @@ def build_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str]
     if lean_loading.active():
         from transformers import AutoConfig
         path = checkpoints.resolve_checkpoint(archive) if archive else model_cfg.name_or_path
-        config = AutoConfig.from_pretrained(path) if path else init_model_config(model_cfg, tokenizer)
+        if archive and not is_model_dir(path):  # base + adapter: merged by rank 0 (broadcast)
+            config, path = archive_config(path), None
+        else:
+            config = AutoConfig.from_pretrained(path) if path else init_model_config(model_cfg, tokenizer)
         return lean_loading.meta_model(config, dtype, path,
                                        lambda: _build_full_model(model_cfg, tokenizer, dtype, archive, seed))
     return _build_full_model(model_cfg, tokenizer, dtype, archive, seed)
+
+
+def is_model_dir(path: str) -> bool:
+    """A directory with a Hugging Face model's files (a merged LoRA checkpoint included)."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def adapter_base(path: str) -> str:
+    """The base model of the adapter-only checkpoint `path` (refused if it names none)."""
+    where = adapters.location(path)
+    base = adapters.base_of(where) if where else None
+    if where is None:
+        raise ValueError(f"{path} is not a checkpoint: no config.json and no {adapters.CONFIG_FILE}")
+    if not base:
+        raise ValueError(f"{where} is an adapter over a randomly initialised model, which it cannot name: use "
+                         "the run's final checkpoint (it holds the merged model) or train with "
+                         "model.lora.save_merged=true")
+    return checkpoints.resolve_checkpoint(base) if os.path.exists(os.path.expanduser(base)) else base
+
+
+def archive_config(path: str):
+    """The transformers config of the model in checkpoint `path` (a model or an adapter directory)."""
+    from transformers import AutoConfig
+    if is_model_dir(path):
+        return AutoConfig.from_pretrained(path)
+    base = adapter_base(path)
+    return archive_config(base) if os.path.isdir(base) else AutoConfig.from_pretrained(base)
+
+
+def policy_config(cfg, check_archives: bool = True):
+    """The transformers config of the policy's starting model, read without loading weights; None
+    if it cannot be read here (a hub model not cached offline, an archive not written yet)."""
+    from transformers import AutoConfig
+    archive = cfg.model.get("archive")
+    if archive and check_archives:
+        return archive_config(checkpoints.resolve_checkpoint(archive))
+    try:
+        if cfg.model.get("name_or_path"):
+            return AutoConfig.from_pretrained(cfg.model.name_or_path)
+    except (OSError, ValueError):
+        return None
+    return init_model_config(cfg.model, load_tokenizer(cfg.model)) if cfg.model.get("init_config") else None
+
+
+def load_archive(path: str, dtype: torch.dtype):
+    """The model of a resolved checkpoint `path`: its Hugging Face files, or (an adapter directory,
+    ours or peft's) its base with the adapter merged in (peft's merge_and_unload)."""
+    from transformers import AutoModelForCausalLM
+    if is_model_dir(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from peft import PeftModel
+    base_path = adapter_base(path)
+    base = load_archive(base_path, dtype) if os.path.isdir(base_path) else \
+        AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapters.location(path)).merge_and_unload()
 
 
 def init_model_config(model_cfg, tokenizer):
@@ -99,7 +167,7 @@ def init_model_config(model_cfg, tokenizer):
 def _build_full_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str] = None, seed: int = 0):
     from transformers import AutoModelForCausalLM
     if archive:
-        return AutoModelForCausalLM.from_pretrained(checkpoints.resolve_checkpoint(archive), dtype=dtype)
+        return load_archive(checkpoints.resolve_checkpoint(archive), dtype)
     if model_cfg.name_or_path:
         return AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
     config = init_model_config(model_cfg, tokenizer)
@@ -108,28 +176,65 @@ def _build_full_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optiona
     return model
 
 
-@contextlib.contextmanager
-def fork_rng(seed: int):
-    """Seed torch's CPU generator for the block and restore its state after it: building a
-    model does not move the run's random stream."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
+fork_rng = utils.fork_rng  # building a model does not move the run's random stream
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer) of a checkpoint of ours (a run directory, its LATEST or a
     step-* directory) or any Hugging Face model directory."""
-    from transformers import AutoModelForCausalLM
     import preference_datasets as data
     ckpt = checkpoints.resolve_checkpoint(path)
-    if not os.path.isfile(os.path.join(ckpt, "config.json")):
+    if not is_model_dir(ckpt) and adapters.location(ckpt) is None:
         raise ValueError(f"{path} is not a checkpoint (no config.json at {ckpt})")
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
-    return model, data.get_tokenizer(ckpt)
+    model = load_archive(ckpt, dtype).eval()
+    return model, data.get_tokenizer(ckpt if os.path.isfile(os.path.join(ckpt, "tokenizer_config.json"))
+                                     else adapter_base(ckpt))
+
+
+def base_location(cfg) -> Optional[str]:
+    """The policy's starting model as an adapter directory names its base (peft's
+    base_model_name_or_path): the resolved archive, a local path made absolute, a hub id, or None
+    (a random initialisation)."""
+    archive, name = cfg.model.get("archive"), cfg.model.get("name_or_path")
+    if archive:
+        return checkpoints.resolve_checkpoint(archive)
+    if name and os.path.exists(os.path.expanduser(str(name))):
+        return os.path.abspath(os.path.expanduser(str(name)))
+    return str(name) if name else None
+
+
+def describe_start(cfg) -> str:
+    """Where the policy starts (and a LoRA policy's reference comes from), in words."""
+    archive = cfg.model.get("archive")
+    if archive:
+        path = checkpoints.resolve_checkpoint(archive)
+        carried = " (a LoRA run: its adapter merged into its base, as that checkpoint holds it)" \
+            if adapters.location(path) else ""
+        return f"{path}{carried}"
+    return cfg.model.name_or_path or f"the random initialisation of model={cfg.model.name} (seed {cfg.seed})"
+
+
+def startup_report(cfg, spec, policy, frozen) -> Dict:
+    """What a run trains and what its reference is (printed at start-up, <run>/model_report.json):
+    {"parameters": {trainable, total}, "lora": the adapter's settings and target modules or None,
+    "reference": in words, "reference_mode": none | cache | frozen copy | adapters off}."""
+    lora = None
+    if adapters.enabled(cfg.model):
+        config = policy.peft_config[adapters.ADAPTER_NAME]
+        targets = sorted(n[len("base_model.model."):] for n, _ in adapters.lora_layers(policy))
+        lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                "target_modules": targets, "target_module_names": sorted({t.rsplit(".", 1)[-1] for t in targets}),
+                "save_merged": bool(cfg.model.lora.get("save_merged"))}
+    need = spec.reference_need(cfg.loss) or ("generation only" if frozen.reference is not None else None)
+    if need is None:
+        mode, text = "none", "none"
+    elif frozen.reference_cache is not None:
+        mode, text = "cache", f"{need} from the reference cache"
+    elif isinstance(frozen.reference, adapters.AdaptersOff):
+        mode, text = "adapters off", f"{need}: the policy with its adapters off = {describe_start(cfg)}"
+    else:
+        mode, text = "frozen copy", f"{need}: a frozen copy of {describe_start(cfg)} ({cfg.model.reference_dtype})"
+    return {"parameters": adapters.count_parameters(policy), "lora": lora, "reference": text, "reference_mode": mode}
 
 
 def freeze(model):
@@ -164,9 +269,12 @@ class FrozenModels:
     is not loaded. Built with `build` in the order reference, teacher, teacher reference;
     `wrap` then places each like the policy (the trainer's wrap)."""
 
-    def __init__(self, cfg, spec, tokenizer, caches: Optional[Dict] = None, roles=("reference", "teacher")):
+    def __init__(self, cfg, spec, tokenizer, caches: Optional[Dict] = None, roles=("reference", "teacher"),
+                 reference_from_policy: bool = False):
         caches = caches or {}
         self.cfg, self.spec = cfg, spec
+        # a LoRA policy is its own reference with the adapters off (use_policy): none is built
+        self.reference_from_policy = reference_from_policy
         self.teacher_cache, self.reference_cache = caches.get("teacher"), caches.get("reference")
         self.reference = self.teacher = self.teacher_reference = None
         self.teacher_tokenizer, self.teacher_tokens = None, "student"
@@ -175,7 +283,8 @@ class FrozenModels:
             # its own tokenization of the text (prefkd/cross_tokenizer.py)
             self.teacher_tokenizer = load_tokenizer(cfg.teacher)
             self.teacher_tokens = cross_tokenizer.check(cfg, spec, tokenizer, self.teacher_tokenizer)
-        if "reference" in roles and spec.reference_model_need(cfg.loss) and self.reference_cache is None:
+        if "reference" in roles and spec.reference_model_need(cfg.loss) and self.reference_cache is None \
+                and not reference_from_policy:
             self.reference = freeze(build(cfg, "reference", tokenizer))  # for its outputs, or to generate
         # a teacher of another vocabulary that only generates (seqkd) is read from generations= files
         generates_only = self.teacher_tokens == "own" and spec.teacher_features is None
@@ -190,9 +299,15 @@ class FrozenModels:
         self = cls.__new__(cls)
         caches = caches or {}
         self.cfg, self.spec, self.teacher_tokenizer, self.teacher_tokens = cfg, spec, None, "student"
+        self.reference_from_policy = False
         self.teacher_cache, self.reference_cache = caches.get("teacher"), caches.get("reference")
         self.reference, self.teacher, self.teacher_reference = reference, teacher, teacher_reference
         return self
+
+    def use_policy(self, policy) -> None:
+        """A LoRA policy (wrapped) as the reference, its adapters switched off (prefkd/adapters.py)."""
+        if self.reference_from_policy and self.spec.reference_model_need(self.cfg.loss) and self.reference_cache is None:
+            self.reference = adapters.AdaptersOff(policy)
 
     def wrap(self, wrap: Callable) -> None:
         """Place every loaded model: wrap(model, its model config, trainable=False)."""

@@ -98,13 +98,29 @@ def weights_fingerprint(path: str, n_blocks: int = 16, block: int = 1 << 16) -> 
     return h.hexdigest()[:24]
 
 
+def archive_fingerprint(path: str) -> str:
+    """The fingerprint of the effective weights of a checkpoint: its model files, or (an adapter
+    directory, prefkd/adapters.py) its adapter's files and config with its base's fingerprint,
+    so that a retrained adapter over the same base is a different model."""
+    from prefkd import adapters, models
+    if models.is_model_dir(path):
+        return weights_fingerprint(path)
+    where = adapters.location(path)
+    base = models.adapter_base(path)
+    base_print = archive_fingerprint(base) if os.path.isdir(base) else f"hub:{base}"
+    with open(os.path.join(where, adapters.CONFIG_FILE), "rb") as f:
+        config = hashlib.sha256(f.read()).hexdigest()
+    joined = f"{weights_fingerprint(where)}:{config}:{base_print}"
+    return hashlib.sha256(joined.encode()).hexdigest()[:24]
+
+
 def model_fingerprint(model_cfg, archive: Optional[str], seed: int, dtype: str) -> Dict[str, str]:
     """{"weights": fingerprint, "source": where the weights come from, "dtype"} of a frozen model
     built as models.build_model builds it: from `archive`, else `name_or_path`, else randomly
     initialised from `init_config` with `seed`."""
     if archive:
         path = checkpoints.resolve_checkpoint(archive)
-        return {"weights": weights_fingerprint(path), "source": path, "dtype": str(dtype)}
+        return {"weights": archive_fingerprint(path), "source": path, "dtype": str(dtype)}
     name = model_cfg.get("name_or_path")
     if name:
         local = os.path.isdir(os.path.expanduser(str(name)))
@@ -158,7 +174,9 @@ def _files_stamp(cfg, kind: str) -> str:
         where = checkpoints.resolve_checkpoint(src.archive) if src.archive else src.model_cfg.get("name_or_path")
         if where and os.path.isdir(os.path.expanduser(str(where))):
             d = os.path.expanduser(str(where))
-            paths += [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith((".safetensors", ".json"))]
+            for sub in (d, os.path.join(d, "adapter")):  # a LoRA checkpoint's adapter too
+                if os.path.isdir(sub):
+                    paths += [os.path.join(sub, n) for n in sorted(os.listdir(sub)) if n.endswith((".safetensors", ".json"))]
     data_cfg = cfg.get("data") or {}
     for p in [(data_cfg.get("local") or {}).get(k) for k in ("path", "train", "test")] + \
             list((data_cfg.get("paths") or {}).values()):

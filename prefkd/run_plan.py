@@ -135,9 +135,11 @@ def check_models(cfg, check_archives: bool = True) -> RunPlan:
             raise ValueError(f"loss={cfg.loss.name} needs the teacher's own SFT reference as a second frozen model: "
                              "pass teacher.reference_archive=<the SFT run the teacher was DPO-trained from>/LATEST")
         path = checkpoints.resolve_checkpoint(archive)
-        if check_archives and not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"teacher.reference_archive={archive!r} is not a checkpoint (no config.json at {path}); "
-                             "point it at a run directory, its LATEST file or a step-* directory")
+        problem = (checkpoints.model_dir_problem(path) if os.path.isdir(path) else f"no directory {path}") \
+            if check_archives else None
+        if problem:
+            raise ValueError(f"teacher.reference_archive={archive!r} is not a checkpoint ({problem}); point it at a "
+                             "run directory, its LATEST file, a step-* directory or an adapter directory")
     gen = plan.generation
     if gen is not None:
         if gen.source not in GENERATION_SOURCES:

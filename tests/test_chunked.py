@@ -194,7 +194,7 @@ def test_evaluate_sequence_logps_through_the_chunked_output_layer(monkeypatch):
 
 def test_models_with_scaled_logits_keep_their_full_logits():
     m = tiny_llama(5)
-    assert LG.output_head(m) == ("lm_head", m.lm_head)
+    assert LG.output_head(m) == (m, "lm_head", m.lm_head)
     m.config.final_logit_softcapping = 30.0
     assert LG.output_head(m) is None
     ids = torch.randint(1, V, (2, 6))

@@ -56,6 +56,25 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     AutoModelForCausalLM.from_pretrained(ckpt)
 
 
+def test_fsdp_lora_two_processes_match_one_process(tmp_path):
+    """LoRA under FSDP2: the frozen base sharded, gradients and AdamW state only for the adapters,
+    the reference the adapters switched off; losses and the saved adapter equal one process's."""
+    from safetensors.torch import load_file
+    common = COMMON + ["model.lora.r=8", "model.lora.alpha=32"]
+    single_dir, single = train_run(tmp_path / "single", common)
+    run_dir = launch(tmp_path / "fsdp", common + ["trainer=FSDPTrainer", "trainer.cpu_workers=2",
+                                                  f"trainer.port={free_port()}"])
+    fsdp = read_metrics(run_dir)
+    assert_same(single, fsdp, ["loss/train", "rewards_train/margins", "loss/eval", "rewards_eval/margins"], tol=1e-5)
+    assert by_step(single, "loss/train")[-1] < by_step(single, "loss/train")[0] - 0.005  # the adapters learn
+    name = "step-00000006/adapter/adapter_model.safetensors"
+    a, b = load_file(os.path.join(single_dir, name)), load_file(os.path.join(run_dir, name))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    # the merged model each wrote at the end is the same model
+    a, b = (load_file(os.path.join(d, "step-00000006/model.safetensors")) for d in (single_dir, run_dir))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
 def test_fsdp_tvkd_with_sharded_teacher_matches_one_process(tmp_path, trained_teacher):
     common = ["loss=tvkd", "loss.alpha=0.5", "n_examples=32", "eval_every=null", "lr=1e-3", "exp_name=d",
               "teacher=tiny_teacher", f"teacher.archive={trained_teacher}"]

@@ -3,7 +3,8 @@ the meta device, shard it and materialise only their own shards; the gathered fu
 must equal, bit for bit, what the single-process path (from_pretrained / seeded from_config)
 builds. One spawn covers every case (~15 s): our checkpoint with tied embeddings (fp32 and
 cast to bf16), a sharded multi-file hub-style directory (index json) loaded by name_or_path,
-random init from init_config, and a checkpoint whose names do not match (broadcast fallback).
+random init from init_config, a checkpoint whose names do not match (broadcast fallback), and a
+LoRA policy over our checkpoint and over random init (peft's names, the adapters' seeded weights).
 The FSDP training runs on the lean path are tests/test_distributed.py."""
 import os
 import socket
@@ -11,8 +12,9 @@ import socket
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
-from prefkd import models
+from prefkd import adapters, models
 
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 INIT = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 67, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
@@ -56,6 +58,10 @@ CASES = [  # (name, model cfg overrides, dtype, archive key, seed, expected stra
     ("random-init", {}, "float32", None, 7, "broadcast"),
     ("random-init-bf16", {}, "bfloat16", None, 8, "broadcast"),
     ("renamed-fallback", {}, "float32", "renamed", 0, "broadcast"),
+    # a LoRA policy (prefkd/adapters.py): the base read under its peft names, the adapters' seeded
+    # initial weights filled on every rank
+    ("lora-archive", {"lora": LORA}, "float32", "archive", 0, "slices"),
+    ("lora-random-init", {"lora": LORA}, "float32", None, 9, "broadcast"),
 ]
 
 
@@ -83,6 +89,7 @@ def worker(rank, world, port, root, paths, errors):
             archive = paths[archive_key] if archive_key else None
             with lean_loading.deferred():
                 model = models.build_model(cfg, tok, dtype, archive, seed)
+                model = adapters.attach(model, cfg, seed) if "lora" in over else model
             source = model.lean_source
             assert all(p.is_meta for p in model.parameters())
             model = trainers.FSDPTrainer.wrap(Shell(), model, cfg, trainable=True)
@@ -90,6 +97,7 @@ def worker(rank, world, port, root, paths, errors):
             buffers = {k: b.clone() for k, b in model.named_buffers()}
             if rank == 0:
                 ref = models._build_full_model(cfg, tok, dtype, archive, seed)
+                ref = adapters.attach(ref, cfg, seed) if "lora" in over else ref
                 want = ref.state_dict()
                 if source.strategy != expected:
                     problems.append(f"{name}: strategy {source.strategy}, expected {expected}")
@@ -102,7 +110,8 @@ def worker(rank, world, port, root, paths, errors):
                     if not (k in buffers and buffers[k].dtype == b.dtype and torch.equal(buffers[k], b)):
                         problems.append(f"{name}: buffer {k} differs")
                 tied = ref.config.tie_word_embeddings
-                if tied != (model.lm_head.weight is model.model.embed_tokens.weight):
+                inner = model.get_base_model() if "lora" in over else model
+                if tied != (inner.lm_head.weight is inner.model.embed_tokens.weight):
                     problems.append(f"{name}: tying {tied} not kept")
                 if ref.training != model.training:
                     problems.append(f"{name}: training mode {model.training} vs {ref.training}")
