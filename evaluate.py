@@ -111,17 +111,22 @@ def resolve_settings(path: str, datasets=None, n_examples=None, batch_size=None,
             "max_new_tokens": int(pick(max_new_tokens, "max_new_tokens")),
             "max_length": int(pick(max_length, "max_length")),
             "max_prompt_length": int(pick(max_prompt_length, "max_prompt_length")),
-            "truncation_mode": str(pick(truncation_mode, "truncation_mode"))}
+            "truncation_mode": str(pick(truncation_mode, "truncation_mode")),
+            # the run's padding_free: its log-probs on packed rows (the same numbers, no padding computed)
+            "padding_free": bool(cfg.get("padding_free", False))}
 
 
 @torch.no_grad()
-def sequence_logps(model, batch: Dict) -> torch.Tensor:
+def sequence_logps(model, batch: Dict, padding_free: bool = False) -> torch.Tensor:
     """[2B] summed response log-probs: chosen rows first, then rejected (through the chunked
-    output layer, logits.output_logits: no [2B, L, V] logits tensor)."""
+    output layer, logits.output_logits: no [2B, L, V] logits tensor; padding_free: on packed rows)."""
+    from prefkd import packing
     from prefkd.logits import output_logits
     from trainers import concatenated_inputs
     inp = concatenated_inputs(batch, pairwise=True)
-    logits = output_logits(model, {"input_ids": inp["input_ids"], "attention_mask": inp["attention_mask"]}, chunk=True)
+    plan = packing.plan(inp["attention_mask"], inp["input_ids"].shape[1]) if padding_free else None
+    logits = output_logits(model, {"input_ids": inp["input_ids"], "attention_mask": inp["attention_mask"]}, chunk=True,
+                           packing=plan)
     return losses.sequence_logps(losses.token_logps(logits, inp["labels"]), losses.response_mask(inp["labels"]))
 
 
@@ -147,11 +152,11 @@ def score_batch(model, ref, tokenizer, batch: Dict, s: Dict, task, pairs: bool, 
                 generator: str) -> None:
     """The metrics of one batch added to `sums`, its generations to `records`."""
     b = len(batch["prompt"])
-    lp = sequence_logps(model, batch) if pairs else None
+    lp = sequence_logps(model, batch, s.get("padding_free", False)) if pairs else None
     if pairs:
         sums.setdefault("logp_accuracy", []).extend((lp[:b] > lp[b:]).float().tolist())
     if ref is not None:
-        r = s["beta"] * (lp - sequence_logps(ref, batch))
+        r = s["beta"] * (lp - sequence_logps(ref, batch, s.get("padding_free", False)))
         sums.setdefault("pref_accuracy", []).extend((r[:b] > r[b:]).float().tolist())
         sums.setdefault("pref_margin", []).extend((r[:b] - r[b:]).tolist())
     out = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],

@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 import losses as losses_lib
 from prefkd import output_cache
 import utils
-from prefkd import models, run_plan
+from prefkd import models, packing, run_plan
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)
 USAGE = ("usage: python precompute.py {teacher|reference} <train.py overrides> "
@@ -89,11 +89,15 @@ def frozen_models(cfg, kind: str, tokenizer, device: torch.device) -> "models.Fr
     return frozen
 
 
-def features(frozen: "models.FrozenModels", kind: str, inputs: Dict[str, torch.Tensor], device) -> Dict:
+def features(frozen: "models.FrozenModels", kind: str, inputs: Dict[str, torch.Tensor], device,
+             packer: Optional["packing.Planner"] = None) -> Dict:
     """What a `kind` cache stores for one batch: the features the loss would read (full logits:
-    the cache stores what a run without output chunking computes)."""
+    the cache stores what a run without output chunking computes), on padded rows or, with a
+    `packer` (padding_free=true), on packed ones (the same numbers)."""
+    from prefkd.logits import output_logits
+
     def logits(model, model_in):
-        return model(**model_in, use_cache=False).logits
+        return output_logits(model, model_in, chunk=False, packing=packer.of(model_in) if packer else None)
     if kind == output_cache.REFERENCE:
         return frozen.reference_outputs(inputs, logits, device)
     return frozen.teacher_features(inputs, logits, device)
@@ -155,6 +159,7 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
     import trainers
     spec = losses_lib.get_loss(cfg.loss.name)
     frozen = frozen_models(cfg, kind, tokenizer, device)
+    packer = packing.Planner(cfg.get("padding_free", False), cfg.max_length)  # processes run apart: no sync
     seen, counts, index = set(), {"train": 0, "test": 0}, 0
     for seed in seeds:
         cfg.seed = seed
@@ -173,7 +178,7 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
                 if len(new) < len(keys):  # only the rows not stored yet (each row's features are its own)
                     inputs = {k: v[new] for k, v in inputs.items()}
                 inputs = utils.move_batch(inputs, device)
-                counts[split] += writer.add(features(frozen, kind, inputs, device), inputs["input_ids"], inputs["labels"],
+                counts[split] += writer.add(features(frozen, kind, inputs, device, packer), inputs["input_ids"], inputs["labels"],
                                             inputs["attention_mask"])
     return counts
 

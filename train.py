@@ -37,13 +37,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import losses
 import utils
-from prefkd import adapters, models, run_plan
+from prefkd import adapters, models, packing, run_plan
 from prefkd import checkpoints
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
 # that `resume=true` (or a new wandb mode) lands in the same directory as the original run.
 NAME_NEUTRAL = {"resume", "overwrite", "wandb", "progress_bar", "num_threads", "runs_dir", "trainer.port",
-                "hydra", "exp_name", "teacher.cache", "reference.cache"}  # caches give the live models' numbers
+                "hydra", "exp_name", "teacher.cache", "reference.cache",  # caches give the live models' numbers
+                "padding_free", "max_tokens_per_micro_batch"}  # packed rows and token budgets too
 
 
 def derive_exp_name(cfg: DictConfig, overrides) -> str:
@@ -68,6 +69,7 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
     check_types(cfg)
     check_ranges(cfg)
     adapters.check(cfg)  # model.lora / teacher.lora settings; the targets once the archives are checked
+    packing.check(cfg)  # padding_free, max_tokens_per_micro_batch, attn_implementation
     spec = losses.get_loss(cfg.loss.name)
     if spec.validate is not None:
         try:
@@ -138,7 +140,7 @@ def _defaults_of(cfg: DictConfig) -> dict:
 
 # Top-level numeric keys whose default is (or may be) null, with the type they take.
 NULLABLE_NUMBERS = {"n_epochs": int, "save_every": int, "num_threads": int, "save_every_minutes": float,
-                    "max_grad_norm": float}
+                    "max_grad_norm": float, "max_tokens_per_micro_batch": int}
 
 
 # Keys holding text whose default is null (a bare `nan` or `inf` there is a name, not a number).

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 import losses as losses_lib
 import preference_datasets as data
 import utils
-from prefkd import adapters, checkpoints, lean_loading, models, output_cache, run_plan
+from prefkd import adapters, checkpoints, lean_loading, models, output_cache, packing, run_plan
 from prefkd import logits as logits_lib
 from prefkd import generation
 from prefkd.generation import InRunGeneration
@@ -59,6 +59,29 @@ def split_batch(batch: Dict, n: int) -> List[Dict]:
     size = len(batch["prompt"])
     step = size // n
     return [{k: v[i * step:(i + 1) * step] for k, v in batch.items()} for i in range(n)]
+
+
+def split_by_tokens(batch: Dict, budget: int, padded: bool, pairwise: bool, sync_device=None) -> List[Dict]:
+    """Cut a micro-batch into consecutive ones of at most `budget` tokens (config
+    max_tokens_per_micro_batch; prefkd/packing.py): padded, a part's rows times its longest; packed,
+    its tokens. Each part's responses are trimmed to its own longest row (right padding only, so
+    nothing changes). `sync_device`: every rank agrees on the number of parts (FSDP)."""
+    sides = ("chosen", "rejected") if pairwise else ("chosen",)
+    lengths = [[int(n) for n in row] for row in zip(*(batch[f"{s}_attention_mask"].sum(-1).tolist() for s in sides))]
+    sizes = packing.token_budget_split(lengths, int(budget), padded)
+    if sync_device is not None:
+        sizes = packing.split_sizes_to(sizes, utils.all_max([len(sizes)], sync_device)[0])
+    parts, start = [], 0
+    for size in sizes:
+        part = {k: v[start:start + size] for k, v in batch.items()}
+        for s in ("chosen", "rejected"):
+            if f"{s}_attention_mask" in part:
+                width = max(1, int(part[f"{s}_attention_mask"].sum(-1).max()))
+                for k in ("input_ids", "attention_mask", "labels"):
+                    part[f"{s}_{k}"] = part[f"{s}_{k}"][:, :width]
+        parts.append(part)
+        start += size
+    return parts
 
 
 def run_batches(cfg, tokenizer, spec, split: str, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
@@ -164,6 +187,9 @@ class BasicTrainer(Checkpointing):
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         self.resume_ckpt = checkpoints.find_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
         self.lora = adapters.enabled(cfg.model)  # LoRA adapters train, the base is frozen (prefkd/adapters.py)
+        # padding-free packed forwards (prefkd/packing.py); under FSDP the ranks agree on the row count
+        self.packer = packing.Planner(cfg.get("padding_free", False), cfg.max_length, sync=utils.is_distributed(),
+                                      device=self.collective_device)
         self.generation = InRunGeneration(cfg, self.plan.generation, self.tokenizer, self.device,
                                           self.agree, self.generate_kwargs())
         self.setup_models()
@@ -200,6 +226,8 @@ class BasicTrainer(Checkpointing):
         self.policy = self.wrap(policy, cfg.model, trainable=True)
         self.frozen.wrap(self.wrap)
         self.frozen.use_policy(self.policy)  # a LoRA policy's reference: its adapters off
+        if self.packer.enabled:
+            self.check_packing()
         report = models.startup_report(cfg, self.spec, self.policy, self.frozen)
         rank0_print(describe_models(cfg, self.frozen, report, self.device))
         if self.rank == 0:
@@ -208,6 +236,15 @@ class BasicTrainer(Checkpointing):
 
     def wrap(self, model, model_cfg, trainable: bool):
         return model.to(self.device)
+
+    def check_packing(self):
+        """padding_free: each model the run loads keeps packed sequences apart (prefkd/packing.py)."""
+        f = self.frozen
+        for what, model, mcfg in (("the policy", self.policy, self.cfg.model), ("the reference", f.reference, self.cfg.model),
+                                  ("the teacher", f.teacher, self.cfg.get("teacher")),
+                                  ("the teacher's reference", f.teacher_reference, self.cfg.get("teacher"))):
+            if isinstance(model, torch.nn.Module):
+                packing.check_isolation(model, what, mcfg.get("attn_implementation") or "sdpa")
 
     # -- forward / loss -------------------------------------------------------
     def compute_loss(self, batch: Dict, train: bool):
@@ -235,7 +272,7 @@ class BasicTrainer(Checkpointing):
     def logits(self, model, model_in: Dict[str, torch.Tensor]):
         """`model`'s logits: [N, L, V], or with output_chunking a LazyLogits (prefkd/logits.py)."""
         return logits_lib.output_logits(model, model_in, chunk=bool(self.cfg.get("output_chunking", False))
-                             and self.chunkable(model))
+                                        and self.chunkable(model), packing=self.packer.of(model_in))
 
     def chunkable(self, model) -> bool:
         """Whether the chunked output layer applies to this (wrapped) model."""
@@ -291,18 +328,20 @@ class BasicTrainer(Checkpointing):
         """One optimizer step on a global batch; returns the logged metrics, or None when the
         loss or gradient norm was non-finite and the step was skipped (max_nonfinite_steps)."""
         cfg = self.cfg
-        accum = cfg.gradient_accumulation_steps
         self.policy.train()
         step_metrics: Dict[str, List[torch.Tensor]] = {}
-        for i, mb in enumerate(split_batch(batch, accum)):
-            with self.sync_context(last=i == accum - 1):
+        parts = self.micro_batches(batch)
+        for i, mb in enumerate(parts):
+            with self.sync_context(last=i == len(parts) - 1):
                 loss, metrics = self.compute_loss(mb, train=True)
-                (loss / accum).backward()
-            metrics["loss"] = loss.detach().reshape(1)
+                # each loss is a mean over its examples: weighted by their share, the sum of the
+                # micro-batches' gradients is the local batch's
+                (loss * (len(mb["prompt"]) / len(batch["prompt"]))).backward()
+            metrics["loss"] = loss.detach().reshape(1).repeat(len(mb["prompt"]))
             for k, v in metrics.items():
                 step_metrics.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
         grad_norm = self.clip_gradients()
-        local_loss = float(torch.cat(step_metrics["loss"]).sum())
+        local_loss = float(torch.cat(step_metrics["loss"]).mean())
         (nonfinite,) = self.agree([not (math.isfinite(local_loss) and math.isfinite(grad_norm))])
         self.step += 1
         self.examples_seen += cfg.batch_size
@@ -321,6 +360,16 @@ class BasicTrainer(Checkpointing):
         self.t0 = time.time()
         self.log(logged)
         return logged
+
+    def micro_batches(self, batch: Dict) -> List[Dict]:
+        """The local batch's micro-batches, in order: gradient_accumulation_steps equal parts,
+        each cut further to at most max_tokens_per_micro_batch tokens when that is set."""
+        parts = split_batch(batch, self.cfg.gradient_accumulation_steps)
+        budget = self.cfg.get("max_tokens_per_micro_batch")
+        if not budget:
+            return parts
+        sync = self.collective_device if utils.is_distributed() else None
+        return [p for part in parts for p in split_by_tokens(part, budget, not self.packer.enabled, self.pairwise, sync)]
 
     def skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
         """Drop this step's gradients; stop (NonFiniteError) past max_nonfinite_steps in a row."""

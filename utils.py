@@ -243,6 +243,15 @@ class NonFiniteError(RunError):
     """A non-finite loss, gradient norm or weight: the run stops before it can be saved."""
 
 
+def all_max(values, device=None):
+    """Each integer the largest over the ranks (one small all-reduce); one process: as they are."""
+    if not is_distributed():
+        return [int(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=device or "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(x) for x in t.tolist()]
+
+
 def agree(flags, device=None):
     """Each flag true on every rank if it is true on any (one small all-reduce; `device`: where the
     process group's tensors live, e.g. the GPU under NCCL), so that all ranks skip, save, stop or

@@ -89,6 +89,8 @@ class LazyLogits:
     @staticmethod
     def combine(fn: Callable, *parts: "LazyLogits") -> "LazyLogits":
         """fn(chunk of parts[0], chunk of parts[1], ...) -> [N, c, V], applied lazily."""
+        if parts and all(isinstance(p, PackedLogits) for p in parts):
+            return PackedLogits.combine_packed(fn, *parts)
         return LazyLogits(fn=fn, children=parts)
 
     def materialize(self) -> torch.Tensor:
@@ -98,6 +100,101 @@ class LazyLogits:
 
 
 Logits = Union[torch.Tensor, LazyLogits]
+
+
+class PackedLogits(LazyLogits):
+    """The [N, L, V] logits of a right-padded batch that ran padding-free (config `padding_free`,
+    prefkd/packing.py): only the T real positions exist, as one stream [1, T, V] (the packed rows'
+    logits, or a LazyLogits of their hidden states), and `index` [N, L] holds the stream position
+    of each (row, position), -1 at padding. The losses read it like any LazyLogits; `chunked` runs
+    its function on the stream's positions and lays the per-position results back into rows (zero
+    at padding), so no padded vocabulary-sized tensor exists and no padding is projected."""
+
+    def __init__(self, stream: Logits, index: torch.LongTensor):
+        if stream.shape[0] != 1 or index.dim() != 2:
+            raise ValueError("PackedLogits needs a stream [1, T, V] and an index [N, L]")
+        self.stream, self.index = stream, index
+        self.hidden = self.weight = self.bias = self.fn = None
+        self.children = ()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.index.shape, self.stream.shape[-1]))
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.stream.requires_grad
+
+    def __getitem__(self, idx) -> "PackedLogits":
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) > 2 or not all(isinstance(i, slice) and i.step in (None, 1) for i in idx):
+            raise IndexError(f"PackedLogits takes slices of its rows and positions only, got {idx!r}")
+        return PackedLogits(self.stream, self.index[idx])
+
+    def detach(self) -> "PackedLogits":
+        return PackedLogits(self.stream.detach(), self.index)
+
+    def map(self, fn: Callable) -> "PackedLogits":
+        stream = self.stream.map(fn) if isinstance(self.stream, LazyLogits) else chunked(fn, self.stream)
+        return PackedLogits(stream, self.index)
+
+    @staticmethod
+    def combine_packed(fn: Callable, *parts: "PackedLogits") -> "PackedLogits":
+        _same_layout(parts)
+        streams = [p.stream for p in parts]
+        if all(isinstance(s, LazyLogits) for s in streams):
+            return PackedLogits(LazyLogits.combine(fn, *streams), parts[0].index)
+        return PackedLogits(chunked(fn, *streams), parts[0].index)
+
+    def materialize(self) -> torch.Tensor:
+        """The padded [N, L, V] tensor (zero at padding): for tests and small inputs only."""
+        stream = self.stream.materialize() if isinstance(self.stream, LazyLogits) else self.stream
+        valid = self.index >= 0
+        out = stream.new_zeros(self.shape)
+        out[valid] = stream[0, self.index[valid]]
+        return out
+
+
+def _same_layout(parts) -> None:
+    index = parts[0].index
+    for p in parts[1:]:
+        if p.index.shape != index.shape or not torch.equal(p.index, index):
+            raise ValueError("packed logits of differently packed batches cannot be combined position by position")
+
+
+def _take(x: Logits, positions: torch.LongTensor) -> Logits:
+    """The stream positions `positions` of a [1, T, V] stream (a LazyLogits: of its hidden states)."""
+    if not isinstance(x, LazyLogits):
+        return x[:, positions]
+    if x.fn is None:
+        return LazyLogits(x.hidden[:, positions], x.weight, x.bias)
+    return LazyLogits(fn=x.fn, children=tuple(_take(c, positions) for c in x.children))
+
+
+def _chunked_packed(fn: Callable, tensors, grad: bool) -> torch.Tensor:
+    """`chunked` with PackedLogits arguments: fn runs on the stream positions that the (sliced)
+    index covers, the row-layout arguments gathered at the same positions; the results are laid
+    back into rows, zero at padding."""
+    packed = [t for t in tensors if isinstance(t, PackedLogits)]
+    _same_layout(packed)
+    index = packed[0].index
+    valid = index >= 0
+    positions = index[valid]  # row-major order over the covered (row, position) pairs
+    args = []
+    for t in tensors:
+        if isinstance(t, PackedLogits):
+            args.append(_take(t.stream, positions))
+        elif tuple(t.shape[:2]) != tuple(index.shape):
+            raise ValueError(f"a [{', '.join(map(str, t.shape))}] argument beside packed logits of "
+                             f"[{', '.join(map(str, index.shape))}] rows and positions")
+        else:
+            args.append(t[valid].unsqueeze(0))
+    out = chunked(fn, *args, grad=grad)[0]
+    rows = out.new_zeros((*index.shape, *out.shape[1:]))
+    rows[valid] = out
+    return rows
+
+
 
 
 def _materialized(fn: Callable, *parts):
@@ -121,6 +218,8 @@ def chunked(fn: Callable, *tensors: Logits, grad: bool = False) -> torch.Tensor:
     (for a LazyLogits: the hidden states' slice; the projection is recomputed too).
     Otherwise the chunks are written into one preallocated output, so the peak is the output
     plus one chunk's temporaries (no list of chunks plus a concatenated copy)."""
+    if any(isinstance(t, PackedLogits) for t in tensors):
+        return _chunked_packed(fn, tensors, grad)
     n, length, vocab = tensors[0].shape[0], tensors[0].shape[1], tensors[0].shape[-1]
     c = chunk_positions(n, vocab)
     use_checkpoint = grad and torch.is_grad_enabled()
@@ -182,10 +281,12 @@ def output_head(model):
     return (owner, names[0], head) if names else None
 
 
-def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool):
+def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool, packing=None):
     """The model's logits for one batch: the [N, L, V] tensor, or with chunk=True (and an
     `output_head`) a `LazyLogits` of its final hidden states [N, L, H] and output-layer
     weight [V, H] (+ bias), which the losses project chunk by chunk along the sequence.
+    With a `packing` (prefkd/packing.py, config `padding_free`) the model runs on the packed rows
+    instead and the result is a `PackedLogits` of the same [N, L, V] shape.
 
     The whole model runs its forward pass (under FSDP2 the root's hooks unshard the output
     layer once and keep it unsharded until the end of backward, where the gradient that the
@@ -193,18 +294,26 @@ def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool):
     only the output layer is swapped, for this pass, for one that returns the hidden states.
     The weight is the unsharded tensor the forward pass used, never a sharded DTensor.
     Logits of at most CHUNK_ELEMENTS entries (one chunk) are returned whole."""
+    from prefkd.packing import packed_forward
     found = output_head(model) if chunk else None
     if found is not None:
-        n, length = model_in["input_ids"].shape[:2]
-        if n * length * found[2].weight.shape[0] <= CHUNK_ELEMENTS:
+        n_positions = packing.tokens if packing is not None else model_in["input_ids"].shape[0] * model_in["input_ids"].shape[1]
+        if n_positions * found[2].weight.shape[0] <= CHUNK_ELEMENTS:
             found = None  # the logits fit in one chunk: chunking would only add recomputation
-    if found is None:
+
+    def forward():
+        if packing is not None:
+            return packed_forward(model, model_in["input_ids"], packing)
         return model(**model_in, use_cache=False).logits
+
+    if found is None:
+        out = forward()
+        return out if packing is None else PackedLogits(out, packing.index)
     owner, name, head = found
     stand_in = _HiddenStatesHead(head)
     owner._modules[name] = stand_in
     try:
-        hidden = model(**model_in, use_cache=False).logits
+        hidden = forward()
     finally:
         owner._modules[name] = head
     weight, bias = stand_in.weight, stand_in.bias
@@ -217,6 +326,5 @@ def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool):
                                "(reshard_after_forward on the FSDP root?); set output_chunking=false")
         with torch.no_grad():
             weight, bias = (t.full_tensor() if isinstance(t, DTensor) else t for t in (head.weight, head.bias))
-    return LazyLogits(hidden, weight, bias)
-
-
+    lazy = LazyLogits(hidden, weight, bias)
+    return lazy if packing is None else PackedLogits(lazy, packing.index)

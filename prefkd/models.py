@@ -88,6 +88,18 @@ def build_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str]
     the same weights). Under lean_loading.deferred() (FSDPTrainer) the model is built on the
     meta device instead, and FSDPTrainer.wrap gives each rank only its own shards of these
     same weights (prefkd/lean_loading.py)."""
+    return set_attention(_build_model(model_cfg, tokenizer, dtype, archive, seed), model_cfg)
+
+
+def set_attention(model, model_cfg):
+    """The model with model_cfg.attn_implementation (sdpa by default; eager; flash_attention_2 / 3)."""
+    impl = model_cfg.get("attn_implementation") or "sdpa"
+    if getattr(model.config, "_attn_implementation", None) != impl:
+        model.set_attn_implementation(impl)
+    return model
+
+
+def _build_model(model_cfg, tokenizer, dtype: torch.dtype, archive: Optional[str] = None, seed: int = 0):
     if lean_loading.active():
         from transformers import AutoConfig
         path = checkpoints.resolve_checkpoint(archive) if archive else model_cfg.name_or_path

@@ -16,6 +16,7 @@ import trainers
 
 from conftest import REPO
 from prefkd import models as model_lib
+from prefkd import packing
 
 V, B, LEN = 37, 2, 11          # vocabulary, pairs, sequence length
 SMALL_CHUNKS = 3 * 2 * B * V   # three positions per chunk for the 2B pairwise rows (4 chunks of 11)
@@ -61,11 +62,13 @@ def models():
     return MODELS
 
 
-def fake_trainer(loss_cfg, chunking):
+def fake_trainer(loss_cfg, chunking, padding_free=False, max_length=LEN):
     """A BasicTrainer with only what compute_loss reads (no data, no optimizer); generations off
     (the generation losses then train on the batch's responses, which is what is compared)."""
     t = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
-    t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": chunking})
+    t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": chunking, "padding_free": padding_free,
+                              "max_length": max_length})
+    t.packer = packing.Planner(padding_free, max_length)
     t.spec = L.get_loss(loss_cfg["name"])
     t.pairwise, t.device = t.spec.pairwise, torch.device("cpu")
     m = models()
@@ -220,8 +223,8 @@ import test_chunked as T
 
 fresh = dict(T.models())
 plain_output_logits, weights_seen = LG.output_logits, []
-def spy(model, model_in, chunk):
-    out = plain_output_logits(model, model_in, chunk)
+def spy(model, model_in, chunk, packing=None):
+    out = plain_output_logits(model, model_in, chunk, packing)
     if isinstance(out, L.LazyLogits):  # the output layer the chunks read: full, not a sharded DTensor
         weights_seen.append((isinstance(out.weight, DTensor), tuple(out.weight.shape), out.weight.requires_grad))
     return out

@@ -43,9 +43,13 @@ def assert_same(single, other, keys, tol):
 
 
 def test_fsdp_two_processes_match_one_process(tmp_path):
+    """Also packed (padding_free) with token-budget micro-batches: each rank packs its own rows and
+    cuts its own micro-batches, the ranks agreeing on how many forward calls and micro-batches run
+    (FSDP's collectives), with the one padded process's numbers (packed = padded: test_packing.py)."""
     _, single = train_run(tmp_path / "single", COMMON)
     run_dir = launch(tmp_path / "fsdp", COMMON + ["trainer=FSDPTrainer", "trainer.cpu_workers=2",
-                                                  f"trainer.port={free_port()}"])
+                                                  f"trainer.port={free_port()}", "padding_free=true",
+                                                  "max_tokens_per_micro_batch=40"])
     fsdp = read_metrics(run_dir)
     assert_same(single, fsdp, ["loss/train", "rewards_train/margins", "logps_train/chosen", "loss/eval",
                                "rewards_eval/accuracies", "rewards_eval/margins"], tol=1e-5)
