@@ -3,6 +3,7 @@
     python evaluate.py checkpoint=runs/<run>                    # the run's own data, lengths and scorer
     python evaluate.py checkpoint=runs/<run>/LATEST reference=runs/<sft run>
     python evaluate.py checkpoint=<ckpt> datasets=[dpomix] n=500 generations=out.jsonl alpaca_eval=out.json
+    python evaluate.py checkpoint=runs/<run> reward_model=runs/<rm run>/LATEST reward_baseline=sft_gen.jsonl
 
 Arguments are Hydra-style key=value (config/evaluate.yaml lists them). Every setting left null
 defaults to the run's config (the checkpoint's trainer_state.json, else <run>/config.yaml):
@@ -26,6 +27,11 @@ Metrics (one JSON object on stdout, and returned by `evaluate_checkpoint`):
 * `pref_accuracy`, `pref_margin`: with a reference, the implicit-reward accuracy
   beta [log pi(y_w) - log ref(y_w)] > beta [log pi(y_l) - log ref(y_l)] and its mean
   margin: the paper's "Margin Acc.".
+* `reward`, `reward_stderr` (with reward_model=<hub id or directory>): the mean and standard error
+  of a reward model's scores of the generations (prefkd/reward_scoring.py: its own tokenizer and
+  chat template; written per row into the generations' scores); `reward_win_rate` (with
+  reward_baseline=<generations file>): the share of prompts on which this model's answer
+  out-scores the baseline's (ties a half), on the same prompts only.
 * `n` (rows evaluated) and `settings` (what was used).
 
 Generations (prefkd/generation.py): generations=F writes one JSON line per prompt (the original
@@ -181,6 +187,7 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
                         generations: Optional[str] = None, options=None, truncation_mode: Optional[str] = None,
                         scorer: Optional[str] = None, model_id: Optional[str] = None,
                         alpaca_eval: Optional[str] = None, mt_bench: Optional[str] = None,
+                        reward_model: Optional[str] = None, reward_baseline: Optional[str] = None,
                         log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Dict:
     """Evaluate `path` (a step-* directory, a run directory or its LATEST file). Settings left
     None come from the run's config (resolve_settings); `options` is merged over the run's
@@ -193,6 +200,7 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
         log(f"evaluate: {path} has no run config (trainer_state.json / config.yaml); using defaults: "
             f"datasets {names}, max_length {s['max_length']}, max_prompt_length {s['max_prompt_length']}")
     task = scorers.for_config(names, opts)  # a bad data.scorer fails here, before the model is loaded
+    baseline = check_reward_inputs(reward_model, reward_baseline)  # before any model, too
     n, available = held_out_count(s, log)
     s["n"] = n
     pairs = data.pairs_available(names, opts)
@@ -212,15 +220,60 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
         if len(records) >= n:
             break
         score_batch(model, ref, tokenizer, _take(batch, n - len(records)), s, task, pairs, sums, records, generator)
+    if reward_model:
+        sums.update(reward_metrics(records, reward_model, baseline, reward_baseline, s["batch_size"], log))
     for path_out, write in ((generations, gen.write_jsonl), (alpaca_eval, gen.write_alpaca_eval),
                             (mt_bench, gen.write_mt_bench)):
         if path_out:
             write(records, path_out)
-    result = {k: sum(v) / len(v) for k, v in sums.items()}
+    result = {k: sum(v) / len(v) if isinstance(v, list) else v for k, v in sums.items()}
     result["n"] = len(records)
     result["settings"] = {k: v for k, v in s.items() if k != "data"} | {"scorers": task.specs(),
                                                                        "generator": generator}
     return result
+
+
+def read_jsonl(path: str) -> List[Dict]:
+    if not os.path.isfile(path):
+        raise ValueError(f"reward_baseline: no file {path} (a generations file of evaluate.py or generate.py)")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def check_reward_inputs(reward_model: Optional[str], baseline_path: Optional[str]) -> Optional[List[Dict]]:
+    """The reward model's output count and the baseline's generations (prompts and completions),
+    checked before any model loads; returns the baseline's records."""
+    if baseline_path and not reward_model:
+        raise ValueError("reward_baseline is set but reward_model is not: the win rate needs a reward model")
+    if not reward_model:
+        return None
+    from prefkd import reward_scoring
+    reward_scoring.check(reward_model)
+    if not baseline_path:
+        return None
+    records = read_jsonl(baseline_path)
+    reward_scoring.check_records(records, f"reward_baseline {baseline_path}")
+    return records
+
+
+def reward_metrics(records: List[Dict], reward_model: str, baseline: Optional[List[Dict]], baseline_path,
+                   batch_size: int, log) -> Dict[str, float]:
+    """Each record's reward (written into its scores as `reward`), their mean and standard error,
+    and the win rate against the baseline's generations on the same prompts."""
+    from prefkd import reward_scoring
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    rm, tok = reward_scoring.load(reward_model, device)
+    scores = reward_scoring.score_records(rm, tok, records, batch_size, name=f"reward_model={reward_model}")
+    for r, v in zip(records, scores):
+        r["scores"] = {**(r.get("scores") or {}), "reward": v}
+    mean, stderr = reward_scoring.mean_and_stderr(scores)
+    out = {"reward": mean, "reward_stderr": stderr}
+    if baseline is not None:
+        theirs = reward_scoring.score_records(rm, tok, baseline, batch_size, name=f"reward_model={reward_model}")
+        out["reward_win_rate"] = reward_scoring.win_rate(scores, records, theirs, baseline, baseline_path)
+    log(f"evaluate: reward model {reward_model}: mean {mean:.4f} +- {stderr:.4f}"
+        + (f", win rate {out['reward_win_rate']:.3f} against {baseline_path}" if baseline is not None else ""))
+    return out
 
 
 def main(argv=None):
@@ -235,7 +288,8 @@ def main(argv=None):
             str(a.checkpoint), a.reference, list(a.datasets) if a.datasets else None, a.n, a.batch_size, a.beta,
             a.max_new_tokens, a.max_length, a.max_prompt_length, a.generations,
             OmegaConf.to_container(a.data, resolve=True) if a.data else None, truncation_mode=a.truncation_mode,
-            scorer=a.scorer, model_id=a.model_id, alpaca_eval=a.alpaca_eval, mt_bench=a.mt_bench)
+            scorer=a.scorer, model_id=a.model_id, alpaca_eval=a.alpaca_eval, mt_bench=a.mt_bench,
+            reward_model=a.reward_model, reward_baseline=a.reward_baseline)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,21 +1,12 @@
 """The loss registry: every training objective of the framework, as pure functions.
 
-Each loss is two layers:
-
-* a pure function of per-token or per-sequence tensors (``dpo_loss``, ``ipo_loss``...),
-  written after the equations of ``docs/losses.md`` with the tensor shapes in its
-  docstring, so that a unit test can compare it with a hand computation;
-* a ``LossSpec`` registered under the loss's config name, which declares what the loss
-  needs from the trainer (a reference model? which of its outputs? a teacher? pairs or
-  single targets?) and maps the trainer's ``LossInputs`` onto the pure function.
-
-The trainer never branches on a loss name: it reads the spec. Adding a loss means one
-function and one ``@register`` here plus one YAML file in ``config/loss/``.
-
-Indexing, masks and log-probabilities (prefkd/logprobs.py), the chunked output layer
-(prefkd/logits.py: losses read `LazyLogits` and logits tensors alike, through `chunked` and
-`token_logps`) and the registry machinery (prefkd/loss_spec.py) live below this module; it
-holds the losses themselves.
+Each loss is a pure function of per-token or per-sequence tensors (``dpo_loss``...), written
+after the equations of ``docs/losses.md`` with its tensor shapes in the docstring, plus a
+``LossSpec`` registered under its config name (``@register``, prefkd/loss_spec.py) that declares
+what it needs (a reference and which of its outputs, a teacher, pairs or single targets,
+generations, a scalar head) and maps the trainer's ``LossInputs`` onto the pure function. The
+trainer never branches on a loss name. Masks and log-probabilities (prefkd/logprobs.py), the
+chunked output layer (prefkd/logits.py) and per-token terms (prefkd/token_terms.py) live below.
 """
 from typing import Dict, Optional, Tuple
 
@@ -31,14 +22,7 @@ from prefkd.token_terms import (ACTION_POTENTIALS, STATE_POTENTIALS, action_pote
                                 generalized_jsd, log_sum_squared_probs, released_rewards, state_potential,
                                 tdpo_token_terms, token_divergence, token_fkl)
 from prefkd.loss_spec import (GENERATION_SOURCES, LOSSES, Generation, LossInputs, LossSpec, Metrics,  # noqa: F401
-                              register, require, teacher_sequence)
-
-
-def get_loss(name: str) -> LossSpec:
-    """The registered spec of loss `name` (config key `loss.name`)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r} (config key `loss.name`); registered losses: {sorted(LOSSES)}")
-    return LOSSES[name]
+                              get_loss, register, require, teacher_sequence)
 
 
 # ------------------------------------------------------------------ pure losses
@@ -99,16 +83,16 @@ def ipo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: t
 
 # ------------------------------------------------------------------ shared by the preference losses
 
+def reward_metrics(chosen_rewards, rejected_rewards) -> Metrics:
+    """The reward metrics every preference loss logs (docs/losses.md); per-example [B] tensors."""
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    return {"rewards/chosen": c, "rewards/rejected": r, "rewards/accuracies": (c > r).float(), "rewards/margins": c - r}
+
+
 def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> Metrics:
-    """The metrics every preference loss logs (docs/losses.md); per-example [B] tensors."""
-    return {
-        "rewards/chosen": chosen_rewards.detach(),
-        "rewards/rejected": rejected_rewards.detach(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().detach(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).detach(),
-        "logps/chosen": policy_chosen_logps.detach(),
-        "logps/rejected": policy_rejected_logps.detach(),
-    }
+    """reward_metrics plus the policy's summed log-probs."""
+    return {**reward_metrics(chosen_rewards, rejected_rewards), "logps/chosen": policy_chosen_logps.detach(),
+            "logps/rejected": policy_rejected_logps.detach()}
 
 
 def pair_logps(inp: LossInputs, average: bool = False):
@@ -162,9 +146,7 @@ def _ipo(inp: LossInputs, cfg):
     return losses.mean(), preference_metrics(cfg.beta * (pcs - rcs), cfg.beta * (prs - rrs), pcs, prs)
 
 
-# ================================================================== teacher-based losses
-#
-# Vocabulary-sized work runs in chunks along the sequence (prefkd/logits.py `chunked`).
+# ================================================================== teacher-based losses (vocabulary-sized work chunked)
 
 
 # ------------------------------------------------------------------ tdpo
@@ -378,9 +360,7 @@ def _kd_cache_hint(cfg) -> Optional[str]:
     return "set loss.top_k=K to distil on the teacher's top-K (cacheable)" if cfg.get("top_k") is None else None
 
 
-# What the losses distilling on the teacher's top-K (or full vocabulary) declare: the settings their
-# teacher features depend on, which of them cannot be cached, the vocabulary check, and the old
-# name of loss.top_k in these losses (teacher_top_k), refused with a message naming the new one.
+# What the top-K / full-vocabulary KD losses declare (feature settings, cacheability, top_k's old name)
 KD_TOP_K = dict(teacher_feature_settings=_kd_feature_settings, vocab_sized_features=_kd_vocab_sized,
                 cache_hint=_kd_cache_hint, check_vocab=_check_top_k_vocab, renamed={"teacher_top_k": "top_k"})
 
@@ -427,12 +407,8 @@ def _dckd(inp: LossInputs, cfg):
 
 
 # ================================================================== Table 1 baselines
-#
-# simpo, wpo (reference-based or reference-free preference losses), ddpo, dpkd, gkd (teacher
-# losses), seqkd and adpa (trained on generated responses). What each needs from the trainer
-# is declared in its LossSpec: `reference`, `teacher_features`, `teacher_reference_features`
-# (the teacher's own SFT reference, `teacher.reference_archive`) and `generation` (responses
-# generated for the batch's prompts).
+# simpo, wpo (preference losses), ddpo, dpkd, gkd (teacher losses), seqkd and adpa (trained on
+# generated responses); each declares what it needs in its LossSpec.
 
 
 def _validate_generation(cfg, sampled: bool = False):
@@ -798,3 +774,24 @@ def _adpa(inp: LossInputs, cfg):
                            "kd/generated_length": mask_s.sum(-1),
                            "logps/chosen": sequence_logps(logps_w, mask_w).detach(),
                            "logps/generated": sequence_logps(logps_s, mask_s).detach()}
+
+
+# ------------------------------------------------------------------ reward model (Bradley-Terry)
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       center_coef: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry reward-model loss with an optional centring penalty:
+
+        loss = -log sigma( r(x, y_w) - r(x, y_l) ) + c (r(x, y_w) + r(x, y_l))^2
+
+    Args: chosen_rewards, rejected_rewards [B] scalar-head outputs; center_coef c >= 0.
+    Returns: [B] per-pair losses."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards) + center_coef * (chosen_rewards + rejected_rewards) ** 2
+
+
+@register("rm", head="scalar", validate=lambda cfg: require(cfg, "center_coef", nonnegative=True))
+def _rm(inp: LossInputs, cfg):
+    r = inp.policy_logits[:, 0].float()
+    chosen, rejected = split_pairs(r, inp.n_pairs)
+    return bradley_terry_loss(chosen, rejected, float(cfg.center_coef)).mean(), reward_metrics(chosen, rejected)
+

@@ -71,6 +71,7 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
     adapters.check(cfg)  # model.lora / teacher.lora settings; the targets once the archives are checked
     packing.check(cfg)  # padding_free, max_tokens_per_micro_batch, attn_implementation
     spec = losses.get_loss(cfg.loss.name)
+    models.check_head(cfg, spec)  # a reward model's scalar head
     if spec.validate is not None:
         try:
             spec.validate(cfg.loss)

@@ -218,7 +218,7 @@ class BasicTrainer(Checkpointing):
             caches.pop(output_cache.REFERENCE, None)
         opened = {kind: output_cache.open_for_run(cfg, kind, self.tokenizer) for kind in caches}
         self.teacher_cache, self.reference_cache = opened.get(output_cache.TEACHER), opened.get(output_cache.REFERENCE)
-        policy = models.build(cfg, "policy", self.tokenizer, archive=self.resume_ckpt)
+        policy = models.build(cfg, "policy", self.tokenizer, archive=self.resume_ckpt, head=self.spec.head)
         self.frozen = models.FrozenModels(cfg, self.spec, self.tokenizer, caches=opened,
                                           reference_from_policy=self.lora)
         if cfg.activation_checkpointing:
@@ -427,8 +427,8 @@ class BasicTrainer(Checkpointing):
 
     def heldout_preference(self) -> Dict[str, torch.Tensor]:
         """Loss-independent preference accuracy on held-out pairs (`heldout_logp_accuracy`)."""
-        if not data.pairs_available(list(self.cfg.datasets), self.cfg.get("data")):
-            return {}  # SFT-only data sets have no pairs to rank
+        if not data.pairs_available(list(self.cfg.datasets), self.cfg.get("data")) or self.spec.head != "lm":
+            return {}  # SFT-only data sets have no pairs to rank; a reward model has no log-probs
         return heldout_logp_accuracy(self.batch_iterator("test", pairs=True), lambda m_in: self.logits(self.policy, m_in),
                                      self.device)
 
@@ -500,7 +500,8 @@ class FSDPTrainer(BasicTrainer):
     def setup_models(self):
         # trainer.lean_loading (default on): build_model returns meta-device models that wrap
         # materialises shard by shard, so no rank ever holds a whole model it does not need.
-        with lean_loading.deferred(self.cfg.trainer.get("lean_loading", True)):
+        # (a reward model's scalar head is new: its model is built whole, then sharded)
+        with lean_loading.deferred(self.cfg.trainer.get("lean_loading", True) and self.plan.spec.head == "lm"):
             super().setup_models()
 
     def wrap(self, model, model_cfg, trainable: bool):

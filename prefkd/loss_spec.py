@@ -148,6 +148,10 @@ class LossSpec:
     check_vocab: Optional[Callable[[object, int], None]] = None
     # Old loss.* names refused with a message naming the new one: {old: new}.
     renamed: Dict[str, str] = field(default_factory=dict)
+    # What the policy outputs: "lm", a causal LM's logits; "scalar", one value per sequence (a
+    # reward model: AutoModelForSequenceClassification with one label; LossInputs.policy_logits
+    # is then [N, 1]). Built by prefkd/models.py from the same starting models.
+    head: str = "lm"
 
     def reference_need(self, cfg) -> Optional[str]:
         return self.reference(cfg) if callable(self.reference) else self.reference
@@ -194,6 +198,14 @@ class LossSpec:
 
 
 LOSSES: Dict[str, LossSpec] = {}
+HEADS = ("lm", "scalar")
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered spec of loss `name` (config key `loss.name`)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r} (config key `loss.name`); registered losses: {sorted(LOSSES)}")
+    return LOSSES[name]
 
 
 def register(name: str, **spec_fields):

@@ -9,6 +9,7 @@ trainer's `wrap`: FSDP sharding, tensor parallel or a device move) and runs the 
 feature functions on them. `pick_device` is the one device rule; `shard_fsdp` the one FSDP
 sharding rule (the FSDP trainer and generate.py).
 """
+import copy
 import os
 from typing import Callable, Dict, NamedTuple, Optional
 
@@ -66,12 +67,17 @@ def load_tokenizer(model_cfg):
     return data.get_tokenizer(model_cfg.tokenizer)
 
 
-def build(cfg, role: str, tokenizer, archive: Optional[str] = None):
+def build(cfg, role: str, tokenizer, archive: Optional[str] = None, head: str = "lm"):
     """The run's `role` model (see `source`), unwrapped; `archive` overrides its checkpoint (the
     policy resumed from a checkpoint). A LoRA policy (model.lora.r set, prefkd/adapters.py) is its
-    starting model with adapters: initialised, or those of the resumed checkpoint."""
+    starting model with adapters: initialised, or those of the resumed checkpoint. head="scalar"
+    (a reward model's loss spec): the starting model with a one-output scalar head instead of its
+    language-model head (`with_scalar_head`)."""
     src = source(cfg, role)
     dtype = utils.get_dtype(src.dtype)
+    if head == "scalar":
+        return with_scalar_head(build_model(src.model_cfg, tokenizer, dtype, archive or src.archive, src.seed),
+                                tokenizer, src.seed)
     if role == "policy" and adapters.enabled(cfg.model):
         resumed = adapters.location(checkpoints.resolve_checkpoint(archive)) if archive else None
         if archive and resumed is None:
@@ -154,12 +160,53 @@ def policy_config(cfg, check_archives: bool = True):
     return init_model_config(cfg.model, load_tokenizer(cfg.model)) if cfg.model.get("init_config") else None
 
 
+def check_head(cfg, spec) -> None:
+    """What a scalar-head (reward-model) loss cannot combine with, refused naming the key."""
+    if spec.head == "lm":
+        return
+    refused = {"padding_free": bool(cfg.get("padding_free")), "sample_during_eval": bool(cfg.get("sample_during_eval")),
+               "model.lora.r": adapters.enabled(cfg.model),
+               "trainer": cfg.trainer.name == "TensorParallelTrainer"}
+    for key, bad in refused.items():
+        if bad:
+            raise ValueError(f"loss={spec.name} trains a scalar head (a reward model), which {key}="
+                             f"{OmegaConf.select(cfg, key)} does not support: packed rows, sampling, LoRA and the "
+                             "tensor-parallel wrapper need a language-model head; leave it at its default")
+
+
+def is_scalar_head(config) -> bool:
+    """A reward model's config: a sequence-classification architecture."""
+    return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+
+
+def with_scalar_head(model, tokenizer, seed: int):
+    """`model` as a reward model: AutoModelForSequenceClassification with one output, its base (the
+    decoder) taken from `model`, the new head initialised seeded (a reward model already: as it is,
+    when it has one output). Its pad token is the tokenizer's, which the head's pooling reads to find
+    each row's last token."""
+    from transformers import AutoModelForSequenceClassification
+    if is_scalar_head(model.config) or hasattr(model, "score"):
+        if model.config.num_labels != 1:
+            raise ValueError(f"the reward model has {model.config.num_labels} outputs; loss=rm trains one")
+        return model
+    config = copy.deepcopy(model.config)
+    config.num_labels, config.architectures, config.pad_token_id = 1, None, tokenizer.pad_token_id
+    with fork_rng(seed):
+        rm = AutoModelForSequenceClassification.from_config(config, dtype=model.dtype)
+    rm.base_model.load_state_dict(model.base_model.state_dict())
+    rm.config.architectures = [type(rm).__name__]  # what load_archive and from_pretrained read back
+    return rm
+
+
 def load_archive(path: str, dtype: torch.dtype):
-    """The model of a resolved checkpoint `path`: its Hugging Face files, or (an adapter directory,
-    ours or peft's) its base with the adapter merged in (peft's merge_and_unload)."""
-    from transformers import AutoModelForCausalLM
+    """The model of a resolved checkpoint `path`: its Hugging Face files (a reward model's: with its
+    scalar head), or (an adapter directory, ours or peft's) its base with the adapter merged in
+    (peft's merge_and_unload)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     if is_model_dir(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        cls = AutoModelForSequenceClassification if is_scalar_head(AutoConfig.from_pretrained(path)) \
+            else AutoModelForCausalLM
+        return cls.from_pretrained(path, dtype=dtype)
     from peft import PeftModel
     base_path = adapter_base(path)
     base = load_archive(base_path, dtype) if os.path.isdir(base_path) else \

@@ -1,0 +1,122 @@
+"""Scoring generated completions with a reward model (evaluate.py reward_model=...): any Hugging Face
+`AutoModelForSequenceClassification` with one output, with its own tokenizer and chat template
+(never assumed to share the policy's), and the win rate of one model's answers against another's
+on the same prompts (AlpacaEval's statistic, with the reward model as the judge).
+
+Formatting. A prompt (a string, or a list of {role, content} messages) and its completion become
+one conversation, [the prompt's messages (a string: one user message), {assistant: completion}],
+formatted with the reward model's chat template. A reward model without a chat template scores
+`prompt + completion` as plain text when the prompt is plain text; a conversational prompt is then
+refused (joining messages by hand would invent a template the model was not trained with).
+
+Scores are computed in length-sorted batches (less padding), right-padded, in eval mode, and
+returned in the records' order.
+"""
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+
+def check(path: str) -> str:
+    """The reward model's location (a run of loss=rm or its LATEST resolved to its checkpoint; a hub id
+    as it is), refused unless it has exactly one output; reads only its config."""
+    import os
+    from transformers import AutoConfig
+    from prefkd import checkpoints
+    resolved = checkpoints.resolve_checkpoint(path) if os.path.exists(path) else path
+    labels = getattr(AutoConfig.from_pretrained(resolved), "num_labels", None)
+    if labels != 1:
+        raise ValueError(f"reward_model={path}: it has {labels} outputs; a reward model has one "
+                         "(AutoModelForSequenceClassification with num_labels=1)")
+    return resolved
+
+
+def load(path: str, device: torch.device, dtype: Optional[torch.dtype] = None):
+    """(model, tokenizer) of a reward model (a hub id or a local directory, `check`ed). bf16 on a
+    GPU, fp32 on the CPU unless `dtype` says otherwise."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    path = check(path)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+    if model.config.pad_token_id is None:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def format_text(tokenizer, prompt, completion: str, name: str = "the reward model") -> str:
+    """The text the reward model scores for one prompt and completion (see the module docstring)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+    if not isinstance(prompt, str):
+        raise ValueError(f"{name} has no chat template and the prompts are conversations (message lists): "
+                         "score them with a reward model that has one (or give its tokenizer a chat_template)")
+    return prompt + completion
+
+
+def check_records(records: Sequence[Dict], what: str) -> None:
+    for i, r in enumerate(records):
+        if "prompt" not in r or "completion" not in r:
+            raise ValueError(f"{what}: row {i + 1} has no {'prompt' if 'prompt' not in r else 'completion'} field; "
+                             "a generations file (evaluate.py generations=..., generate.py) has both")
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: Optional[int] = None) -> List[float]:
+    """One reward per text, batched by length (longest first), in the texts' order."""
+    device = next(model.parameters()).device
+    encoded = [tokenizer(t, add_special_tokens=False, truncation=max_length is not None, max_length=max_length)["input_ids"]
+               for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    pad = tokenizer.pad_token_id
+    out = [0.0] * len(texts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, :len(encoded[i])] = 1
+        rewards = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = float(rewards[row])
+    return out
+
+
+def score_records(model, tokenizer, records: Sequence[Dict], batch_size: int = 8, name: str = "the reward model",
+                  max_length: Optional[int] = None) -> List[float]:
+    """The reward of each record's (prompt, completion); generation records hold the original prompt."""
+    check_records(records, "generations")
+    texts = [format_text(tokenizer, r["prompt"], r["completion"], name) for r in records]
+    return score_texts(model, tokenizer, texts, batch_size, max_length)
+
+
+def mean_and_stderr(values: Sequence[float]):
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def prompt_key(prompt) -> str:
+    import json
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def win_rate(scores: Sequence[float], records: Sequence[Dict], baseline_scores: Sequence[float],
+             baseline_records: Sequence[Dict], what: str = "the baseline") -> float:
+    """Share of prompts on which a model's answer out-scores the baseline's (ties count a half), on
+    matched prompts. Two sets of records whose prompts differ are refused."""
+    mine = {prompt_key(r["prompt"]): s for r, s in zip(records, scores)}
+    theirs = {prompt_key(r["prompt"]): s for r, s in zip(baseline_records, baseline_scores)}
+    if set(mine) != set(theirs):
+        only, other = len(set(mine) - set(theirs)), len(set(theirs) - set(mine))
+        raise ValueError(f"win rate against {what}: the two generation sets answer different prompts ({only} only "
+                         f"in this model's, {other} only in the baseline's); generate both on the same prompts")
+    wins = [1.0 if mine[k] > theirs[k] else 0.5 if mine[k] == theirs[k] else 0.0 for k in mine]
+    return sum(wins) / len(wins)
