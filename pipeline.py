@@ -43,16 +43,16 @@ import re
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import utils
 
 CACHE_KINDS = ("teacher", "reference")
-STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "methods")
+STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods")
 DATA_OF_STAGE = {"teacher_sft": "sft_data", "student_sft": "sft_data", "teacher_dpo": "pref_data",
-                 "methods": "pref_data"}
+                 "reward_model": "pref_data", "methods": "pref_data"}
 DATA_KEYS = {"datasets", "path", "train", "test", "options"}
 EMPTY_DATA = {"datasets": None, "path": None, "train": None, "test": None, "options": {}}
 
@@ -313,7 +313,13 @@ def stage_dirs(cfg) -> Dict[str, str]:
     """The run directory of each teacher / SFT stage: <out>/<stage>, or the run `reuse` names."""
     reuse = cfg.get("reuse") or {}
     return {name: str(reuse.get(name) or os.path.join(cfg.out, name)) for name in ("teacher_sft", "teacher_dpo",
-                                                                                   "student_sft")}
+                                                                                   "student_sft", "reward_model")}
+
+
+def reward_model_of(cfg) -> Optional[str]:
+    """eval.reward_model: None (no RM column), the reward_model stage's run ("train"), or a model."""
+    rm = (cfg.get("eval") or {}).get("reward_model")
+    return None if rm is None else stage_dirs(cfg)["reward_model"] if rm == "train" else str(rm)
 
 
 def method_runs(cfg) -> List[str]:
@@ -354,6 +360,9 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
         "teacher_dpo": [f"model={cfg.teacher}", "exp_name=teacher_dpo", f"model.archive={d['teacher_sft']}"],
         "student_sft": [f"model={cfg.model}", "exp_name=student_sft"],
     }
+    if (cfg.get("eval") or {}).get("reward_model") == "train":  # a Bradley-Terry RM from the SFT student
+        fixed["reward_model"] = [f"model={cfg.model}", "exp_name=reward_model", "loss=rm",
+                                 f"model.archive={d['student_sft']}"]
     common = flatten(OmegaConf.to_container(cfg.common, resolve=True))
     settings = lambda s: flatten(OmegaConf.to_container(cfg.stages[s], resolve=True))  # noqa: E731
     reused = set(cfg.get("reuse") or {})  # trained by another group (or another command): not run here
@@ -615,11 +624,13 @@ def failed_methods(cfg) -> List[str]:
 def evaluate_all(cfg, passthrough=None) -> None:
     """Evaluate every model once on the held-out split of the preference data (pref_data, as
     the teacher_dpo stage resolved it; eval.datasets replaces its data sets), each with its
-    own lengths. Cached as <run>/eval.json, redone if the run or the settings changed.
-    Generations are written beside it: generations.jsonl, alpaca_eval.json, mt_bench.jsonl."""
+    own lengths. Cached as <run>/eval.json, redone if the run or the settings changed (the reward
+    model's files included). Generations are written beside it: generations.jsonl,
+    alpaca_eval.json, mt_bench.jsonl. With eval.reward_model, every model's answers are scored by
+    it, with the win rate against the SFT student's answers (evaluated first)."""
     import evaluate
     d = stage_dirs(cfg)
-    jobs = [(d["teacher_sft"], None), (d["teacher_dpo"], d["teacher_sft"]), (d["student_sft"], None)]
+    jobs = [(d["student_sft"], None), (d["teacher_sft"], None), (d["teacher_dpo"], d["teacher_sft"])]
     jobs += [(run, d["student_sft"]) for run in method_runs(cfg)]
     pref_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(d["teacher_dpo"], "config.yaml")), resolve=True)
     names = list(cfg.eval.get("datasets") or pref_cfg["datasets"])
@@ -628,6 +639,9 @@ def evaluate_all(cfg, passthrough=None) -> None:
     held_out = {k: v for k, v in pref_cfg["data"].items() if k not in ("flip_fraction", "flip_seed")}
     settings = {"datasets": names, "data": held_out, "n": n, "batch_size": int(cfg.eval.batch_size),
                 "beta": float(cfg.eval.beta), "max_new_tokens": int(cfg.eval.max_new_tokens)}
+    rm = reward_model_of(cfg)
+    if rm is not None:
+        settings["reward_model"] = reward_model_key(rm)
     key = json.dumps(settings, sort_keys=True)
     for run, reference in jobs:
         out = os.path.join(run, "eval.json")
@@ -640,14 +654,35 @@ def evaluate_all(cfg, passthrough=None) -> None:
                 if json.load(f).get("settings_key") == key:
                     continue
         t0 = time.time()
+        baseline = os.path.join(d["student_sft"], "generations.jsonl") if rm and run != d["student_sft"] else None
         result = evaluate.evaluate_checkpoint(
             run, reference, names, n_examples=None if n is None else int(n), batch_size=settings["batch_size"],
             beta=settings["beta"], max_new_tokens=settings["max_new_tokens"], options=pref_cfg["data"],
             generations=os.path.join(run, "generations.jsonl"), alpaca_eval=os.path.join(run, "alpaca_eval.json"),
-            mt_bench=os.path.join(run, "mt_bench.jsonl"), log=lambda msg: print(msg, flush=True))
+            mt_bench=os.path.join(run, "mt_bench.jsonl"), reward_model=rm,
+            reward_baseline=baseline if baseline and os.path.exists(baseline) else None,
+            log=lambda msg: print(msg, flush=True))
         result.update({"reference": reference, "seconds": round(time.time() - t0, 1), "settings_key": key})
         utils.atomic_write_json(out, result)
         print(f"evaluated {run}: " + json.dumps({k: v for k, v in result.items() if k != "settings_key"}), flush=True)
+
+
+def reward_model_key(rm: str) -> Dict[str, str]:
+    """What the evaluations' cache key holds of the reward model: its name and, for a local one, a
+    fingerprint of its weights (a retrained reward model is noticed). Its held-out accuracy, when it
+    is a run of this pipeline, is printed."""
+    from prefkd import checkpoints, output_cache
+    if not os.path.exists(rm):
+        return {"name": rm}
+    path = checkpoints.resolve_checkpoint(rm)
+    metrics = os.path.join(rm, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            evals = [r for r in map(json.loads, f) if "rewards_eval/accuracies" in r]
+        if evals:
+            print(f"reward model {rm}: held-out accuracy {evals[-1]['rewards_eval/accuracies']:.4f}, mean margin "
+                  f"{evals[-1]['rewards_eval/margins']:.4f} ({evals[-1]['examples']} examples)", flush=True)
+    return {"name": rm, "fingerprint": output_cache.archive_fingerprint(path)}
 
 
 def group_configs(cfg) -> List[DictConfig]:

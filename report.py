@@ -26,6 +26,8 @@ from typing import Dict, List, Optional
 # the data set's scorer, see prefkd/scorers.py); then these.
 COLUMNS = [("logp_accuracy", "held-out logp acc."), ("pref_accuracy", "pref. acc. (vs ref)"),
            ("pref_margin", "pref. margin")]
+# a reward model's columns (eval.reward_model), shown when some model has them
+RM_COLUMNS = [("reward", "RM score"), ("reward_win_rate", "RM win rate vs SFT student")]
 FIXED = [("DPO teacher", "teacher_dpo"), ("SFT teacher", "teacher_sft"), ("SFT student", "student_sft")]
 
 
@@ -101,7 +103,8 @@ def columns(rows: Dict[str, List[dict]]) -> List[tuple]:
             for k, v in r.items():
                 if k.startswith("task_") and isinstance(v, (int, float)):
                     task.setdefault(k, "task " + k[len("task_"):].replace("_", " "))
-    return list(task.items()) + [(k, margin_title(rows) if k == "pref_margin" else t) for k, t in COLUMNS]
+    rm = [(k, t) for k, t in RM_COLUMNS if any(k in r for results in rows.values() for r in results)]
+    return list(task.items()) + rm + [(k, margin_title(rows) if k == "pref_margin" else t) for k, t in COLUMNS]
 
 
 def margin_title(rows: Dict[str, List[dict]]) -> str:
@@ -147,8 +150,12 @@ def markdown(summary: List[dict], cols: List[tuple], labels: Optional[Dict[str, 
     return "\n".join(lines)
 
 
-def curves(root: str) -> Dict[str, List[tuple]]:
-    """{method: [(examples, mean held-out logp accuracy over seeds)]} from the runs' metrics."""
+def curves(root: str, key: str = "logp_accuracy") -> Dict[str, List[tuple]]:
+    """{method: [(examples, mean, std over seeds)]} of one metric at the evaluation points the
+    runs logged: `task_<name>` reads task_eval/<name> (logged with sample_during_eval=true),
+    logp_accuracy reads heldout_eval/logp_accuracy; a method whose runs logged neither is absent.
+    std is None where one seed logged the point."""
+    logged = "task_eval/" + key[len("task_"):] if key.startswith("task_") else "heldout_eval/" + key
     per: Dict[str, Dict[int, List[float]]] = {}
     for path in glob.glob(os.path.join(root, "methods", "*", "metrics.jsonl")):
         method = re.sub(r"_seed\d+$", "", os.path.basename(os.path.dirname(path)))
@@ -156,45 +163,68 @@ def curves(root: str) -> Dict[str, List[tuple]]:
         with open(path) as f:
             for line in f:
                 rec = json.loads(line)
-                if "heldout_eval/logp_accuracy" in rec:
-                    last[rec["examples"]] = rec["heldout_eval/logp_accuracy"]  # a resumed run's last word
+                if logged in rec:
+                    last[rec["examples"]] = rec[logged]  # a resumed run's last word
         for ex, v in last.items():
             per.setdefault(method, {}).setdefault(ex, []).append(v)
-    return {m: sorted((ex, statistics.mean(v)) for ex, v in d.items()) for m, d in sorted(per.items())}
+    return {m: sorted((ex, *mean_std(v)) for ex, v in d.items()) for m, d in sorted(per.items())}
 
 
 def plot_key(summary: List[dict], cols: List[tuple]) -> str:
-    """The bar plot's metric: the task score (the last name of the scorer, e.g. the embedded
-    task's `partial`), else the held-out logp accuracy."""
+    """The headline metric, the one the table leads with: the first task score (the embedded
+    task's `exact`), else the held-out logp accuracy."""
     task = [k for k, _ in cols if k.startswith("task_") and any(r.get(k) is not None for r in summary)]
-    return task[-1] if task else "logp_accuracy"
+    return task[0] if task else "logp_accuracy"
 
 
-def plot(root: str, summary: List[dict], path: str, key: str = "logp_accuracy"):
+def _bars(ax, summary: List[dict], key: str, title: str) -> None:
+    """One bar per model with a value of `key`: mean, seeds' std as the error bar (the fixed
+    stages grey)."""
+    rows = [r for r in summary if r.get(key) is not None]
+    vals = [r[key] for r in rows]
+    ax.bar([r["method"] for r in rows], vals, yerr=[r[key + "_std"] or 0.0 for r in rows], capsize=4,
+           color=["#888888" if r["method"] in dict(FIXED) else "#1f77b4" for r in rows])
+    ax.set_ylabel(title + " (held-out)")
+    ax.set_title(f"{title} per model (mean ± std over seeds)")
+    if vals and 0.0 <= min(vals) and max(vals) <= 1.0 and key != "reward":  # a share: zoom in on the range used
+        ax.set_ylim(max(0.0, min(vals) - 0.1), min(1.0, max(vals) + 0.05))
+    ax.tick_params(axis="x", rotation=30)
+
+
+def plot(root: str, summary: List[dict], path: str, cols: List[tuple]) -> List[str]:
+    """results.png: the headline score per model, the reward model's score per model (where
+    there is one), and the headline score over training (each method's logged evaluation points,
+    mean ± std over seeds; the SFT student and the DPO teacher as dashed lines). Without logged
+    task scores the curves show the held-out logp accuracy, and their title says so. Returns the
+    panels' titles."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    names = [r["method"] for r in summary if r.get(key) is not None]
-    vals = [r[key] for r in summary if r.get(key) is not None]
-    errs = [r[key + "_std"] or 0.0 for r in summary if r.get(key) is not None]
-    colors = ["#888888" if n in dict(FIXED) else "#1f77b4" for n in names]
-    ax1.bar(names, vals, yerr=errs, capsize=4, color=colors)
-    ax1.set_ylabel(key.replace("_", " ") + " (held-out)")
-    ax1.set_title("score per model (mean ± std over seeds)")
-    if vals and 0.0 <= min(vals) and max(vals) <= 1.0:  # a share: zoom in on the range used
-        ax1.set_ylim(max(0.0, min(vals) - 0.1), min(1.0, max(vals) + 0.05))
-    ax1.tick_params(axis="x", rotation=30)
-    for method, pts in curves(root).items():
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax2.set_xlabel("training examples")
-    ax2.set_ylabel("held-out preference accuracy (log p(y_w) > log p(y_l))")
-    ax2.set_title("training curves")
-    ax2.legend()
+    key, titles = plot_key(summary, cols), dict(cols)
+    panels = [key] + (["reward"] if any(r.get("reward") is not None for r in summary) else [])
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(6.5 * (len(panels) + 1), 4.5))
+    for ax, k in zip(axes, panels):
+        _bars(ax, summary, k, titles.get(k, k))
+    lines = curves(root, key)
+    shown = key if lines else "logp_accuracy"
+    ax = axes[-1]
+    for method, pts in (lines or curves(root)).items():
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], marker="o",
+                    capsize=3, label=method)
+    for r in summary:
+        if r["method"] in ("SFT student", "DPO teacher") and r.get(shown) is not None:
+            ax.axhline(r[shown], linestyle="--", color="#888888", linewidth=1)
+            ax.annotate(r["method"], (0, r[shown]), fontsize=7, color="#555555", xycoords=("axes fraction", "data"))
+    ax.set_xlabel("training examples")
+    ax.set_ylabel(titles.get(shown, shown) + " (held-out, during training)")
+    ax.set_title(f"{titles.get(shown, shown)} over training" + ("" if lines or not key.startswith("task_") else
+                                                               " (no task score logged: sample_during_eval=false)"))
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     os.replace(path + ".tmp.png", path)
     plt.close(fig)
+    return [a.get_title() for a in axes]
 
 
 def write_report(root: str, dirs: Optional[Dict[str, str]] = None) -> str:
@@ -213,7 +243,7 @@ def write_report(root: str, dirs: Optional[Dict[str, str]] = None) -> str:
         for r in summary:
             w.writerow({k: r.get(k) for k in fields})
     os.replace(os.path.join(root, "results.csv.tmp"), os.path.join(root, "results.csv"))
-    plot(root, summary, os.path.join(root, "results.png"), plot_key(summary, cols))
+    plot(root, summary, os.path.join(root, "results.png"), cols)
     return table
 
 

@@ -21,10 +21,21 @@ PASSTHROUGH = ["wandb.mode=disabled", "progress_bar=false", "batch_size=16", "ev
 
 
 def test_pipeline_chains_stages_writes_the_table_and_skips_finished_stages(tmp_path, capfd):
+    """Also the RM column: eval.reward_model=train trains a reward model (loss=rm, from the SFT
+    student, once), which scores every model's answers, with the win rate against the SFT student's."""
     out = tmp_path / "sweep"
-    args = [f"out={out}", "methods=[tvkd]", "seeds=2"] + TINY_STAGES + PASSTHROUGH
+    args = [f"out={out}", "methods=[tvkd]", "seeds=2", "eval.reward_model=train",
+            "stages.reward_model.n_examples=64"] + TINY_STAGES + PASSTHROUGH
     assert pipeline.main(args) == 0
     first = capfd.readouterr().out
+    assert os.path.exists(out / "reward_model" / "DONE") and "name: rm" in (out / "reward_model/config.yaml").read_text()
+    assert f"archive: {out}/student_sft" in (out / "reward_model/config.yaml").read_text()
+    assert f"reward model {out}/reward_model: held-out accuracy" in first
+    for run in ("teacher_sft", "teacher_dpo", "methods/tvkd_seed0", "student_sft"):
+        ev = json.loads((out / run / "eval.json").read_text())
+        rows = [json.loads(x) for x in open(out / run / "generations.jsonl")]
+        assert ev["reward"] == pytest.approx(sum(r["scores"]["reward"] for r in rows) / len(rows), abs=1e-9)
+        assert ("reward_win_rate" in ev) == (run != "student_sft") and 0 <= ev.get("reward_win_rate", 0) <= 1
     runs = ["teacher_sft", "teacher_dpo", "student_sft"] + [f"methods/{m}_seed{s}" for m in ("tvkd",)
                                                                for s in (0, 1)]
     for run in runs:
@@ -40,7 +51,8 @@ def test_pipeline_chains_stages_writes_the_table_and_skips_finished_stages(tmp_p
     assert "pref_accuracy" in json.loads((out / "methods/tvkd_seed0/eval.json").read_text())
     assert "pref_accuracy" not in json.loads((out / "student_sft/eval.json").read_text())
     table = (out / "results.md").read_text()
-    for row in ("DPO teacher", "SFT teacher", "SFT student", "| tvkd (paper's equation) | 2 |"):
+    for row in ("DPO teacher", "SFT teacher", "SFT student", "| tvkd (paper's equation) | 2 |", "RM score",
+                "RM win rate vs SFT student"):
         assert row in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table.strip() in first  # printed at the end
@@ -48,7 +60,7 @@ def test_pipeline_chains_stages_writes_the_table_and_skips_finished_stages(tmp_p
     stamps = {run: (os.path.getmtime(out / run / "DONE"), os.path.getmtime(out / run / "eval.json")) for run in runs}
     assert pipeline.main(args) == 0
     second = capfd.readouterr().out
-    assert second.count("is complete (DONE); nothing to resume") == len(runs)
+    assert second.count("is complete (DONE); nothing to resume") == len(runs) + 1  # and the reward model
     assert "evaluated" not in second
     assert stamps == {run: (os.path.getmtime(out / run / "DONE"), os.path.getmtime(out / run / "eval.json"))
                       for run in runs}
@@ -63,13 +75,17 @@ def test_pipeline_rejects_bad_arguments_before_training(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
-def write_run(root, name, result, curve=()):
+def write_run(root, name, result, curve=(), task_curve=()):
+    """eval.json, and metrics.jsonl with the held-out logp accuracy (`curve`) and the task's exact
+    score (`task_curve`, as sample_during_eval logs it) at each (examples, value)."""
     os.makedirs(os.path.join(root, name), exist_ok=True)
     with open(os.path.join(root, name, "eval.json"), "w") as f:
         json.dump(result, f)
     with open(os.path.join(root, name, "metrics.jsonl"), "w") as f:
         for ex, acc in curve:
             f.write(json.dumps({"examples": ex, "heldout_eval/logp_accuracy": acc}) + "\n")
+        for ex, exact in task_curve:
+            f.write(json.dumps({"examples": ex, "task_eval/exact": exact}) + "\n")
 
 
 def test_report_on_a_fixture_sweep(tmp_path):
@@ -81,9 +97,9 @@ def test_report_on_a_fixture_sweep(tmp_path):
     for seed, (exact, margin) in enumerate([(0.5, 0.2), (0.7, 0.4), (0.6, 0.9)]):
         write_run(root, f"methods/tvkd_seed{seed}", {"task_exact": exact, "task_partial": 0.8, "logp_accuracy": 0.9,
                                                      "pref_accuracy": 0.75, "pref_margin": margin},
-                  curve=[(0, 0.5), (100, 0.6 + seed / 10)])
+                  curve=[(0, 0.5), (100, 0.6 + seed / 10)], task_curve=[(0, 0.1), (100, 0.3 + seed / 10)])
     write_run(root, "methods/dpo_seed0", {"task_exact": 0.45, "task_partial": 0.75, "logp_accuracy": 0.88,
-                                          "pref_accuracy": 0.8, "pref_margin": 0.5})
+                                          "pref_accuracy": 0.8, "pref_margin": 0.5}, curve=[(100, 0.9)])
     assert report.main([root]) == 0
     table = open(os.path.join(root, "results.md")).read().splitlines()
     assert table[0].startswith("| method | seeds | task exact | task partial |")
@@ -97,8 +113,25 @@ def test_report_on_a_fixture_sweep(tmp_path):
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert float(rows["tvkd"]["task_exact"]) == pytest.approx(0.6) and rows["tvkd"]["seeds"] == "3"
     assert rows["SFT student"]["pref_accuracy"] == "" and rows["dpo"]["task_exact_std"] == ""
-    assert report.curves(root)["tvkd"] == [(0, 0.5), (100, pytest.approx(0.7))]
+    # the curves: mean and sample std over seeds at each logged point (None for one seed)
+    assert report.curves(root)["tvkd"] == [(0, 0.5, 0.0), (100, pytest.approx(0.7), pytest.approx(0.1))]
+    assert report.curves(root)["dpo"] == [(100, 0.9, None)]
+    assert report.curves(root, "task_exact") == {"tvkd": [(0, 0.1, 0.0), (100, pytest.approx(0.4), pytest.approx(0.1))]}
     assert open(os.path.join(root, "results.png"), "rb").read(4) == b"\x89PNG"
+    # the plot leads with the table's headline (task exact, not partial): bars, then its curves
+    summary = report.summarise(report.collect(root))
+    cols = report.columns(report.collect(root))
+    png = os.path.join(root, "p.png")
+    assert report.plot(root, summary, png, cols) == ["task exact per model (mean ± std over seeds)",
+                                                     "task exact over training"]
+    # a reward model's score gets its own panel; without logged task scores the curves say what they show
+    summary[0]["reward"], summary[0]["reward_std"] = 1.5, None
+    os.remove(os.path.join(root, "methods/tvkd_seed0/metrics.jsonl"))
+    for seed in (1, 2):
+        write_run(root, f"methods/tvkd_seed{seed}", {}, curve=[(100, 0.8)])
+    assert report.plot(root, summary, png, cols + [("reward", "RM score")]) == [
+        "task exact per model (mean ± std over seeds)", "RM score per model (mean ± std over seeds)",
+        "held-out logp acc. over training (no task score logged: sample_during_eval=false)"]
 
 
 def test_report_on_an_empty_directory_is_a_clear_error(tmp_path, capsys):
