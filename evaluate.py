@@ -37,7 +37,8 @@ Metrics (one JSON object on stdout, and returned by `evaluate_checkpoint`):
 Generations (prefkd/generation.py): generations=F writes one JSON line per prompt (the original
 prompt, its plain text, the model input, the completion, the reference answer, the scores);
 alpaca_eval=F AlpacaEval's model-outputs JSON; mt_bench=F an MT-Bench answer file (and
-its question file beside it).
+its question file beside it). A run trained with wandb on gets the metrics in its wandb run's
+summary as eval/<metric> (prefkd/tracking.py; wandb_summary=false: not).
 """
 import json
 import os
@@ -50,7 +51,7 @@ from omegaconf import OmegaConf
 from prefkd import generation as gen
 import losses
 import preference_datasets as data
-from prefkd import checkpoints, models, run_plan, scorers
+from prefkd import checkpoints, models, run_plan, scorers, tracking
 
 DEFAULTS = {"datasets": ["embedded"], "max_length": 48, "max_prompt_length": 24, "truncation_mode": "keep_end",
             "max_new_tokens": 16, "batch_size": 32, "beta": 0.1}
@@ -293,6 +294,9 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    run_dir = tracking.run_of(str(a.checkpoint))
+    if a.wandb_summary and run_dir is not None:
+        tracking.publish_evaluation(run_dir, result, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(result))
     return 0
 

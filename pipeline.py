@@ -363,6 +363,8 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     if (cfg.get("eval") or {}).get("reward_model") == "train":  # a Bradley-Terry RM from the SFT student
         fixed["reward_model"] = [f"model={cfg.model}", "exp_name=reward_model", "loss=rm",
                                  f"model.archive={d['student_sft']}"]
+    # wandb: one group per pipeline, the stage as the job type (prefkd/tracking.py)
+    fixed = {s: ov + [f"wandb.group={cfg.out}", f"wandb.job_type={s}"] for s, ov in fixed.items()}
     common = flatten(OmegaConf.to_container(cfg.common, resolve=True))
     settings = lambda s: flatten(OmegaConf.to_container(cfg.stages[s], resolve=True))  # noqa: E731
     reused = set(cfg.get("reuse") or {})  # trained by another group (or another command): not run here
@@ -375,7 +377,7 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
         chain = [f"model={cfg.model}", f"model.archive={start}", f"teacher={cfg.teacher}",
                  f"teacher.archive={d['teacher_dpo']}", f"teacher.reference_archive={d['teacher_sft']}",
                  f"runs_dir={os.path.join(cfg.out, 'methods')}", seeds,
-                 f"exp_name={m}_seed${{seed}}"]
+                 f"exp_name={m}_seed${{seed}}", f"wandb.group={cfg.out}", "wandb.job_type=method"]
         out[f"methods/{m}"] = merge_overrides(common, passthrough, base, data_overrides(cfg.pref_data),
                                               settings("methods"), own, chain)
     return out
@@ -629,6 +631,7 @@ def evaluate_all(cfg, passthrough=None) -> None:
     alpaca_eval.json, mt_bench.jsonl. With eval.reward_model, every model's answers are scored by
     it, with the win rate against the SFT student's answers (evaluated first)."""
     import evaluate
+    from prefkd import tracking
     d = stage_dirs(cfg)
     jobs = [(d["student_sft"], None), (d["teacher_sft"], None), (d["teacher_dpo"], d["teacher_sft"])]
     jobs += [(run, d["student_sft"]) for run in method_runs(cfg)]
@@ -664,6 +667,7 @@ def evaluate_all(cfg, passthrough=None) -> None:
             log=lambda msg: print(msg, flush=True))
         result.update({"reference": reference, "seconds": round(time.time() - t0, 1), "settings_key": key})
         utils.atomic_write_json(out, result)
+        tracking.publish_evaluation(run, result)  # into the summary of the run's wandb run, if it has one
         print(f"evaluated {run}: " + json.dumps({k: v for k, v in result.items() if k != "settings_key"}), flush=True)
 
 

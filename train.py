@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import losses
 import utils
-from prefkd import adapters, models, packing, run_plan
+from prefkd import adapters, models, packing, run_plan, tracking
 from prefkd import checkpoints
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
@@ -70,6 +70,7 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
     check_ranges(cfg)
     adapters.check(cfg)  # model.lora / teacher.lora settings; the targets once the archives are checked
     packing.check(cfg)  # padding_free, max_tokens_per_micro_batch, attn_implementation
+    tracking.check(cfg)  # wandb.tags
     spec = losses.get_loss(cfg.loss.name)
     models.check_head(cfg, spec)  # a reward model's scalar head
     if spec.validate is not None:
@@ -145,7 +146,7 @@ NULLABLE_NUMBERS = {"n_epochs": int, "save_every": int, "num_threads": int, "sav
 
 
 # Keys holding text whose default is null (a bare `nan` or `inf` there is a name, not a number).
-TEXT_KEYS = {"exp_name", "wandb.entity", "wandb.name", "wandb.dir"}
+TEXT_KEYS = {"exp_name", "wandb.entity", "wandb.name", "wandb.dir", "wandb.group", "wandb.job_type"}
 
 
 def check_types(cfg: DictConfig) -> None:
@@ -362,20 +363,6 @@ def apply_wandb_env(cfg: DictConfig, overrides) -> None:
         cfg.wandb.mode = mode
 
 
-def init_wandb(cfg: DictConfig, run_dir: str):
-    if cfg.wandb.mode == "disabled":
-        return None
-    import wandb
-    mode = cfg.wandb.mode
-    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))):
-        print("wandb: no API key configured; logging offline (sync later with `wandb sync`)")
-        mode = "offline"
-    run_id = hashlib.sha1(run_dir.encode()).hexdigest()[:12]
-    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or cfg.exp_name,
-                      dir=cfg.wandb.dir or run_dir, mode=mode, id=run_id, resume="allow",
-                      config=OmegaConf.to_container(cfg, resolve=True))
-
-
 def worker(rank: int, world_size: int, cfg: DictConfig, run_dir: str):
     """One training process. Under torchrun the process group comes from the environment;
     self-launched workers get their rank from mp.spawn. Each worker loads its own models."""
@@ -399,7 +386,7 @@ def worker(rank: int, world_size: int, cfg: DictConfig, run_dir: str):
     try:
         trainer = cls(cfg, run_dir, rank=rank, world_size=world_size)
         if rank == 0:
-            trainer.wandb_run = init_wandb(cfg, run_dir)
+            trainer.wandb_run = tracking.init(cfg, run_dir, teacher=trainer.plan.teacher)
         trainer.train()
     except utils.TrainingStopped as e:
         # saved and stopped cleanly: the launcher sees no DONE and reports it
@@ -423,6 +410,8 @@ def prepare(cfg: DictConfig, overrides=()) -> DictConfig:
     environment's wandb mode, validate the config. Raises ValueError naming the key."""
     if cfg.exp_name is None:
         cfg.exp_name = derive_exp_name(cfg, overrides)
+    if cfg.wandb.get("group") is None:  # the seeds of one configuration together (a sweep's: main)
+        cfg.wandb.group = derive_exp_name(cfg, [o for o in overrides if o.split("=")[0].lstrip("+~") != "seed"])
     apply_wandb_env(cfg, overrides)
     validate_config(cfg)
     return cfg
@@ -546,6 +535,8 @@ def main(cfg: DictConfig):
     OmegaConf.set_struct(cfg, False)
     multirun = hc.mode == RunMode.MULTIRUN
     job = int(hc.job.num) if multirun else 0
+    if multirun and cfg.wandb.get("group") is None:
+        cfg.wandb.group = tracking.sweep_group(sys.argv[1:])  # every job of this command line together
     try:
         if multirun and job == 0:
             Sweep.check_all(sys.argv[1:])

@@ -65,20 +65,6 @@ def test_archive_chains_sft_into_dpo_and_existing_run_is_protected(tmp_path):
         train_run(tmp_path, ["loss=sft", "n_examples=256", "eval_every=null", "exp_name=sft", "lr=2e-3"])
 
 
-def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, monkeypatch):
-    import glob
-    import train
-    from conftest import FAST, compose
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
-    overrides = [o for o in FAST if not o.startswith("wandb")] + [
-        f"runs_dir={tmp_path}", "n_examples=16", "eval_every=null", "exp_name=w", "wandb.mode=online"]
-    run_dir = train.run(compose(overrides), overrides)
-    assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")), os.listdir(run_dir)
-
-
 def test_crash_in_the_middle_of_a_save_keeps_latest_and_resume_recovers(tmp_path, monkeypatch):
     import pytest
     import safetensors.torch
