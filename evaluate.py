@@ -4,6 +4,7 @@
     python evaluate.py checkpoint=runs/<run>/LATEST reference=runs/<sft run>
     python evaluate.py checkpoint=<ckpt> datasets=[dpomix] n=500 generations=out.jsonl alpaca_eval=out.json
     python evaluate.py checkpoint=runs/<run> reward_model=runs/<rm run>/LATEST reward_baseline=sft_gen.jsonl
+    torchrun --nproc_per_node=8 evaluate.py checkpoint=runs/<run> reward_model=<hub id>   # data parallel
 
 Arguments are Hydra-style key=value (config/evaluate.yaml lists them). Every setting left null
 defaults to the run's config (the checkpoint's trainer_state.json, else <run>/config.yaml):
@@ -37,7 +38,9 @@ Metrics (one JSON object on stdout, and returned by `evaluate_checkpoint`):
 Generations (prefkd/generation.py): generations=F writes one JSON line per prompt (the original
 prompt, its plain text, the model input, the completion, the reference answer, the scores);
 alpaca_eval=F AlpacaEval's model-outputs JSON; mt_bench=F an MT-Bench answer file (and
-its question file beside it). A run trained with wandb on gets the metrics in its wandb run's
+its question file beside it). Under torchrun every process evaluates every world-th batch (on
+its GPU, in bf16; fp32 on the CPU) and scores every world-th reward batch; rank 0 gathers, writes
+the files and prints: the numbers of one process. A run trained with wandb on gets the metrics in its wandb run's
 summary as eval/<metric> (prefkd/tracking.py; wandb_summary=false: not).
 """
 import json
@@ -46,6 +49,7 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from prefkd import generation as gen
@@ -156,8 +160,11 @@ def held_out_count(s: Dict, log) -> Tuple[int, int]:
 
 
 def score_batch(model, ref, tokenizer, batch: Dict, s: Dict, task, pairs: bool, sums: Dict, records: List,
-                generator: str) -> None:
-    """The metrics of one batch added to `sums`, its generations to `records`."""
+                generator: str, first_id: int) -> None:
+    """The metrics of one batch added to `sums`, its generations to `records` (ids from `first_id`:
+    the batch's first row among the evaluated ones)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     b = len(batch["prompt"])
     lp = sequence_logps(model, batch, s.get("padding_free", False)) if pairs else None
     if pairs:
@@ -174,7 +181,7 @@ def score_batch(model, ref, tokenizer, batch: Dict, s: Dict, task, pairs: bool, 
         score = task(name, original, text)
         for k, v in (score or {}).items():
             sums.setdefault(f"task_{k}", []).append(v)
-        records.append({"id": len(records), "dataset": name, "prompt": original,
+        records.append({"id": first_id + i, "dataset": name, "prompt": original,
                         "prompt_text": gen.prompt_text(original), "model_input": batch["prompt"][i],
                         "completion": text, "reference": batch["reference"][i], "generator": generator,
                         "scores": score or {}})
@@ -208,30 +215,68 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
     log(f"evaluate: {path}: {n} of {available} held-out examples of {names}, max_length {s['max_length']}, "
         f"max_prompt_length {s['max_prompt_length']}, scorer {task.specs()}"
         + (f" (settings from {s['config']})" if s["config"] else ""))
-    model, tokenizer = models.load_checkpoint(path)
-    ref = models.load_checkpoint(reference)[0] if reference and pairs else None
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = models.pick_device(None, rank)  # this process's GPU (LOCAL_RANK) in bf16, else the CPU in fp32
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = models.load_checkpoint(path, dtype)
+    ref = models.load_checkpoint(reference, dtype)[0].to(device) if reference and pairs else None
+    model.to(device)
     generator = model_id or model_name(path)
-    sums: Dict[str, List[float]] = {}
-    records: List[Dict] = []
     batches = data.get_batch_iterator(names, tokenizer, split="test", batch_size=s["batch_size"], shuffle=False,
                                       max_length=s["max_length"], max_prompt_length=s["max_prompt_length"],
                                       truncation_mode=s["truncation_mode"], n_epochs=1, silent=True,
                                       sft_mode=not pairs, options=opts)
-    for batch in batches:
-        if len(records) >= n:
+    done, mine = 0, []  # under torchrun each process takes every world-th batch: the same batches as one process
+    for i, batch in enumerate(batches):
+        if done >= n:
             break
-        score_batch(model, ref, tokenizer, _take(batch, n - len(records)), s, task, pairs, sums, records, generator)
+        batch = _take(batch, n - done)
+        if i % world == rank:
+            sums, records = {}, []
+            score_batch(model, ref, tokenizer, batch, s, task, pairs, sums, records, generator, first_id=done)
+            mine.append((i, sums, records))
+        done += len(batch["prompt"])
+    sums, records = merge_batches(mine, world)
     if reward_model:
         sums.update(reward_metrics(records, reward_model, baseline, reward_baseline, s["batch_size"], log))
     for path_out, write in ((generations, gen.write_jsonl), (alpaca_eval, gen.write_alpaca_eval),
                             (mt_bench, gen.write_mt_bench)):
-        if path_out:
+        if path_out and rank == 0:
             write(records, path_out)
     result = {k: sum(v) / len(v) if isinstance(v, list) else v for k, v in sums.items()}
     result["n"] = len(records)
     result["settings"] = {k: v for k, v in s.items() if k != "data"} | {"scorers": task.specs(),
                                                                        "generator": generator}
     return result
+
+
+def merge_batches(mine: List[Tuple[int, Dict, List]], world: int) -> Tuple[Dict[str, List[float]], List[Dict]]:
+    """The per-row metrics and the records of every batch, in batch order: this process's
+    (batch index, sums, records), gathered from every process under torchrun."""
+    parts = mine
+    if world > 1:
+        gathered: List = [None] * world
+        dist.all_gather_object(gathered, mine)
+        parts = sorted((p for g in gathered for p in g), key=lambda p: p[0])
+    sums: Dict[str, List[float]] = {}
+    records: List[Dict] = []
+    for _, part_sums, part_records in parts:
+        for k, v in part_sums.items():
+            sums.setdefault(k, []).extend(v)
+        records += part_records
+    return sums, records
+
+
+def process_group() -> int:
+    """evaluate.py under torchrun (WORLD_SIZE > 1): start the process group (nccl on GPUs, gloo on
+    the CPU) and return this process's rank; 0 for one process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
 
 
 def read_jsonl(path: str) -> List[Dict]:
@@ -262,7 +307,7 @@ def reward_metrics(records: List[Dict], reward_model: str, baseline: Optional[Li
     """Each record's reward (written into its scores as `reward`), their mean and standard error,
     and the win rate against the baseline's generations on the same prompts."""
     from prefkd import reward_scoring
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = models.pick_device(None, dist.get_rank() if dist.is_initialized() else 0)
     rm, tok = reward_scoring.load(reward_model, device)
     scores = reward_scoring.score_records(rm, tok, records, batch_size, name=f"reward_model={reward_model}")
     for r, v in zip(records, scores):
@@ -281,6 +326,7 @@ def main(argv=None):
     """python evaluate.py checkpoint=<ckpt> [key=value ...] (config/evaluate.yaml): the metrics as
     one JSON object on stdout; exit 2 on bad input."""
     argv = sys.argv[1:] if argv is None else argv
+    rank = process_group()
     try:
         a = run_plan.compose_command("evaluate", argv)
         if a.truncation_mode is not None and a.truncation_mode not in data.TRUNCATION_MODES:
@@ -294,6 +340,10 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0  # rank 0 reports (and wrote the files)
     run_dir = tracking.run_of(str(a.checkpoint))
     if a.wandb_summary and run_dir is not None:
         tracking.publish_evaluation(run_dir, result, log=lambda m: print(m, file=sys.stderr))

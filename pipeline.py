@@ -652,12 +652,14 @@ def evaluate_all(cfg, passthrough=None) -> None:
         if not os.path.exists(done):
             print(f"not evaluated: {run} did not finish (see its error above)", flush=True)
             continue
-        if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(done):
+        baseline = os.path.join(d["student_sft"], "generations.jsonl") if rm and run != d["student_sft"] else None
+        # redone when the run, the settings or (for the win rate) the SFT student's answers changed
+        inputs = [done] + ([baseline] if baseline and os.path.exists(baseline) else [])
+        if os.path.exists(out) and os.path.getmtime(out) >= max(map(os.path.getmtime, inputs)):
             with open(out) as f:
                 if json.load(f).get("settings_key") == key:
                     continue
         t0 = time.time()
-        baseline = os.path.join(d["student_sft"], "generations.jsonl") if rm and run != d["student_sft"] else None
         result = evaluate.evaluate_checkpoint(
             run, reference, names, n_examples=None if n is None else int(n), batch_size=settings["batch_size"],
             beta=settings["beta"], max_new_tokens=settings["max_new_tokens"], options=pref_cfg["data"],

@@ -10,7 +10,7 @@ formatted with the reward model's chat template. A reward model without a chat t
 refused (joining messages by hand would invent a template the model was not trained with).
 
 Scores are computed in length-sorted batches (less padding), right-padded, in eval mode, and
-returned in the records' order.
+returned in the records' order; under torchrun the batches are shared out among the processes.
 """
 import math
 from typing import Dict, List, Optional, Sequence
@@ -67,14 +67,18 @@ def check_records(records: Sequence[Dict], what: str) -> None:
 
 @torch.no_grad()
 def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: Optional[int] = None) -> List[float]:
-    """One reward per text, batched by length (longest first), in the texts' order."""
+    """One reward per text, batched by length (longest first), in the texts' order. Under torchrun
+    (a process group started) each process scores every world-th batch of the length-sorted
+    order and all processes get every score."""
+    import torch.distributed as dist
     device = next(model.parameters()).device
     encoded = [tokenizer(t, add_special_tokens=False, truncation=max_length is not None, max_length=max_length)["input_ids"]
                for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     pad = tokenizer.pad_token_id
     out = [0.0] * len(texts)
-    for start in range(0, len(order), batch_size):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for start in range(rank * batch_size, len(order), batch_size * world):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -85,6 +89,14 @@ def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max
         rewards = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()
         for row, i in enumerate(idx):
             out[i] = float(rewards[row])
+    if world > 1:
+        mine = {i: out[i] for b in range(rank * batch_size, len(order), batch_size * world)
+                for i in order[b:b + batch_size]}
+        gathered: List = [None] * world
+        dist.all_gather_object(gathered, mine)
+        for part in gathered:
+            for i, v in part.items():
+                out[i] = v
     return out
 
 

@@ -64,6 +64,12 @@ def test_pipeline_chains_stages_writes_the_table_and_skips_finished_stages(tmp_p
     assert "evaluated" not in second
     assert stamps == {run: (os.path.getmtime(out / run / "DONE"), os.path.getmtime(out / run / "eval.json"))
                       for run in runs}
+    # new answers of the SFT student (the win rate's baseline) re-score every other model, nothing else
+    later = max(os.path.getmtime(out / run / "eval.json") for run in runs) + 0.5  # before now, after every eval
+    os.utime(out / "student_sft/generations.jsonl", (later, later))
+    assert pipeline.main(args) == 0
+    third = [line for line in capfd.readouterr().out.splitlines() if line.startswith("evaluated ")]
+    assert len(third) == len(runs) - 1 and not any(line.startswith(f"evaluated {out}/student_sft:") for line in third)
 
 
 def test_pipeline_rejects_bad_arguments_before_training(tmp_path, capsys):

@@ -184,3 +184,24 @@ def test_evaluate_py_scores_a_run_with_a_reward_model_and_a_baseline(tmp_path):
     second = evaluate.evaluate_checkpoint(run_dir, n_examples=8, reward_model=rm,
                                           reward_baseline=str(tmp_path / "a.jsonl"), log=lambda *a: None)
     assert second["reward"] == pytest.approx(first["reward"], abs=1e-6) and second["reward_win_rate"] == 0.5
+    # torchrun, 2 processes (gloo): each evaluates and scores every other batch; rank 0 gathers,
+    # writes and prints the numbers and the rows of one process
+    import subprocess
+    import sys
+    from conftest import REPO
+    args = [f"checkpoint={run_dir}", "n=8", "batch_size=2", f"reward_model={rm}",
+            f"reward_baseline={tmp_path / 'a.jsonl'}"]
+    single = evaluate.evaluate_checkpoint(run_dir, n_examples=8, batch_size=2, reward_model=rm,
+                                          reward_baseline=str(tmp_path / "a.jsonl"),
+                                          generations=str(tmp_path / "one.jsonl"), log=lambda *a: None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(REPO, "evaluate.py"), *args, f"generations={tmp_path / 'two.jsonl'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("{")]  # rank 0 alone prints
+    two = json.loads(line)
+    for k in ("reward", "reward_stderr", "reward_win_rate", "logp_accuracy", "task_exact", "n"):
+        assert two[k] == pytest.approx(single[k], abs=1e-6), k
+    strip = lambda path: [{k: v for k, v in json.loads(x).items() if k != "generator"} for x in open(path)]  # noqa: E731
+    assert strip(tmp_path / "two.jsonl") == strip(tmp_path / "one.jsonl")
