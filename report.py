@@ -188,7 +188,9 @@ def _bars(ax, summary: List[dict], key: str, title: str) -> None:
     ax.set_title(f"{title} per model (mean ± std over seeds)")
     if vals and 0.0 <= min(vals) and max(vals) <= 1.0 and key != "reward":  # a share: zoom in on the range used
         ax.set_ylim(max(0.0, min(vals) - 0.1), min(1.0, max(vals) + 0.05))
-    ax.tick_params(axis="x", rotation=30)
+    ax.tick_params(axis="x", rotation=40)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
 
 
 def plot(root: str, summary: List[dict], path: str, cols: List[tuple]) -> List[str]:
@@ -208,9 +210,10 @@ def plot(root: str, summary: List[dict], path: str, cols: List[tuple]) -> List[s
     lines = curves(root, key)
     shown = key if lines else "logp_accuracy"
     ax = axes[-1]
-    for method, pts in (lines or curves(root)).items():
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], marker="o",
-                    capsize=3, label=method)
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours, and a marker per ten: 13+ methods stay apart
+    for i, (method, pts) in enumerate((lines or curves(root)).items()):
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], capsize=3,
+                    marker="osD^v"[i // 10 % 5], color=colors[(2 * i) % 20 + (i // 10) % 2], label=method)
     for r in summary:
         if r["method"] in ("SFT student", "DPO teacher") and r.get(shown) is not None:
             ax.axhline(r[shown], linestyle="--", color="#888888", linewidth=1)
