@@ -168,7 +168,7 @@ def test_pipeline_end_to_end_with_lora_on_every_stage(tmp_path):
     import pipeline
     out = tmp_path / "p"
     stages = ["stages.teacher_sft.n_examples=32", "stages.teacher_dpo.n_examples=16", "stages.student_sft.n_examples=32",
-              "stages.methods.n_examples=16", "eval.n=8", "eval.batch_size=8", "eval.max_new_tokens=2",
+              "stages.methods.n_examples=16", "stages.methods.n_eval_samples=4", "eval.n=8", "eval.batch_size=8", "eval.max_new_tokens=2",
               "common.model.lora.r=8", "common.lr=3e-3"]
     args = [f"out={out}", "methods=[dpo]", "seeds=1", "wandb.mode=disabled", "progress_bar=false", "batch_size=8",
             "eval_batch_size=8", "n_eval_examples=8", "eval_every=null", "num_threads=1"] + stages

@@ -13,7 +13,7 @@ TINY_STAGES = [
     "stages.teacher_sft.lr=2e-3", "stages.teacher_sft.n_examples=64",          # one key at a time
     "stages.teacher_dpo.n_examples=32",
     "stages.student_sft=[loss=sft,lr=2e-3,n_examples=64]",                     # a whole stage
-    "stages.methods.n_examples=32", "stages.methods.eval_every=16",
+    "stages.methods.n_examples=32", "stages.methods.eval_every=16", "stages.methods.n_eval_samples=8",
     "eval.n=16", "eval.batch_size=16", "eval.max_new_tokens=4",
 ]
 PASSTHROUGH = ["wandb.mode=disabled", "progress_bar=false", "batch_size=16", "eval_batch_size=16",
@@ -55,6 +55,9 @@ def test_pipeline_chains_stages_writes_the_table_and_skips_finished_stages(tmp_p
                 "RM win rate vs SFT student"):
         assert row in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the plot's curves: the task score each method run logged at its evaluation points, over both seeds
+    assert [(ex, std is not None) for ex, _, std in report.curves(str(out), "task_exact")["tvkd"]] == [
+        (0, True), (16, True), (32, True)]
     assert table.strip() in first  # printed at the end
 
     stamps = {run: (os.path.getmtime(out / run / "DONE"), os.path.getmtime(out / run / "eval.json")) for run in runs}
@@ -156,7 +159,7 @@ REVERSE_ARGS = [
     f"sft_data.path={REVERSE}/sft_train.jsonl", "sft_data.options.test_fraction=0.25",  # SFT: one file, hash split
     f"pref_data.path={REVERSE}",                                                       # preferences: train/test.jsonl
     "stages.teacher_sft.n_examples=16", "stages.teacher_sft.lr=3e-3", "stages.teacher_dpo.n_examples=8",
-    "stages.student_sft.n_examples=16", "stages.methods.n_examples=8", "stages.methods.eval_every=null",
+    "stages.student_sft.n_examples=16", "stages.methods.n_examples=8", "stages.methods.eval_every=null", "stages.methods.n_eval_samples=4",
     "eval.batch_size=16", "eval.max_new_tokens=8",
     f"data.scorer={SCORER}", "max_length=80", "max_prompt_length=64", "wandb.mode=disabled", "progress_bar=false",
     "batch_size=8", "eval_batch_size=16", "n_eval_examples=8", "do_first_eval=false", "warmup_steps=1", "num_threads=1",
