@@ -40,8 +40,8 @@ prompt, its plain text, the model input, the completion, the reference answer, t
 alpaca_eval=F AlpacaEval's model-outputs JSON; mt_bench=F an MT-Bench answer file (and
 its question file beside it). Under torchrun every process evaluates every world-th batch (on
 its GPU, in bf16; fp32 on the CPU) and scores every world-th reward batch; rank 0 gathers, writes
-the files and prints: the numbers of one process. A run trained with wandb on gets the metrics in its wandb run's
-summary as eval/<metric> (prefkd/tracking.py; wandb_summary=false: not).
+the files and prints: the numbers of one process. With wandb_summary=true, a run trained with wandb on gets the
+metrics in its wandb run's summary as eval/<metric> (prefkd/tracking.py).
 """
 import json
 import os
@@ -204,6 +204,8 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
     s = resolve_settings(path, datasets, n_examples, batch_size, beta, max_new_tokens, max_length,
                          max_prompt_length, options, truncation_mode, scorer)
     names, opts = s["datasets"], s["data"]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    log = log if rank == 0 else (lambda msg: None)  # rank 0 speaks for all
     if s["config"] is None:
         log(f"evaluate: {path} has no run config (trainer_state.json / config.yaml); using defaults: "
             f"datasets {names}, max_length {s['max_length']}, max_prompt_length {s['max_prompt_length']}")
@@ -215,9 +217,7 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
     log(f"evaluate: {path}: {n} of {available} held-out examples of {names}, max_length {s['max_length']}, "
         f"max_prompt_length {s['max_prompt_length']}, scorer {task.specs()}"
         + (f" (settings from {s['config']})" if s["config"] else ""))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = models.pick_device(None, rank)  # this process's GPU (LOCAL_RANK) in bf16, else the CPU in fp32
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = evaluation_device(rank)
     model, tokenizer = models.load_checkpoint(path, dtype)
     ref = models.load_checkpoint(reference, dtype)[0].to(device) if reference and pairs else None
     model.to(device)
@@ -237,6 +237,8 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
             mine.append((i, sums, records))
         done += len(batch["prompt"])
     sums, records = merge_batches(mine, world)
+    del model, ref  # the reward model gets the memory (three 8B models would not fit one GPU together)
+    torch.cuda.empty_cache()  # a no-op where CUDA was never used
     if reward_model:
         sums.update(reward_metrics(records, reward_model, baseline, reward_baseline, s["batch_size"], log))
     for path_out, write in ((generations, gen.write_jsonl), (alpaca_eval, gen.write_alpaca_eval),
@@ -246,8 +248,16 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
     result = {k: sum(v) / len(v) if isinstance(v, list) else v for k, v in sums.items()}
     result["n"] = len(records)
     result["settings"] = {k: v for k, v in s.items() if k != "data"} | {"scorers": task.specs(),
-                                                                       "generator": generator}
+                                                                       "generator": generator,
+                                                                       "device": device.type, "dtype": str(dtype)}
     return result
+
+
+def evaluation_device(rank: int = 0):
+    """(device, dtype) of an evaluation: this process's GPU (LOCAL_RANK) in bf16, else the CPU in
+    fp32. Part of the pipeline's evaluation key: numbers from the two are not mixed in one table."""
+    device = models.pick_device(None, rank)
+    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def merge_batches(mine: List[Tuple[int, Dict, List]], world: int) -> Tuple[Dict[str, List[float]], List[Dict]]:
@@ -309,13 +319,16 @@ def reward_metrics(records: List[Dict], reward_model: str, baseline: Optional[Li
     from prefkd import reward_scoring
     device = models.pick_device(None, dist.get_rank() if dist.is_initialized() else 0)
     rm, tok = reward_scoring.load(reward_model, device)
-    scores = reward_scoring.score_records(rm, tok, records, batch_size, name=f"reward_model={reward_model}")
+    here = reward_scoring.trained_here(reward_model)  # a loss=rm run: its training's formatting
+    scores = reward_scoring.score_records(rm, tok, records, batch_size, name=f"reward_model={reward_model}",
+                                          as_trainer=here)
     for r, v in zip(records, scores):
         r["scores"] = {**(r.get("scores") or {}), "reward": v}
     mean, stderr = reward_scoring.mean_and_stderr(scores)
     out = {"reward": mean, "reward_stderr": stderr}
     if baseline is not None:
-        theirs = reward_scoring.score_records(rm, tok, baseline, batch_size, name=f"reward_model={reward_model}")
+        theirs = reward_scoring.score_records(rm, tok, baseline, batch_size, name=f"reward_model={reward_model}",
+                                              as_trainer=here)
         out["reward_win_rate"] = reward_scoring.win_rate(scores, records, theirs, baseline, baseline_path)
     log(f"evaluate: reward model {reward_model}: mean {mean:.4f} +- {stderr:.4f}"
         + (f", win rate {out['reward_win_rate']:.3f} against {baseline_path}" if baseline is not None else ""))

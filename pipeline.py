@@ -2,6 +2,7 @@
 
     python pipeline.py                          # embedded default on the CPU, 1 seed
     python pipeline.py seeds=3                  # the full table (mean and std over 3 seeds)
+    python pipeline.py eval.reward_model=train  # + the RM columns: a reward model trained on pref_data
     python pipeline.py methods=[dpo,tvkd] out=runs/small stages.methods.lr=3e-4
     python pipeline.py sft_data.path=task/sft_train.jsonl pref_data.path=task data.scorer=task/score.py:score
     python pipeline.py preset=paper             # Llama-3.1-8B -> Llama-3.2-1B, Deita + DPO-MIX-7K, FSDP
@@ -11,6 +12,7 @@ Stages (config/pipeline/<preset>.yaml), each an ordinary train.py run under <out
 
     teacher_sft  -> teacher_dpo  (model=<teacher>)
     student_sft                  (model=<model>)
+    reward_model                 (loss=rm from student_sft; only with eval.reward_model=train)
     generate/<model>...          (generate.py: the frozen answers seqkd / adpa train on)
     precompute/<cache>           (precompute.py: the DPO teacher's features and the SFT
                                   student's reference log-probs, once for every seed; caches.*)
@@ -364,7 +366,8 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
         fixed["reward_model"] = [f"model={cfg.model}", "exp_name=reward_model", "loss=rm",
                                  f"model.archive={d['student_sft']}"]
     # wandb: one group per pipeline, the stage as the job type (prefkd/tracking.py)
-    fixed = {s: ov + [f"wandb.group={cfg.out}", f"wandb.job_type={s}"] for s, ov in fixed.items()}
+    group = f"wandb.group={hydra_value(str(cfg.out))}"
+    fixed = {s: ov + [group, f"wandb.job_type={s}", f"wandb.method={s}"] for s, ov in fixed.items()}
     common = flatten(OmegaConf.to_container(cfg.common, resolve=True))
     settings = lambda s: flatten(OmegaConf.to_container(cfg.stages[s], resolve=True))  # noqa: E731
     reused = set(cfg.get("reuse") or {})  # trained by another group (or another command): not run here
@@ -377,7 +380,7 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
         chain = [f"model={cfg.model}", f"model.archive={start}", f"teacher={cfg.teacher}",
                  f"teacher.archive={d['teacher_dpo']}", f"teacher.reference_archive={d['teacher_sft']}",
                  f"runs_dir={os.path.join(cfg.out, 'methods')}", seeds,
-                 f"exp_name={m}_seed${{seed}}", f"wandb.group={cfg.out}", "wandb.job_type=method"]
+                 f"exp_name={m}_seed${{seed}}", group, "wandb.job_type=method", f"wandb.method={m}"]
         out[f"methods/{m}"] = merge_overrides(common, passthrough, base, data_overrides(cfg.pref_data),
                                               settings("methods"), own, chain)
     return out
@@ -645,6 +648,11 @@ def evaluate_all(cfg, passthrough=None) -> None:
     rm = reward_model_of(cfg)
     if rm is not None:
         settings["reward_model"] = reward_model_key(rm)
+    device, dtype = evaluate.evaluation_device()
+    if device.type != "cpu":  # GPU bf16 numbers are not mixed with CPU fp32 ones (the CPU's key is as it was)
+        settings["device"] = f"{device.type} {dtype}"
+    wandb_off = (tracking.mode_now(None) == "disabled" or "wandb.mode=disabled" in (passthrough or [])
+                 or ((cfg.get("common") or {}).get("wandb") or {}).get("mode") == "disabled")
     key = json.dumps(settings, sort_keys=True)
     for run, reference in jobs:
         out = os.path.join(run, "eval.json")
@@ -669,7 +677,8 @@ def evaluate_all(cfg, passthrough=None) -> None:
             log=lambda msg: print(msg, flush=True))
         result.update({"reference": reference, "seconds": round(time.time() - t0, 1), "settings_key": key})
         utils.atomic_write_json(out, result)
-        tracking.publish_evaluation(run, result)  # into the summary of the run's wandb run, if it has one
+        if not wandb_off:
+            tracking.publish_evaluation(run, result)  # into the summary of the run's wandb run, if it has one
         print(f"evaluated {run}: " + json.dumps({k: v for k, v in result.items() if k != "settings_key"}), flush=True)
 
 
@@ -721,6 +730,13 @@ def group_configs(cfg) -> List[DictConfig]:
 def prepare(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     """Every stage's train.py arguments, checked (config and data) before anything trains."""
     overrides = stage_overrides(cfg, passthrough)
+    rm = reward_model_of(cfg)
+    if rm is not None and cfg.eval.reward_model != "train":  # a named reward model: readable before anything trains
+        from prefkd import reward_scoring
+        try:
+            reward_scoring.check(rm)
+        except ValueError as e:
+            raise ValueError(f"eval.reward_model: {e}") from None
     configs = preflight(cfg, overrides)
     return cache_stages(cfg, generation_stages(cfg, overrides, configs), configs)
 
@@ -740,7 +756,7 @@ def execute(cfg, overrides: Dict[str, List[str]], argv: List[str]) -> int:
     except utils.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    evaluate_all(cfg)
+    evaluate_all(cfg, argv)
     import report
     table = report.write_report(cfg.out, dict(cfg.get("reuse") or {}))
     print(f"\n{table}\nwall time {time.time() - t0:.0f} s; results in {cfg.out}/results.md, results.csv, results.png")

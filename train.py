@@ -146,7 +146,7 @@ NULLABLE_NUMBERS = {"n_epochs": int, "save_every": int, "num_threads": int, "sav
 
 
 # Keys holding text whose default is null (a bare `nan` or `inf` there is a name, not a number).
-TEXT_KEYS = {"exp_name", "wandb.entity", "wandb.name", "wandb.dir", "wandb.group", "wandb.job_type"}
+TEXT_KEYS = {"exp_name", "wandb.entity", "wandb.name", "wandb.dir", "wandb.group", "wandb.job_type", "wandb.method"}
 
 
 def check_types(cfg: DictConfig) -> None:

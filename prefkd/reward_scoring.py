@@ -6,8 +6,10 @@ on the same prompts (AlpacaEval's statistic, with the reward model as the judge)
 Formatting. A prompt (a string, or a list of {role, content} messages) and its completion become
 one conversation, [the prompt's messages (a string: one user message), {assistant: completion}],
 formatted with the reward model's chat template. A reward model without a chat template scores
-`prompt + completion` as plain text when the prompt is plain text; a conversational prompt is then
-refused (joining messages by hand would invent a template the model was not trained with).
+[bos] + prompt + completion + [eos] when the prompt is plain text; a conversational prompt is then
+refused (joining messages by hand would invent a template the model was not trained with). A
+reward model trained here (a loss=rm run) is scored on exactly the ids its trainer built, plain
+or through the chat template as its data were: it scores what it was trained on.
 
 Scores are computed in length-sorted batches (less padding), right-padded, in eval mode, and
 returned in the records' order; under torchrun the batches are shared out among the processes.
@@ -25,7 +27,11 @@ def check(path: str) -> str:
     from transformers import AutoConfig
     from prefkd import checkpoints
     resolved = checkpoints.resolve_checkpoint(path) if os.path.exists(path) else path
-    labels = getattr(AutoConfig.from_pretrained(resolved), "num_labels", None)
+    try:
+        labels = getattr(AutoConfig.from_pretrained(resolved), "num_labels", None)
+    except (OSError, ValueError) as e:  # no such directory or hub id, or no hub access
+        raise ValueError(f"reward_model={path}: cannot read its config ({str(e).splitlines()[0]}); give a local "
+                         "directory (a loss=rm run, or a downloaded reward model) or a hub id reachable here") from None
     if labels != 1:
         raise ValueError(f"reward_model={path}: it has {labels} outputs; a reward model has one "
                          "(AutoModelForSequenceClassification with num_labels=1)")
@@ -45,6 +51,35 @@ def load(path: str, device: torch.device, dtype: Optional[torch.dtype] = None):
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def trained_here(path: str) -> bool:
+    """Whether a reward model is a checkpoint of this framework (a loss=rm run: trainer_state.json
+    beside its weights), which is scored with its training's formatting (`encode`)."""
+    import os
+    from prefkd import checkpoints
+    return os.path.exists(path) and os.path.isfile(os.path.join(checkpoints.resolve_checkpoint(path), "trainer_state.json"))
+
+
+def encode(tokenizer, prompt, completion: str, name: str = "the reward model", as_trainer: bool = False) -> List[int]:
+    """The ids the reward model scores. as_trainer (a loss=rm run of this framework): exactly the
+    ids its trainer built for a (prompt, response) row (preference_datasets.format_example and
+    encode_text: [bos] + the prompt, plain or through the chat template with the generation
+    prompt, + the response + [eos]), so that it scores at evaluation what it was trained on.
+    Otherwise: the reward model's chat template's text (holding its own special tokens), or,
+    without one, [bos] + prompt + completion + [eos] for a plain-text prompt."""
+    import preference_datasets as data
+    if as_trainer or not getattr(tokenizer, "chat_template", None):
+        if not as_trainer:
+            format_text(tokenizer, prompt, completion, name)  # refuses a conversation without a template
+        ex = {"chat": not isinstance(prompt, str), "prompt": prompt, "chosen": completion, "rejected": None,
+              "sft_target": None}
+        prompt_text, responses = data.format_example(ex, tokenizer)
+        if tokenizer.eos_token_id is not None:
+            ids = data.encode_text(prompt_text, {"r": responses["chosen"]}, tokenizer)
+            return ids["prompt"] + ids["r"]
+        return tokenizer(prompt_text + responses["chosen"], add_special_tokens=False)["input_ids"]
+    return tokenizer(format_text(tokenizer, prompt, completion, name), add_special_tokens=False)["input_ids"]
 
 
 def format_text(tokenizer, prompt, completion: str, name: str = "the reward model") -> str:
@@ -70,13 +105,19 @@ def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max
     """One reward per text, batched by length (longest first), in the texts' order. Under torchrun
     (a process group started) each process scores every world-th batch of the length-sorted
     order and all processes get every score."""
-    import torch.distributed as dist
-    device = next(model.parameters()).device
     encoded = [tokenizer(t, add_special_tokens=False, truncation=max_length is not None, max_length=max_length)["input_ids"]
                for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    pad = tokenizer.pad_token_id
-    out = [0.0] * len(texts)
+    return score_ids(model, tokenizer.pad_token_id, encoded, batch_size)
+
+
+@torch.no_grad()
+def score_ids(model, pad: int, encoded: Sequence[List[int]], batch_size: int = 8) -> List[float]:
+    """One reward per id list (right-padded with `pad`), batched by length (longest first), in
+    their order; under torchrun shared out as score_texts says."""
+    import torch.distributed as dist
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    out = [0.0] * len(encoded)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for start in range(rank * batch_size, len(order), batch_size * world):
         idx = order[start:start + batch_size]
@@ -101,11 +142,14 @@ def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max
 
 
 def score_records(model, tokenizer, records: Sequence[Dict], batch_size: int = 8, name: str = "the reward model",
-                  max_length: Optional[int] = None) -> List[float]:
-    """The reward of each record's (prompt, completion); generation records hold the original prompt."""
+                  max_length: Optional[int] = None, as_trainer: bool = False) -> List[float]:
+    """The reward of each record's (prompt, completion); generation records hold the original
+    prompt. as_trainer: a reward model trained here (see `encode`)."""
     check_records(records, "generations")
-    texts = [format_text(tokenizer, r["prompt"], r["completion"], name) for r in records]
-    return score_texts(model, tokenizer, texts, batch_size, max_length)
+    encoded = [encode(tokenizer, r["prompt"], r["completion"], name, as_trainer) for r in records]
+    if max_length is not None:
+        encoded = [ids[:max_length] for ids in encoded]
+    return score_ids(model, tokenizer.pad_token_id, encoded, batch_size)
 
 
 def mean_and_stderr(values: Sequence[float]):

@@ -6,11 +6,11 @@ sweep for a Hydra --multirun (every job of one command line together) and otherw
 name without its seed (the seeds of one configuration together), and the job type is "train".
 pipeline.py sets both: the group is its `out`, the job type the stage (teacher_sft, teacher_dpo,
 student_sft, reward_model, method). Tags: loss=<name>, model=<name>, teacher=<name> where the
-loss reads a teacher, then wandb.tags. The run's identity (id, project, entity, directory,
+loss reads a teacher, method=<row> where the pipeline names it (wandb.method), then wandb.tags. The run's identity (id, project, entity, directory,
 mode) is written to <run>/wandb.json, so that evaluate.py and the pipeline's evaluation put the
 evaluation (eval/<metric>) in that run's summary (offline: in an evaluation run beside it, see
-publish_evaluation): a wandb table of a pipeline's group, grouped by the `loss` tag, holds
-results.md's columns.
+publish_evaluation): a wandb table of a pipeline's group, grouped by the `method` tag, holds
+results.md's rows.
 """
 import hashlib
 import json
@@ -25,11 +25,21 @@ IDENTITY = "wandb.json"  # in the run directory
 GROUP_CHARS = 128  # wandb's limit on a group name
 
 
-def sweep_group(argv: List[str]) -> str:
-    """The group of every job of one --multirun command line: its arguments, sorted (shortened
-    with a hash past wandb's limit)."""
-    name = "sweep " + " ".join(sorted(a for a in argv if "=" in a and not a.startswith("-")))
+def fit(name: str) -> str:
+    """A group name within wandb's limit (shortened with a hash of the whole)."""
     return name if len(name) <= GROUP_CHARS else name[:GROUP_CHARS - 11] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+
+
+def sweep_group(argv: List[str]) -> str:
+    """The group of every job of one --multirun command line: its arguments, sorted."""
+    return fit("sweep " + " ".join(sorted(a for a in argv if "=" in a and not a.startswith("-"))))
+
+
+def mode_now(stored: Optional[str]) -> str:
+    """The wandb mode for writing now: the environment's WANDB_MODE (wandb's convention, as
+    train.py applies it) over the mode the run was trained with."""
+    env = os.environ.get("WANDB_MODE")
+    return {"dryrun": "offline", "run": "online"}.get(env, env) if env else (stored or "offline")
 
 
 def check(cfg: DictConfig) -> None:
@@ -49,6 +59,8 @@ def tags(cfg: DictConfig, teacher: bool) -> List[str]:
     out = [f"loss={cfg.loss.name}", f"model={cfg.model.name}"]
     if teacher and cfg.get("teacher") is not None:
         out.append(f"teacher={cfg.teacher.name}")
+    if cfg.wandb.get("method"):  # the pipeline's row: a method or variant name, or a fixed stage
+        out.append(f"method={cfg.wandb.method}")
     return out + [str(t) for t in (cfg.wandb.get("tags") or [])]
 
 
@@ -64,7 +76,7 @@ def init(cfg: DictConfig, run_dir: str, teacher: bool):
         mode = "offline"
     identity = {"id": hashlib.sha1(run_dir.encode()).hexdigest()[:12], "project": cfg.wandb.project,
                 "entity": cfg.wandb.entity, "dir": cfg.wandb.dir or run_dir, "mode": mode,
-                "group": None if cfg.wandb.get("group") is None else str(cfg.wandb.group),
+                "group": None if cfg.wandb.get("group") is None else fit(str(cfg.wandb.group)),
                 "job_type": str(cfg.wandb.get("job_type") or "train")}
     run = wandb.init(name=cfg.wandb.name or cfg.exp_name, resume="allow", tags=tags(cfg, teacher),
                      config=OmegaConf.to_container(cfg, resolve=True), **identity)
@@ -106,6 +118,9 @@ def publish_evaluation(run_dir: str, result: Dict, log=print) -> Optional[Dict[s
         identity = json.load(f)
     summary = evaluation_summary(result)
     args = {k: identity.get(k) for k in ("id", "project", "entity", "dir", "mode", "group", "job_type")}
+    args["mode"] = mode_now(args["mode"])
+    if args["mode"] == "disabled":
+        return None
     if args["mode"] == "offline":
         args.update(id=f"{args['id']}-eval", job_type="evaluation", name=identity.get("name"), tags=identity.get("tags"))
     try:

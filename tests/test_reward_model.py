@@ -62,7 +62,9 @@ def test_a_reward_model_trained_on_the_embedded_pairs_ranks_held_out_pairs(tmp_p
     model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
     import preference_datasets as data
     cfg = compose(FAST + RM_RUN)
-    acc, margins = [], []
+    from prefkd import reward_scoring as rs
+    scorer, tok = rs.load(ckpt, torch.device("cpu"))
+    acc, margins, scored = [], [], []
     for batch in trainers.run_batches(cfg, data.get_tokenizer(ckpt), L.get_loss("rm"), "test"):
         inp = trainers.concatenated_inputs(batch, pairwise=True)
         with torch.no_grad():
@@ -70,8 +72,13 @@ def test_a_reward_model_trained_on_the_embedded_pairs_ranks_held_out_pairs(tmp_p
         b = len(batch["prompt"])
         acc += (r[:b] > r[b:]).float().tolist()
         margins += (r[:b] - r[b:]).tolist()
+        # evaluate.py's scoring path on the same texts gives the trainer's rewards (same ids, same pooling)
+        texts = [{"prompt": p, "completion": c} for p, c in zip(batch["prompt"] * 2, batch["chosen"] + batch["rejected"])]
+        got = rs.score_records(scorer, tok, texts, batch_size=16, as_trainer=rs.trained_here(run_dir))
+        scored += [abs(x - float(y)) for x, y in zip(got, r)]
     assert sum(acc) / len(acc) == pytest.approx(final["rewards_eval/accuracies"], abs=1e-6)
     assert sum(margins) / len(margins) == pytest.approx(final["rewards_eval/margins"], rel=1e-5, abs=1e-5)
+    assert len(scored) == 2 * len(acc) and max(scored) < 1e-4
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -48,11 +48,13 @@ class Recorder(types.ModuleType):
 def recorder(monkeypatch):
     fake = Recorder()
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # conftest's `disabled` would win over the run's mode
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # `online` stays online (the stand-in never connects)
     return fake
 
 
-def test_a_run_hands_wandb_its_group_job_type_tags_metrics_and_later_its_evaluation(tmp_path, recorder, capsys):
+def test_a_run_hands_wandb_its_group_job_type_tags_metrics_and_later_its_evaluation(tmp_path, recorder, capsys,
+                                                                                    monkeypatch):
     overrides = ["loss=sft", "n_examples=32", "eval_every=16", "wandb.mode=online", "wandb.tags=[ablation]", "seed=3",
                  "lr=1e-3", "exp_name=rec"]
     cfg = compose([o for o in FAST if not o.startswith("wandb")] + [f"runs_dir={tmp_path}"] + overrides)
@@ -73,17 +75,21 @@ def test_a_run_hands_wandb_its_group_job_type_tags_metrics_and_later_its_evaluat
     identity = json.load(open(os.path.join(run_dir, tracking.IDENTITY)))
     assert identity["id"] == kw["id"] and identity["group"] == kw["group"]
     # evaluate.py resumes that run (same id) and writes the metrics it prints to its summary
-    assert evaluate.main([f"checkpoint={run_dir}/LATEST", "n=8", "max_new_tokens=4"]) == 0
+    assert evaluate.main([f"checkpoint={run_dir}/LATEST", "n=8", "max_new_tokens=4", "wandb_summary=true"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ev = recorder.runs[-1]
     assert len(recorder.runs) == 2 and ev.kwargs["id"] == kw["id"] and ev.kwargs["resume"] == "allow" and ev.finished
     assert ev.kwargs["group"] == kw["group"] and ev.kwargs["job_type"] == "train"
     assert ev.summary["eval/task_exact"] == result["task_exact"] and ev.summary["eval/logp_accuracy"] == \
         result["logp_accuracy"] and all(k.startswith("eval/") for k in ev.summary)
-    # wandb_summary=false, or a run trained with wandb off, writes nothing
-    assert evaluate.main([f"checkpoint={run_dir}", "n=8", "max_new_tokens=4", "wandb_summary=false"]) == 0
+    assert ev.summary["eval/n"] == 8 and "eval/settings" not in ev.summary
+    # by default (wandb_summary=false) evaluate.py writes nothing; nor to a run trained with wandb off,
+    # nor with WANDB_MODE=disabled now
+    assert evaluate.main([f"checkpoint={run_dir}", "n=8", "max_new_tokens=4"]) == 0
     assert len(recorder.runs) == 2
     assert tracking.publish_evaluation(str(tmp_path), {"task_exact": 1.0}) is None and len(recorder.runs) == 2
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.publish_evaluation(run_dir, {"task_exact": 1.0}) is None and len(recorder.runs) == 2
 
 
 def test_tags_name_the_teacher_only_where_the_loss_reads_one_and_bad_tags_are_refused():
@@ -107,6 +113,11 @@ def test_a_sweep_is_one_group_and_a_pipeline_gives_its_out_and_each_stage_as_job
     for stage in ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods/dpo", "methods/tvkd"):
         assert "wandb.group=/tmp/study_a" in ov[stage]
         assert f"wandb.job_type={'method' if stage.startswith('methods') else stage}" in ov[stage]
+        assert f"wandb.method={stage.split('/')[-1]}" in ov[stage]  # the row: tagged method=<name>
+    cfg, _ = pipeline.parse_args(["out='/tmp/a=b,c'"])  # Hydra's grammar: quoted, one value, not a sweep
+    assert "wandb.group='/tmp/a=b,c'" in pipeline.stage_overrides(cfg, [])["student_sft"]
+    cfg = compose(["loss=tvkd", "wandb.method=tvkd_released"])
+    assert tracking.tags(cfg, True)[-1] == "method=tvkd_released"
 
 
 def test_a_real_offline_run_and_its_evaluation_complete(tmp_path, monkeypatch):
