@@ -364,7 +364,8 @@ def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     }
     if (cfg.get("eval") or {}).get("reward_model") == "train":  # a Bradley-Terry RM from the SFT student
         fixed["reward_model"] = [f"model={cfg.model}", "exp_name=reward_model", "loss=rm",
-                                 f"model.archive={d['student_sft']}"]
+                                 f"model.archive={d['student_sft']}", "padding_free=false",  # a scalar head
+                                 "sample_during_eval=false"]  # refuses both (a global setting stays the others')
     # wandb: one group per pipeline, the stage as the job type (prefkd/tracking.py)
     group = f"wandb.group={hydra_value(str(cfg.out))}"
     fixed = {s: ov + [group, f"wandb.job_type={s}", f"wandb.method={s}"] for s, ov in fixed.items()}

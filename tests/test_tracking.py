@@ -109,7 +109,9 @@ def test_a_sweep_is_one_group_and_a_pipeline_gives_its_out_and_each_stage_as_job
     long = tracking.sweep_group([f"loss.alpha={'1,' * 80}2"])
     assert len(long) == tracking.GROUP_CHARS and long != tracking.sweep_group([f"loss.alpha={'1,' * 81}2"])
     cfg, _ = pipeline.parse_args(["out=/tmp/study_a", "eval.reward_model=train", "methods=[dpo,tvkd]"])
-    ov = pipeline.stage_overrides(cfg, [])
+    ov = pipeline.stage_overrides(cfg, ["padding_free=true"])
+    # a global padding_free (which a scalar head refuses) stays the other stages'
+    assert "padding_free=false" in ov["reward_model"] and "padding_free=true" in ov["methods/dpo"]
     for stage in ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods/dpo", "methods/tvkd"):
         assert "wandb.group=/tmp/study_a" in ov[stage]
         assert f"wandb.job_type={'method' if stage.startswith('methods') else stage}" in ov[stage]
