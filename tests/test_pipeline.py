@@ -82,8 +82,8 @@ def test_pipeline_rejects_bad_arguments_before_training(tmp_path, capsys):
     assert pipeline.main(["preset=gpu9000"]) == 2
     assert "known presets" in capsys.readouterr().err
     # a named reward model that cannot be read is refused before anything trains, not after
-    assert pipeline.main([f"out={tmp_path}", "eval.reward_model=someone/no-such-rm"]) == 2
-    assert "eval.reward_model: reward_model=someone/no-such-rm: cannot read its config" in capsys.readouterr().err
+    assert pipeline.main([f"out={tmp_path}", f"eval.reward_model={tmp_path.parent}/no_such_rm"]) == 2
+    assert f"eval.reward_model: reward_model={tmp_path.parent}/no_such_rm: cannot read its config" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
 
 
