@@ -55,6 +55,7 @@ from omegaconf import OmegaConf
 from prefkd import generation as gen
 import losses
 import preference_datasets as data
+import utils
 from prefkd import checkpoints, models, run_plan, scorers, tracking
 
 DEFAULTS = {"datasets": ["embedded"], "max_length": 48, "max_prompt_length": 24, "truncation_mode": "keep_end",
@@ -353,8 +354,7 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    utils.close_process_group()
     if rank != 0:
         return 0  # rank 0 reports (and wrote the files)
     run_dir = tracking.run_of(str(a.checkpoint))

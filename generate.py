@@ -241,12 +241,12 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    clean = False
     try:
         generate(cfg)
+        clean = True
     finally:
-        if utils.is_distributed():
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        utils.close_process_group(clean)
     return 0
 
 

@@ -382,20 +382,21 @@ def worker(rank: int, world_size: int, cfg: DictConfig, run_dir: str):
         dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         rank, world_size = dist.get_rank(), dist.get_world_size()
     utils.set_seed(cfg.seed)
-    trainer = None
+    trainer, clean = None, False
     try:
         trainer = cls(cfg, run_dir, rank=rank, world_size=world_size)
         if rank == 0:
             trainer.wandb_run = tracking.init(cfg, run_dir, teacher=trainer.plan.teacher)
         trainer.train()
+        clean = True
     except utils.TrainingStopped as e:
-        # saved and stopped cleanly: the launcher sees no DONE and reports it
+        # saved and stopped cleanly (every rank together): the launcher sees no DONE and reports it
         utils.rank0_print(str(e))
+        clean = True
     finally:
         if trainer is not None and getattr(trainer, "wandb_run", None) is not None:
             trainer.wandb_run.finish()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        utils.close_process_group(clean)
 
 
 def spawned_worker(rank, world_size, cfg_container, run_dir):

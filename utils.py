@@ -28,6 +28,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def close_process_group(clean: bool = True) -> None:
+    """End this process's process group. On a clean exit the ranks first meet at a barrier: a rank
+    that tears gloo down while its peer still talks to it aborts the peer at exit ("terminate
+    called without an active exception", seen 1 run in 4 on CPU tests). After an error no
+    barrier: the other ranks may never arrive."""
+    if is_distributed():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

@@ -9,6 +9,7 @@ import torch
 from conftest import train_run
 
 import generate
+import utils
 from prefkd import checkpoints
 
 
@@ -88,10 +89,12 @@ def _two_process_worker(rank, world, args, port):
     torch.set_num_threads(1)
     import torch.distributed as dist
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    clean = False
     try:
         generate.generate(generate.parse_args(args))
+        clean = True
     finally:
-        dist.destroy_process_group()
+        utils.close_process_group(clean)
 
 
 @pytest.mark.parametrize("fsdp", [False, True])

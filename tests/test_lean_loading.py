@@ -74,6 +74,7 @@ def worker(rank, world, port, root, paths, errors):
     from prefkd import lean_loading
     import preference_datasets as data
     import trainers
+    import utils
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         tok = data.get_tokenizer("embedded")
@@ -124,9 +125,9 @@ def worker(rank, world, port, root, paths, errors):
     except Exception:  # reported by the parent
         import traceback
         errors[rank] = traceback.format_exc()
+        utils.close_process_group(clean=False)
         raise
-    finally:
-        dist.destroy_process_group()
+    utils.close_process_group()
 
 
 def test_lean_loading_two_ranks_equals_full_load(tmp_path):
