@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import train_run
+from conftest import leave_process_group, train_run
 
 import generate
 import utils
@@ -89,12 +89,12 @@ def _two_process_worker(rank, world, args, port):
     torch.set_num_threads(1)
     import torch.distributed as dist
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    clean = False
     try:
         generate.generate(generate.parse_args(args))
-        clean = True
-    finally:
-        utils.close_process_group(clean)
+    except BaseException:
+        utils.close_process_group(clean=False)
+        raise
+    leave_process_group()
 
 
 @pytest.mark.parametrize("fsdp", [False, True])

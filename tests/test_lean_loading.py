@@ -127,7 +127,8 @@ def worker(rank, world, port, root, paths, errors):
         errors[rank] = traceback.format_exc()
         utils.close_process_group(clean=False)
         raise
-    utils.close_process_group()
+    from conftest import leave_process_group
+    leave_process_group()
 
 
 def test_lean_loading_two_ranks_equals_full_load(tmp_path):
