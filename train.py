@@ -355,9 +355,8 @@ def is_done(run_dir: str, cfg: DictConfig) -> bool:
 def apply_wandb_env(cfg: DictConfig, overrides) -> None:
     """wandb's convention: WANDB_MODE in the environment wins over the config file's default;
     an explicit wandb.mode=... on the command line wins over both."""
-    env = os.environ.get("WANDB_MODE")
+    env, mode = os.environ.get("WANDB_MODE"), tracking.env_mode()
     if env and not any(o.lstrip("+").startswith("wandb.mode=") for o in overrides):
-        mode = {"dryrun": "offline", "run": "online"}.get(env, env)
         if mode not in WANDB_MODES:
             raise ValueError(f"the environment's WANDB_MODE={env!r}: use online, offline or disabled")
         cfg.wandb.mode = mode

@@ -35,11 +35,17 @@ def sweep_group(argv: List[str]) -> str:
     return fit("sweep " + " ".join(sorted(a for a in argv if "=" in a and not a.startswith("-"))))
 
 
+def env_mode() -> Optional[str]:
+    """The environment's WANDB_MODE in this framework's words (wandb's older dryrun / run are
+    offline / online), or None."""
+    env = os.environ.get("WANDB_MODE")
+    return {"dryrun": "offline", "run": "online"}.get(env, env) if env else None
+
+
 def mode_now(stored: Optional[str]) -> str:
     """The wandb mode for writing now: the environment's WANDB_MODE (wandb's convention, as
     train.py applies it) over the mode the run was trained with."""
-    env = os.environ.get("WANDB_MODE")
-    return {"dryrun": "offline", "run": "online"}.get(env, env) if env else (stored or "offline")
+    return env_mode() or stored or "offline"
 
 
 def check(cfg: DictConfig) -> None:
