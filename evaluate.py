@@ -129,13 +129,13 @@ def resolve_settings(path: str, datasets=None, n_examples=None, batch_size=None,
 
 
 @torch.no_grad()
-def sequence_logps(model, batch: Dict, padding_free: bool = False) -> torch.Tensor:
+def sequence_logps(model, batch: Dict, pad_id: int, padding_free: bool = False) -> torch.Tensor:
     """[2B] summed response log-probs: chosen rows first, then rejected (through the chunked
     output layer, logits.output_logits: no [2B, L, V] logits tensor; padding_free: on packed rows)."""
     from prefkd import packing
     from prefkd.logits import output_logits
     from trainers import concatenated_inputs
-    inp = concatenated_inputs(batch, pairwise=True)
+    inp = concatenated_inputs(batch, True, pad_id)
     plan = packing.plan(inp["attention_mask"], inp["input_ids"].shape[1]) if padding_free else None
     logits = output_logits(model, {"input_ids": inp["input_ids"], "attention_mask": inp["attention_mask"]}, chunk=True,
                            packing=plan)
@@ -167,11 +167,11 @@ def score_batch(model, ref, tokenizer, batch: Dict, s: Dict, task, pairs: bool, 
     device = next(model.parameters()).device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     b = len(batch["prompt"])
-    lp = sequence_logps(model, batch, s.get("padding_free", False)) if pairs else None
+    lp = sequence_logps(model, batch, tokenizer.pad_token_id, s.get("padding_free", False)) if pairs else None
     if pairs:
         sums.setdefault("logp_accuracy", []).extend((lp[:b] > lp[b:]).float().tolist())
     if ref is not None:
-        r = s["beta"] * (lp - sequence_logps(ref, batch, s.get("padding_free", False)))
+        r = s["beta"] * (lp - sequence_logps(ref, batch, tokenizer.pad_token_id, s.get("padding_free", False)))
         sums.setdefault("pref_accuracy", []).extend((r[:b] > r[b:]).float().tolist())
         sums.setdefault("pref_margin", []).extend((r[:b] - r[b:]).tolist())
     out = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 import preference_datasets as data
 import utils
-from prefkd import checkpoints, models, run_plan
+from prefkd import checkpoints, models, run_plan, tokenizer_facts
 
 def parse_args(argv: List[str]):
     """The settings (config/generate.yaml) for key=value arguments, completed from the
@@ -128,7 +128,7 @@ def load_model(cfg, device):
 @torch.no_grad()
 def generate_rows(model, tokenizer, batch: List[Dict], cfg, first_index: int, device, synced: bool) -> List[str]:
     ids = [prompt_ids(ex, tokenizer, cfg) for ex in batch]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer_facts.pad_id(tokenizer)
     # left padding: every prompt ends where generation starts
     input_ids = data.pad_sequences(ids, pad, left=True).to(device)
     mask = data.pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(device)

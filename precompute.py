@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 import losses as losses_lib
 from prefkd import output_cache
 import utils
-from prefkd import models, packing, run_plan
+from prefkd import models, packing, run_plan, tokenizer_facts
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)
 USAGE = ("usage: python precompute.py {teacher|reference} <train.py overrides> "
@@ -166,7 +166,7 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
         for split in ("train", "test"):
             for batch in run_batches(cfg, tokenizer, split):
                 mine, index = index % world == rank, index + 1
-                inputs = trainers.concatenated_inputs(batch, spec.pairwise)
+                inputs = trainers.concatenated_inputs(batch, spec.pairwise, tokenizer_facts.pad_id(tokenizer))
                 if kind == output_cache.TEACHER:  # the teacher's rows: its own tokens when its tokenizer differs
                     inputs = frozen.teacher_inputs(batch, inputs)
                 keys = output_cache.row_keys(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])[0]

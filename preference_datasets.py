@@ -43,6 +43,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from prefkd import tokenizer_facts
+
 # The data sets, one module a concept (they never import this module). Everything they
 # define that callers use stays reachable here, as preference_datasets.<name>.
 from prefkd.data.embedded_task import (  # noqa: F401
@@ -143,8 +145,8 @@ def get_tokenizer(name_or_path: str):
     the shipped byte-level BPE (EMBEDDED_TOKENIZERS).
 
     Anything else goes to ``AutoTokenizer.from_pretrained`` (a local path works
-    offline). A missing pad token falls back to eos, as padded positions are
-    masked out anyway.
+    offline). A missing pad token falls back to eos (prefkd/tokenizer_facts.py says why and
+    where that matters).
     """
     from transformers import AutoTokenizer  # lazy: keeps `import preference_datasets` cheap
 
@@ -156,9 +158,7 @@ def get_tokenizer(name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(where)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return tokenizer_facts.ensure_pad(tokenizer)
 
 
 # ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 import losses as losses_lib
 import preference_datasets as data
 import utils
-from prefkd import adapters, checkpoints, lean_loading, models, output_cache, packing, run_plan
+from prefkd import adapters, checkpoints, lean_loading, models, output_cache, packing, run_plan, tokenizer_facts
 from prefkd import logits as logits_lib
 from prefkd import generation
 from prefkd.generation import InRunGeneration
@@ -43,12 +43,16 @@ from utils import NonFiniteError, TrainingStopped, rank0_print
 
 # ------------------------------------------------------------------ batches
 
-def concatenated_inputs(batch: Dict, pairwise: bool) -> Dict[str, torch.Tensor]:
-    """Stack chosen and rejected into one [2B, L] batch so each model runs one forward pass."""
+def concatenated_inputs(batch: Dict, pairwise: bool, pad_id: int) -> Dict[str, torch.Tensor]:
+    """Stack chosen and rejected into one [2B, L] batch so each model runs one forward pass; the
+    shorter side's input_ids are padded with the tokenizer's `pad_id` (tokenizer_facts.pad_id)."""
     if not pairwise:
         return {k: batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels")}
     length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    pads = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+    # The real pad id, never 0: a reward model's head reads each row at its last token that is not
+    # the pad id (transformers ignores the mask there), so a 0 would move the shorter side's score
+    # onto a padding position (prefkd/tokenizer_facts.py).
+    pads = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     return {k: torch.cat([utils.pad_to_length(batch[f"chosen_{k}"], length, p),
                           utils.pad_to_length(batch[f"rejected_{k}"], length, p)], dim=0)
             for k, p in pads.items()}
@@ -178,6 +182,7 @@ class BasicTrainer(Checkpointing):
         self.collective_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.spec, self.pairwise = self.plan.spec, self.plan.spec.pairwise
         self.tokenizer = models.load_tokenizer(cfg.model)
+        self.pad_id = tokenizer_facts.pad_id(self.tokenizer)
         self.examples_seen, self.step = 0, 0
         self.saved_step = None  # the step of the newest checkpoint written or resumed from
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -250,7 +255,7 @@ class BasicTrainer(Checkpointing):
     def compute_loss(self, batch: Dict, train: bool):
         """One (micro-)batch -> (loss, {metric: per-example tensor})."""
         batch, generated = self.generated_batch(batch, train)
-        inputs = utils.move_batch(concatenated_inputs(batch, self.pairwise), self.device)
+        inputs = utils.move_batch(concatenated_inputs(batch, self.pairwise, self.pad_id), self.device)
         model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         extra = self.frozen.reference_outputs(inputs, self.logits, self.device)
         extra.update(self.frozen.teacher_outputs(batch, inputs, self.logits, self.device))
@@ -430,12 +435,12 @@ class BasicTrainer(Checkpointing):
         if not data.pairs_available(list(self.cfg.datasets), self.cfg.get("data")) or self.spec.head != "lm":
             return {}  # SFT-only data sets have no pairs to rank; a reward model has no log-probs
         return heldout_logp_accuracy(self.batch_iterator("test", pairs=True), lambda m_in: self.logits(self.policy, m_in),
-                                     self.device)
+                                     self.device, self.pad_id)
 
     def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.policy.generate(input_ids=prompt_ids, attention_mask=attention_mask, do_sample=False,
                                     max_new_tokens=self.cfg.max_new_tokens,
-                                    pad_token_id=self.tokenizer.pad_token_id, **self.generate_kwargs())
+                                    pad_token_id=self.pad_id, **self.generate_kwargs())
 
     def generate_kwargs(self) -> Dict:
         return {}
@@ -570,13 +575,13 @@ TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer, "TensorPar
 # ------------------------------------------------------------------ helpers of the loop
 
 @torch.no_grad()
-def heldout_logp_accuracy(batches, policy_logits, device) -> Dict[str, torch.Tensor]:
+def heldout_logp_accuracy(batches, policy_logits, device, pad_id: int) -> Dict[str, torch.Tensor]:
     """Does the policy give the chosen response a higher log-probability than the rejected one,
     on held-out pairs? Logged for every loss (KD losses have no implicit reward), so methods
     compare on one curve. policy_logits(model_in) -> logits or LazyLogits."""
     acc = []
     for batch in batches:
-        inputs = utils.move_batch(concatenated_inputs(batch, pairwise=True), device)
+        inputs = utils.move_batch(concatenated_inputs(batch, True, pad_id), device)
         logits = policy_logits({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]})
         lp = sequence_logps(token_logps(logits, inputs["labels"]), response_mask(inputs["labels"]))
         chosen, rejected = split_pairs(lp, len(batch["prompt"]))

@@ -28,6 +28,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from prefkd import tokenizer_facts
+
 TOKENIZATIONS = ("auto", "own", "student")
 PROBE = "The quick brown fox: 12+34=46.\n"
 
@@ -118,7 +120,6 @@ def teacher_rows(batch: Dict, teacher_tok, cfg, pairwise: bool) -> Dict[str, tor
         for pair in built:
             for k in rows:
                 rows[k].append(pair[f"{kind}_{k}"])
-    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
-    return {"input_ids": data.pad_sequences(rows["input_ids"], pad),
+    return {"input_ids": data.pad_sequences(rows["input_ids"], tokenizer_facts.pad_id(teacher_tok)),
             "attention_mask": data.pad_sequences(rows["attention_mask"], 0),
             "labels": data.pad_sequences(rows["labels"], data.IGNORE_INDEX)}

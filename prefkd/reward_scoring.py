@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from prefkd import tokenizer_facts
+
 
 def check(path: str) -> str:
     """The reward model's location (a run of loss=rm or its LATEST resolved to its checkpoint; a hub id
@@ -46,10 +48,8 @@ def load(path: str, device: torch.device, dtype: Optional[torch.dtype] = None):
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-    if model.config.pad_token_id is None:
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.config.pad_token_id is None:  # the head finds each row's last token by it (tokenizer_facts)
+        model.config.pad_token_id = tokenizer_facts.pad_id(tokenizer)
     return model, tokenizer
 
 

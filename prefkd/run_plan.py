@@ -181,6 +181,19 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def missing_local_paths(cfg) -> List[str]:
+    """`key=path` of every model or tokenizer the run names by a filesystem path (absolute, or
+    starting with ~ or .) that does not exist: never a hub id, so refused whether or not the hub is up."""
+    out = []
+    groups = [("model", cfg.model)] + ([("teacher", cfg.teacher)] if RunPlan.of(cfg).teacher else [])
+    for group, mcfg in groups:
+        for key in ("name_or_path", "tokenizer"):
+            value = None if key == "name_or_path" and mcfg.get("archive") else mcfg.get(key)
+            if value and str(value).startswith(("/", "~", ".")) and not _is_local(value):
+                out.append(f"{group}.{key}={value}")
+    return out
+
+
 def hub_needs(cfg, data_names: List[str]) -> List[str]:
     """`key=hub id` of every model, tokenizer and data set this run would download (not a local path,
     not in the local hub cache)."""
@@ -205,6 +218,11 @@ def hub_needs(cfg, data_names: List[str]) -> List[str]:
 def check_hub_access(cfg) -> None:
     """Offline (no route to the hub, or HF_HUB_OFFLINE=1), a run that would download a model or data
     set is refused naming the keys that point at a local copy, before anything loads."""
+    missing = missing_local_paths(cfg)
+    if missing:
+        raise ValueError("no such local directory: " + "; ".join(missing) + ". A model converted from a GGUF "
+                         "file (config/model/smollm2_135m.yaml) is written by `python scripts/import_gguf.py` "
+                         "(docs/configuration.md#quantised-community-models)")
     needs = hub_needs(cfg, list(cfg.get("datasets") or []))
     if needs and not _hub_reachable():
         raise ValueError("the Hugging Face hub cannot be reached from here, and this run would download: "

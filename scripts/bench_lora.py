@@ -103,6 +103,7 @@ def one(loss: str, lora_r, a) -> dict:
     if spec.teacher_need(cfg.loss):
         caches["teacher"] = FeaturesFromFile(torch.load(a.features, weights_only=True))
     t = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
+    t.pad_id = 0  # these batches' tokenizers pad with 0
     t.cfg, t.spec, t.pairwise, t.device, t.step = cfg, spec, spec.pairwise, torch.device("cpu"), 0
     t.policy, t.generation = policy, SimpleNamespace(apply=lambda batch, train, step, models: (batch, None))
     t.frozen = models.FrozenModels.of(cfg, spec, reference=reference, caches=caches)
@@ -137,7 +138,7 @@ def write_features(a) -> None:
     import trainers
     spec = L.get_loss("tvkd")
     loss_cfg = OmegaConf.load(os.path.join(REPO, "config", "loss", "tvkd.yaml"))
-    inputs = trainers.concatenated_inputs(make_batch(a.pairs, a.length), pairwise=True)
+    inputs = trainers.concatenated_inputs(make_batch(a.pairs, a.length), True, 0)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(*inputs["input_ids"].shape, SHAPES["vocab_size"], generator=g)
     torch.save(spec.teacher_features(logits, inputs["labels"], loss_cfg), a.features)

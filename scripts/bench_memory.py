@@ -59,6 +59,7 @@ def one(loss: str, length: int, chunking: bool, threads: int) -> dict:
         model_lib.freeze(models[name])
     loss_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "config", "loss", f"{loss}.yaml")))
     t = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
+    t.pad_id = 0  # these batches' tokenizers pad with 0
     t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": chunking})
     t.spec = L.get_loss(loss)
     t.pairwise, t.device = t.spec.pairwise, torch.device("cpu")

@@ -77,7 +77,7 @@ def make_batch(lengths, seed: int, vocab: int = VOCAB):
 
 def padding_share(batch) -> float:
     import trainers
-    mask = trainers.concatenated_inputs(batch, pairwise=True)["attention_mask"]
+    mask = trainers.concatenated_inputs(batch, True, 0)["attention_mask"]
     return 1.0 - float(mask.sum()) / mask.numel()
 
 
@@ -130,7 +130,7 @@ def teacher_feature_table(batches, vocab: int = VOCAB, device=None) -> dict:
     weight = (torch.randn(vocab, 64, generator=g) * 0.2).to(device)
     out = {}
     for batch in batches:
-        inputs = trainers.concatenated_inputs(batch, pairwise=True)
+        inputs = trainers.concatenated_inputs(batch, True, 0)
         hidden = torch.randn(*inputs["input_ids"].shape, 64, generator=g).to(device)
         with torch.no_grad():
             out[key_of(inputs["input_ids"])] = spec.teacher_features(L.LazyLogits(hidden, weight), inputs["labels"], cfg)
@@ -166,6 +166,7 @@ def one(loss: str, padding_free: bool, max_length: int, a) -> dict:
     elif spec.teacher_need(cfg.loss):
         teacher = frozen(1)
     t = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
+    t.pad_id = 0  # these batches' tokenizers pad with 0
     t.cfg, t.spec, t.pairwise, t.device, t.step = cfg, spec, spec.pairwise, torch.device("cpu"), 0
     t.policy, t.generation = policy, SimpleNamespace(apply=lambda batch, train, step, models: (batch, None))
     t.frozen = models.FrozenModels.of(cfg, spec, reference=reference, teacher=teacher, caches=caches)

@@ -124,7 +124,7 @@ def main():
     bare_opt = torch.optim.AdamW(bare_policy.parameters(), lr=ref_run.cfg.lr, weight_decay=0.0)
     batches = {name: next(iter(t.batch_iterator("train"))) for name, t in runs.items()}
     bare_batch = batches["dpo live"]
-    bare_inputs = trainers.concatenated_inputs(bare_batch, pairwise=True)
+    bare_inputs = trainers.concatenated_inputs(bare_batch, True, 0)
 
     def time_config(name):
         if name == "bare dpo":

@@ -84,6 +84,7 @@ def make_trainer(kind: str, device, size: dict, layers: int):
     mcfg = model_cfg(size, layers, "float32" if fsdp else "bfloat16", "bfloat16" if fsdp else None)
     t = trainers.TRAINERS[kind].__new__(trainers.TRAINERS[kind])
     t.device = t.collective_device = device
+    t.pad_id = Vocab.pad_token_id
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         t.mesh = init_device_mesh(device.type, (1,))
@@ -120,7 +121,7 @@ def configure(t, loss: str, padding_free: bool, max_length: int, features):
 def step_flops(t, batch, n_params: int, size: dict, layers: int) -> float:
     """Model FLOPs of one step on `batch` (see the module docstring)."""
     import trainers
-    mask = trainers.concatenated_inputs(batch, t.pairwise)["attention_mask"]
+    mask = trainers.concatenated_inputs(batch, t.pairwise, t.pad_id)["attention_mask"]
     lengths = mask.sum(-1).double()
     tokens, attn = float(lengths.sum()), float((lengths ** 2).sum())
     hidden = size["shapes"]["hidden_size"]
@@ -150,7 +151,7 @@ def measure(t, batches, device, n_params: int, size: dict, layers: int) -> dict:
         losses_.append(float(loss))
         if i:
             walls.append(time.perf_counter() - w0)
-            tokens += float(trainers.concatenated_inputs(batch, t.pairwise)["attention_mask"].sum())
+            tokens += float(trainers.concatenated_inputs(batch, t.pairwise, t.pad_id)["attention_mask"].sum())
             flops += step_flops(t, batch, n_params, size, layers)
     wall = sum(walls)
     peak = PEAK_BF16.get(next((k for k in PEAK_BF16 if device.type == "cuda" and k in torch.cuda.get_device_name()), ""))
@@ -214,6 +215,7 @@ def tiny_losses(device) -> dict:
             t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": True, "padding_free": packed,
                                       "max_length": 48})
             t.spec, t.pairwise, t.device, t.step, t.policy = spec, spec.pairwise, dev, 0, build(0)
+            t.pad_id = Vocab.pad_token_id
             t.generation = SimpleNamespace(apply=lambda batch, train, step, models: (batch, None))
             t.frozen = models.FrozenModels.of(t.cfg, spec, reference=models.freeze(build(3)),
                                               teacher=models.freeze(build(1)) if spec.teacher_need(t.cfg.loss) else None)

@@ -66,6 +66,7 @@ def fake_trainer(loss_cfg, chunking, padding_free=False, max_length=LEN):
     """A BasicTrainer with only what compute_loss reads (no data, no optimizer); generations off
     (the generation losses then train on the batch's responses, which is what is compared)."""
     t = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
+    t.pad_id = 0  # these batches' tokenizers pad with 0
     t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": chunking, "padding_free": padding_free,
                               "max_length": max_length})
     t.packer = packing.Planner(padding_free, max_length)
@@ -189,12 +190,12 @@ def test_lazy_logits_slices_and_materializes_like_the_logits():
 def test_evaluate_sequence_logps_through_the_chunked_output_layer(monkeypatch):
     import evaluate
     m, batch = tiny_llama(0), make_batch(seed=4)
-    inp = trainers.concatenated_inputs(batch, pairwise=True)
+    inp = trainers.concatenated_inputs(batch, True, 0)
     with torch.no_grad():
         logits = m(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
     want = L.sequence_logps(L.token_logps(logits, inp["labels"]), L.response_mask(inp["labels"]))
     monkeypatch.setattr(LG, "CHUNK_ELEMENTS", SMALL_CHUNKS)
-    torch.testing.assert_close(evaluate.sequence_logps(m, batch), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(evaluate.sequence_logps(m, batch, 0), want, rtol=1e-6, atol=1e-5)
 
 
 def test_models_with_scaled_logits_keep_their_full_logits():

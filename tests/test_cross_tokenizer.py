@@ -45,7 +45,7 @@ def logits_of(model, model_in):
 def loss_of(cfg, frozen, batch, policy):
     """The loss and metrics a trainer computes for one batch (compute_loss, without the trainer)."""
     spec = L.get_loss(cfg.loss.name)
-    inputs = trainers.concatenated_inputs(batch, spec.pairwise)
+    inputs = trainers.concatenated_inputs(batch, spec.pairwise, 0)
     model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     with torch.no_grad():
         ref = {"reference_logps": L.token_logps(logits_of(policy[1], model_in), inputs["labels"])} \
@@ -123,7 +123,7 @@ def test_the_bpe_teacher_signal_equals_a_hand_computation_on_its_own_tokens(teac
     cfg = run_cfg(teachers, "bpe", ["loss=tvkd", "loss.gamma=0.9", "loss.value_temperature=0.5"])
     ddpo_cfg = run_cfg(teachers, "bpe", ["loss=ddpo", "loss.teacher_beta=0.3"])
     batch = first_batch(cfg)
-    inputs = trainers.concatenated_inputs(batch, True)
+    inputs = trainers.concatenated_inputs(batch, True, 0)
     got = models.FrozenModels(cfg, L.get_loss("tvkd"), tok).teacher_outputs(batch, inputs, logits_of, "cpu")
     rewards = models.FrozenModels(ddpo_cfg, L.get_loss("ddpo"), tok).teacher_outputs(batch, inputs, logits_of, "cpu")
     from transformers import AutoModelForCausalLM  # the checkpoints read by plain transformers, not our loader

@@ -71,7 +71,7 @@ def test_the_reference_is_the_base_model_exactly_and_its_cache_equals_it(tmp_pat
     t.train_step(next(batches))
     t.train_step(next(batches))  # the adapters have moved: B is no longer zero
     batch = next(batches)
-    inputs = trainers.concatenated_inputs(batch, pairwise=True)
+    inputs = trainers.concatenated_inputs(batch, True, 0)
     model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     live = t.frozen.reference_outputs(inputs, t.logits, t.device)["reference_logps"]
     base = models.freeze(models.build_model(t.cfg.model, t.tokenizer, torch.float32, None, t.cfg.seed))

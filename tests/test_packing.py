@@ -115,7 +115,7 @@ def test_no_packed_sequence_sees_another(train_mode):
     model = tiny_llama(0, layers=2).train(train_mode)
     lengths = [(20, 7), (5, 30), (12, 3)]
     batch = uneven_batch(seed=1, lengths=lengths)
-    inputs = trainers.concatenated_inputs(batch, pairwise=True)
+    inputs = trainers.concatenated_inputs(batch, True, 0)
     plan = packing.plan(inputs["attention_mask"], CAPACITY)
     assert any(len(row) > 1 for row in plan.rows)
     changed = inputs["input_ids"].clone()
@@ -303,8 +303,8 @@ def test_a_model_that_lets_packed_sequences_mix_is_refused():
 def test_evaluate_py_log_probs_packed_equal_padded():
     import evaluate
     model, batch = tiny_llama(0), uneven_batch(seed=7)
-    torch.testing.assert_close(evaluate.sequence_logps(model, batch, padding_free=True),
-                               evaluate.sequence_logps(model, batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(evaluate.sequence_logps(model, batch, 0, padding_free=True),
+                               evaluate.sequence_logps(model, batch, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_the_gpu_check_runs_on_the_cpu_at_a_reduced_size_and_says_so(tmp_path):

@@ -66,7 +66,7 @@ def test_a_reward_model_trained_on_the_embedded_pairs_ranks_held_out_pairs(tmp_p
     scorer, tok = rs.load(ckpt, torch.device("cpu"))
     acc, margins, scored = [], [], []
     for batch in trainers.run_batches(cfg, data.get_tokenizer(ckpt), L.get_loss("rm"), "test"):
-        inp = trainers.concatenated_inputs(batch, pairwise=True)
+        inp = trainers.concatenated_inputs(batch, True, 0)
         with torch.no_grad():
             r = model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits[:, 0]
         b = len(batch["prompt"])
