@@ -320,7 +320,7 @@ def reward_metrics(records: List[Dict], reward_model: str, baseline: Optional[Li
     from prefkd import reward_scoring
     device = models.pick_device(None, dist.get_rank() if dist.is_initialized() else 0)
     rm, tok = reward_scoring.load(reward_model, device)
-    here = reward_scoring.trained_here(reward_model)  # a loss=rm run: its training's formatting
+    here = reward_scoring.training_format(reward_model)  # a loss=rm run: its training's formatting
     scores = reward_scoring.score_records(rm, tok, records, batch_size, name=f"reward_model={reward_model}",
                                           as_trainer=here)
     for r, v in zip(records, scores):

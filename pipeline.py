@@ -42,7 +42,6 @@ settings, then the pipeline's chaining keys, are applied after it.
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
@@ -50,6 +49,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import utils
+from prefkd import stage_process
 
 CACHE_KINDS = ("teacher", "reference")
 STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods")
@@ -552,7 +552,7 @@ def train(overrides: List[str], multirun: bool = False) -> int:
     cmd = [sys.executable, os.path.join(utils.REPO_DIR, "train.py")] + (["--multirun"] if multirun else []) + overrides
     print("\n$ " + " ".join(cmd), flush=True)
     # the working directory stays the caller's: relative data paths and a scorer module in it resolve as typed
-    return subprocess.run(cmd).returncode
+    return stage_process.run(cmd)
 
 
 def train_in_process(overrides: List[str], multirun: bool = False):
@@ -589,7 +589,7 @@ def script_stage(script: str, args: List[str], in_process: bool) -> int:
         return importlib.import_module(script).main(args)
     cmd = [sys.executable, os.path.join(utils.REPO_DIR, f"{script}.py")] + args
     print("\n$ " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd).returncode
+    return stage_process.run(cmd)
 
 
 def run_stages(cfg, overrides: Dict[str, List[str]]) -> None:
@@ -701,11 +701,21 @@ def reward_model_key(rm: str) -> Dict[str, str]:
     return {"name": rm, "fingerprint": output_cache.archive_fingerprint(path)}
 
 
+def check_reused(key: str, path) -> None:
+    """A reused stage given as a directory: a finished run of that stage (before anything trains)."""
+    if path is not None and not os.path.isfile(os.path.join(str(path), "DONE")):
+        raise ValueError(f"{key}={path}: " + ("not a finished run (no DONE in it)" if os.path.isdir(str(path)) else
+                         "no such run directory") + "; name a finished run of that stage, or leave the key out "
+                         "to train the stage here")
+
+
 def group_configs(cfg) -> List[DictConfig]:
     """The pipelines of a study (`groups`: one column group each, e.g. a teacher-student pair or a
     label-noise fraction): the preset's config with each group's settings merged in, in order;
     a group's `reuse.<stage>` names another group (its run of that stage) or a run directory.
     Without groups, [cfg]."""
+    for stage, path in dict(cfg.get("reuse") or {}).items():
+        check_reused(f"reuse.{stage}", path)
     if not cfg.get("groups"):
         return [cfg]
     groups = OmegaConf.to_container(cfg.groups, resolve=True)
@@ -722,6 +732,8 @@ def group_configs(cfg) -> List[DictConfig]:
             if stage not in ("teacher_sft", "teacher_dpo", "student_sft"):
                 raise ValueError(f"groups.{name}.reuse.{stage}: reuse names teacher_sft, teacher_dpo or student_sft")
             earlier = {x.group: x for x in out}
+            if source not in earlier:
+                check_reused(f"groups.{name}.reuse.{stage}", source)
             g.reuse[stage] = stage_dirs(earlier[source])[stage] if source in earlier else os.path.abspath(source)
         method_overrides(g)
         out.append(g)
@@ -754,6 +766,9 @@ def execute(cfg, overrides: Dict[str, List[str]], argv: List[str]) -> int:
                             "".join(f"#   {s}: {' '.join(o)}\n" for s, o in overrides.items()))
     try:
         run_stages(cfg, overrides)
+    except stage_process.StageInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
     except utils.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -780,6 +795,8 @@ def main(argv=None) -> int:
     rc = 0
     for g, overrides in plans:
         rc = max(rc, execute(g, overrides, argv))
+        if rc == 130:  # interrupted: no further group, no study table
+            return rc
     if len(plans) > 1:
         import report
         where = os.path.abspath(str(cfg.get("report") or os.path.join(cfg.out, "study")))

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import losses
 import utils
-from prefkd import adapters, models, packing, run_plan, tracking
+from prefkd import adapters, models, packing, run_plan, run_state, tracking
 from prefkd import checkpoints
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
@@ -83,6 +83,10 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
     if spec.check_vocab is not None:
         import preference_datasets as data
         spec.check_vocab(cfg.loss, len(data.get_tokenizer(cfg.model.tokenizer)))
+    if spec.sft_targets and float((cfg.get("data") or {}).get("flip_fraction") or 0):
+        raise ValueError(f"data.flip_fraction={cfg.data.flip_fraction} swaps chosen and rejected, which loss="
+                         f"{cfg.loss.name} never reads (it trains on SFT targets): set data.flip_fraction=0, or use "
+                         "a preference loss")
     if spec.teacher_need(cfg.loss) and cfg.teacher.name == "none":
         raise ValueError(f"loss={cfg.loss.name} needs a teacher: pass teacher=<name> (e.g. teacher=tiny_teacher "
                          "teacher.archive=<a DPO-trained run>/LATEST)")
@@ -321,7 +325,13 @@ def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
         return
     import json
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
-        saved = _flatten(json.load(f).get("config", {}))
+        state = json.load(f)
+    if cfg.n_examples is not None and state.get("examples_seen", 0) > cfg.n_examples:
+        raise ValueError(f"resume=true: {os.path.basename(ckpt)} of {run_dir} has trained on {state['examples_seen']} "
+                         f"examples, more than n_examples={cfg.n_examples}: it cannot be resumed to a shorter run "
+                         "(it would be marked DONE as trained on fewer than it was); raise n_examples, or use an "
+                         "earlier checkpoint as model.archive of a new run")
+    saved = _flatten(state.get("config", {}))
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
     free = lambda k: k in RESUME_FREE or k.split(".")[0] in RESUME_FREE  # noqa: E731
     added = {k for k in set(now) - set(saved) if not free(k)}
@@ -331,8 +341,13 @@ def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
     diffs = [f"{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} now"
              for k in sorted(set(saved) | set(now))
              if not free(k) and saved.get(k) != now.get(k) and (k in saved or k in added)]
+    # what the settings do not show: the code, the data files, what each model's LATEST resolved to,
+    # the machine (prefkd/run_state.py)
+    diffs += run_state.changes(state.get(run_state.KEY) or {},
+                               run_state.fingerprint(cfg, run_plan.RunPlan.of(cfg), world_size_for(cfg)))
     if diffs and not cfg.get("resume_allow_changes", False):
-        raise ValueError(f"resume=true: {os.path.basename(ckpt)} of {run_dir} was trained with other settings:\n  "
+        raise ValueError(f"resume=true: {os.path.basename(ckpt)} of {run_dir} was trained with other settings "
+                         "or on other inputs (a resume is exact only on the same ones):\n  "
                          + "\n  ".join(diffs) + "\nresume with the checkpoint's values, start a new run "
                          "(another exp_name, or overwrite=true), or pass resume_allow_changes=true to continue "
                          "with the new ones")
@@ -385,7 +400,8 @@ def worker(rank: int, world_size: int, cfg: DictConfig, run_dir: str):
     try:
         trainer = cls(cfg, run_dir, rank=rank, world_size=world_size)
         if rank == 0:
-            trainer.wandb_run = tracking.init(cfg, run_dir, teacher=trainer.plan.teacher)
+            trainer.wandb_run = tracking.init(cfg, run_dir, teacher=trainer.plan.teacher,
+                                              resumed_at=trainer.step if trainer.resume_ckpt else None)
         trainer.train()
         clean = True
     except utils.TrainingStopped as e:

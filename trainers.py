@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 import losses as losses_lib
 import preference_datasets as data
 import utils
-from prefkd import adapters, checkpoints, lean_loading, models, output_cache, packing, run_plan, tokenizer_facts
+from prefkd import (adapters, checkpoints, lean_loading, models, output_cache, packing, run_plan, run_state,
+                    tokenizer_facts)
 from prefkd import logits as logits_lib
 from prefkd import generation
 from prefkd.generation import InRunGeneration
@@ -139,7 +140,8 @@ class Checkpointing:
                                  f"step-{self.step:08d} not written (LATEST still names "
                                  f"{checkpoints.latest_name(self.run_dir)})")
         checkpoints.save(self.run_dir, self.step, self.rank, self.agree,
-                         lambda tmp: self.write_checkpoint_files(tmp, model_sd, optim_sd, merged), self.cfg.keep_checkpoints)
+                         lambda tmp: self.write_checkpoint_files(tmp, model_sd, optim_sd, merged), self.cfg.keep_checkpoints,
+                         rank_state={"generation": self.generation.state()})
         self.saved_step = self.step
         self.last_save_time = time.time()
 
@@ -151,13 +153,14 @@ class Checkpointing:
         checkpoints.write_files(tmp, model_sd, {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
                                 self.policy, self.tokenizer, {
                                     "step": self.step, "examples_seen": self.examples_seen,
-                                    "world_size": self.world_size,
+                                    "world_size": self.world_size, run_state.KEY: self.fingerprint,
                                     "config": OmegaConf.to_container(self.cfg, resolve=True)})
 
     def load_training_state(self, ckpt: str):
         """Restore optimizer, scheduler, counters and RNG from a checkpoint (the weights were
         loaded when the policy was built)."""
-        state = checkpoints.load_state(ckpt, self.rank, self.world_size)
+        state = checkpoints.load_state(ckpt, self.rank, self.world_size, rank_state=("generation",))
+        self.generation.load_state(state["generation"])
         self.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.examples_seen = state["step"], state["examples_seen"]
@@ -190,13 +193,15 @@ class BasicTrainer(Checkpointing):
         self.last_samples = []  # the last evaluation's (prompt, completion) pairs, for wandb
         self.last_save_time = self.t0 = time.time()
         self.nonfinite_in_a_row = self.nonfinite_total = 0
-        self.resume_ckpt = checkpoints.find_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
+        self.resume_ckpt = checkpoints.agreed_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
         self.lora = adapters.enabled(cfg.model)  # LoRA adapters train, the base is frozen (prefkd/adapters.py)
         # padding-free packed forwards (prefkd/packing.py); under FSDP the ranks agree on the row count
         self.packer = packing.Planner(cfg.get("padding_free", False), cfg.max_length, sync=utils.is_distributed(),
                                       device=self.collective_device)
         self.generation = InRunGeneration(cfg, self.plan.generation, self.tokenizer, self.device,
                                           self.agree, self.generate_kwargs())
+        # what a resume must find unchanged (prefkd/run_state.py), as this run resolves it now
+        self.fingerprint = run_state.fingerprint(cfg, self.plan, world_size) if rank == 0 else None
         self.setup_models()
         self.optimizer = getattr(torch.optim, cfg.optimizer)(
             [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -204,8 +209,8 @@ class BasicTrainer(Checkpointing):
             self.optimizer, lambda s, w=cfg.warmup_steps: min(1.0, (s + 1) / (w + 1)))
         if self.resume_ckpt is not None:
             self.load_training_state(self.resume_ckpt)
-        if cfg.resume and self.rank == 0:
-            checkpoints.trim_metrics(self.metrics_path, self.step)
+        if cfg.resume and self.rank == 0:  # no checkpoint: the run starts over, none of its records stay
+            checkpoints.trim_metrics(self.metrics_path, self.step if self.resume_ckpt else -1)
 
     # -- set-up ---------------------------------------------------------------
     def pick_device(self) -> torch.device:
@@ -302,9 +307,9 @@ class BasicTrainer(Checkpointing):
             for batch, last in utils.with_last(batches):
                 logged = self.train_step(batch)
                 stop, time_due = self.agree([signals.received is not None, self.save_time_due()])
-                if logged is None:  # a skipped non-finite step
-                    continue
-                if bar is not None:
+                # a skipped non-finite step (logged None) still counts its examples: the evaluation,
+                # save or stop due at this boundary happens all the same
+                if bar is not None and logged is not None:
                     bar.update(cfg.batch_size)
                     bar.set_postfix(loss=f"{logged['loss/train']:.4f}", ex_s=f"{logged['examples_per_second']:.1f}")
                 # evaluation at the first step boundary past each multiple of eval_every

@@ -119,23 +119,38 @@ def set_seed(seed: int):
 @contextlib.contextmanager
 def fork_rng(seed: int):
     """Seed torch's CPU generator for the block and restore its state after it: building a
-    model (or its adapters) does not move the run's random stream."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
+    model (or its adapters) does not move the run's random stream. Models are built on the CPU
+    (or the meta device), so the CPU generator is the only one their initialisation draws from."""
+    # Not torch.manual_seed: it also reseeds every CUDA device (lazily, if CUDA is not up yet),
+    # which this block would then not restore, so dropout and sampling on a GPU would depend on
+    # when a model was built or a merged checkpoint saved.
+    state = torch.default_generator.get_state()
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        torch.set_rng_state(state)
+        torch.default_generator.set_state(state)
 
 
 def get_rng_state() -> Dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator a run draws from: Python's, numpy's, torch's CPU one and, on a GPU, the
+    CUDA generator of this process's device (dropout, sampled generation and on-policy sampling
+    draw there, not from the CPU generator)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's (models.pick_device set it)
+    return state
 
 
 def set_rng_state(state: Dict):
+    """Restore `get_rng_state`'s generators. A checkpoint with a CUDA state resumed without a GPU
+    (or one without it, on a GPU) restores what both have; the run's fingerprint (prefkd/run_state.py)
+    says that the device changed."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

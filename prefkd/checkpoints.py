@@ -17,7 +17,7 @@ is caught by its size.
 """
 import json
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -115,6 +115,13 @@ def latest_name(run_dir: str) -> Optional[str]:
             return f.read().strip() or None
     except OSError:
         return None
+
+
+def agreed_resume_checkpoint(run_dir: str, log=print) -> Optional[str]:
+    """`find_resume_checkpoint` as rank 0 sees it, on every rank: each rank choosing on its own
+    could pick different checkpoints (LATEST replaced, or a file still being flushed, between
+    their reads)."""
+    return utils.broadcast_object(find_resume_checkpoint(run_dir, log) if utils.get_rank() == 0 else None)
 
 
 def find_resume_checkpoint(run_dir: str, log=print) -> Optional[str]:
@@ -230,8 +237,9 @@ def state_is_finite(model_sd: Dict, optim_sd: Dict) -> bool:
 
 
 def save(run_dir: str, step: int, rank: int, agree: Callable[[List[bool]], List[bool]],
-         write_rank0: Callable[[str], None], keep: int) -> str:
-    """Write <run>/step-N (N = step): every rank's RNG file and rank 0's files (`write_rank0(tmp)`)
+         write_rank0: Callable[[str], None], keep: int, rank_state: Optional[Dict] = None) -> str:
+    """Write <run>/step-N (N = step): every rank's RNG file, its `rank_state` ({name: object}, each
+    non-empty one as <name>_rank<r>.pt) and rank 0's files (`write_rank0(tmp)`)
     into a temporary directory, then rename it into place, point LATEST at it and prune old
     checkpoints (keeping `keep`). On a failed write (a full disk) on any rank the partial
     directory is removed, LATEST is left as it was and CheckpointWriteError says why.
@@ -245,10 +253,19 @@ def save(run_dir: str, step: int, rank: int, agree: Callable[[List[bool]], List[
             os.makedirs(tmp)
         utils.barrier()
         torch.save(utils.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-        if rank == 0:
-            write_rank0(tmp)
+        for key, obj in (rank_state or {}).items():
+            if obj:
+                torch.save(obj, os.path.join(tmp, f"{key}_rank{rank}.pt"))
     except (OSError, RuntimeError) as e:
         failure = e
+    # Every rank's RNG file is closed before rank 0 writes the manifest, which records each file's
+    # size: without this meeting a slow rank's file could be listed short, and a good checkpoint
+    # would later read as damaged.
+    if not agree([failure is not None])[0] and rank == 0:
+        try:
+            write_rank0(tmp)
+        except (OSError, RuntimeError) as e:
+            failure = e
     if agree([failure is not None])[0]:
         if rank == 0:
             remove_tree(tmp)
@@ -315,9 +332,10 @@ def mark_done(run_dir: str, step: int, examples_seen: int, n_examples, n_epochs)
 
 # ------------------------------------------------------------------ loading
 
-def load_state(ckpt: str, rank: int, world_size: int) -> Dict:
-    """A checkpoint's training state for a resume: {step, examples_seen, optimizer, scheduler}
-    (the weights are loaded when the policy is built); this rank's RNG state is restored."""
+def load_state(ckpt: str, rank: int, world_size: int, rank_state: Sequence[str] = ()) -> Dict:
+    """A checkpoint's training state for a resume: {step, examples_seen, optimizer, scheduler} and,
+    for each name of `rank_state`, the list of every rank's saved object (the weights are loaded
+    when the policy is built); this rank's RNG state is restored."""
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
     if state["world_size"] != world_size:
@@ -327,8 +345,12 @@ def load_state(ckpt: str, rank: int, world_size: int) -> Dict:
     rng = os.path.join(ckpt, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
         utils.set_rng_state(torch.load(rng, weights_only=False))
-    return {"step": state["step"], "examples_seen": state["examples_seen"], "optimizer": blob["optimizer"],
-            "scheduler": blob["scheduler"]}
+    out = {"step": state["step"], "examples_seen": state["examples_seen"], "optimizer": blob["optimizer"],
+           "scheduler": blob["scheduler"]}
+    for key in rank_state:
+        files = sorted(n for n in os.listdir(ckpt) if n.startswith(f"{key}_rank") and n.endswith(".pt"))
+        out[key] = [torch.load(os.path.join(ckpt, n), weights_only=False) for n in files]
+    return out
 
 
 def trim_metrics(path: str, step: int) -> None:

@@ -142,6 +142,7 @@ class InRunGeneration:
         self.cfg, self.gen, self.tokenizer, self.device = cfg, gen, tokenizer, device
         self.agree, self.generate_kwargs = agree, generate_kwargs
         self.cache: Dict[tuple, torch.Tensor] = {}  # prompt ids -> response ids of a frozen source
+        self.from_file: set = set()  # the cache's keys read from the files (not saved: the files hold them)
         # original prompt -> response text, from generate.py files (`generations`, checked at start-up)
         self.file = read_generations(list(cfg.get("generations") or []))
         self.warned = False
@@ -180,6 +181,20 @@ class InRunGeneration:
         out[gen.replaces] = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return out, True
 
+    def state(self) -> Dict[tuple, torch.Tensor]:
+        """What a checkpoint must hold of this rank's generation: the frozen source's responses
+        generated so far. Past the data's end (n_examples above its size) the uninterrupted run
+        reuses each prompt's first response; a resume without them would draw them again (a
+        sampled decoding: other responses)."""
+        return {k: v for k, v in self.cache.items() if k not in self.from_file}
+
+    def load_state(self, states: List[Dict[tuple, torch.Tensor]]) -> None:
+        """Restore `state()`s saved by every rank of the interrupted run (their union: a resume with
+        another number of processes sees other prompts on each rank)."""
+        for part in states:
+            for k, v in part.items():
+                self.cache.setdefault(k, v)
+
     def fill_from_file(self, keys: List[tuple], originals: List) -> None:
         """Put the `generations` files' responses for these prompts into the cache: the text as
         the data module encodes a response (its tokens, then EOS)."""
@@ -193,6 +208,7 @@ class InRunGeneration:
                 continue
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             self.cache[key] = torch.tensor(ids, dtype=torch.long)
+            self.from_file.add(key)
         if absent and not self.warned:
             self.warned = True
             rank0_print(f"WARNING: {absent} prompt(s) of a batch are not in the generations files "

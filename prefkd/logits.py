@@ -271,7 +271,11 @@ def output_head(model):
     layer (a peft layer wrapping one: its output is not weight @ hidden) is None too."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or hasattr(head, "base_layer"):
+    # peft's wrappers are not plain layers: a LoRA layer (base_layer) adds B A x, and a modules_to_save
+    # copy (original_module) answers .weight with the trained copy even while the adapters are off,
+    # so the chunked path would project a LoRA policy's reference with the trained head
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or hasattr(head, "base_layer") \
+            or hasattr(head, "original_module"):
         return None
     config = getattr(model, "config", None)
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):

@@ -53,31 +53,45 @@ def load(path: str, device: torch.device, dtype: Optional[torch.dtype] = None):
     return model, tokenizer
 
 
-def trained_here(path: str) -> bool:
-    """Whether a reward model is a checkpoint of this framework (a loss=rm run: trainer_state.json
-    beside its weights), which is scored with its training's formatting (`encode`)."""
+def training_format(path: str) -> Optional[Dict]:
+    """How a reward model of this framework (a loss=rm run: trainer_state.json beside its weights)
+    was trained to read a row: {chat_template, max_length, max_prompt_length, truncation_mode} of
+    its run's config, so that `encode` scores what it was trained on; None for any other model."""
+    import json
     import os
     from prefkd import checkpoints
-    return os.path.exists(path) and os.path.isfile(os.path.join(checkpoints.resolve_checkpoint(path), "trainer_state.json"))
+    state = os.path.join(checkpoints.resolve_checkpoint(path), "trainer_state.json") if os.path.exists(path) else ""
+    if not os.path.isfile(state):
+        return None
+    with open(state) as f:
+        cfg = json.load(f).get("config") or {}
+    return {"chat_template": (cfg.get("data") or {}).get("chat_template"), "max_length": cfg.get("max_length"),
+            "max_prompt_length": cfg.get("max_prompt_length"), "truncation_mode": cfg.get("truncation_mode", "keep_end")}
 
 
-def encode(tokenizer, prompt, completion: str, name: str = "the reward model", as_trainer: bool = False) -> List[int]:
-    """The ids the reward model scores. as_trainer (a loss=rm run of this framework): exactly the
-    ids its trainer built for a (prompt, response) row (preference_datasets.format_example and
-    encode_text: [bos] + the prompt, plain or through the chat template with the generation
-    prompt, + the response + [eos]), so that it scores at evaluation what it was trained on.
-    Otherwise: the reward model's chat template's text (holding its own special tokens), or,
-    without one, [bos] + prompt + completion + [eos] for a plain-text prompt."""
+def encode(tokenizer, prompt, completion: str, name: str = "the reward model",
+           as_trainer: Optional[Dict] = None) -> List[int]:
+    """The ids the reward model scores. as_trainer (`training_format` of a loss=rm run of this
+    framework): exactly the ids its trainer built for a (prompt, response) row
+    (preference_datasets.format_example with the run's data.chat_template, encode_text, then
+    build_pair's truncation to the run's max_length / max_prompt_length / truncation_mode), so that
+    a long generation is scored on the text the model saw in training. Otherwise: the reward
+    model's chat template's text (holding its own special tokens), or, without one,
+    [bos] + prompt + completion + [eos] for a plain-text prompt."""
     import preference_datasets as data
     if as_trainer or not getattr(tokenizer, "chat_template", None):
         if not as_trainer:
             format_text(tokenizer, prompt, completion, name)  # refuses a conversation without a template
         ex = {"chat": not isinstance(prompt, str), "prompt": prompt, "chosen": completion, "rejected": None,
               "sft_target": None}
-        prompt_text, responses = data.format_example(ex, tokenizer)
+        prompt_text, responses = data.format_example(ex, tokenizer, (as_trainer or {}).get("chat_template"))
         if tokenizer.eos_token_id is not None:
             ids = data.encode_text(prompt_text, {"r": responses["chosen"]}, tokenizer)
-            return ids["prompt"] + ids["r"]
+            if not as_trainer:
+                return ids["prompt"] + ids["r"]
+            row = data.build_pair(ids["prompt"], ids["r"], ids["r"], tokenizer.bos_token_id, as_trainer["max_length"],
+                                  as_trainer["max_prompt_length"], as_trainer["truncation_mode"])
+            return row["chosen_input_ids"]
         return tokenizer(prompt_text + responses["chosen"], add_special_tokens=False)["input_ids"]
     return tokenizer(format_text(tokenizer, prompt, completion, name), add_special_tokens=False)["input_ids"]
 
@@ -142,9 +156,9 @@ def score_ids(model, pad: int, encoded: Sequence[List[int]], batch_size: int = 8
 
 
 def score_records(model, tokenizer, records: Sequence[Dict], batch_size: int = 8, name: str = "the reward model",
-                  max_length: Optional[int] = None, as_trainer: bool = False) -> List[float]:
+                  max_length: Optional[int] = None, as_trainer: Optional[Dict] = None) -> List[float]:
     """The reward of each record's (prompt, completion); generation records hold the original
-    prompt. as_trainer: a reward model trained here (see `encode`)."""
+    prompt. as_trainer: the `training_format` of a reward model trained here (see `encode`)."""
     check_records(records, "generations")
     encoded = [encode(tokenizer, r["prompt"], r["completion"], name, as_trainer) for r in records]
     if max_length is not None:

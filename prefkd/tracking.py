@@ -70,9 +70,13 @@ def tags(cfg: DictConfig, teacher: bool) -> List[str]:
     return out + [str(t) for t in (cfg.wandb.get("tags") or [])]
 
 
-def init(cfg: DictConfig, run_dir: str, teacher: bool):
+def init(cfg: DictConfig, run_dir: str, teacher: bool, resumed_at: Optional[int] = None):
     """The run's wandb run (None with wandb.mode=disabled), resumed where the run is resumed (its
-    id is a hash of the run directory). `teacher`: whether the loss reads a teacher (the tag)."""
+    id is a hash of the run directory). `teacher`: whether the loss reads a teacher (the tag).
+    `resumed_at`: the step a resumed run continues from; offline, that part is a run of its own
+    (id <id>-resume<step>, the same group, name and tags): wandb cannot resume an offline run, and
+    syncing a second offline directory with the same id replaces the history before the resume
+    (wandb/wandb#3841)."""
     if cfg.wandb.mode == "disabled":
         return None
     import wandb
@@ -84,6 +88,8 @@ def init(cfg: DictConfig, run_dir: str, teacher: bool):
                 "entity": cfg.wandb.entity, "dir": cfg.wandb.dir or run_dir, "mode": mode,
                 "group": None if cfg.wandb.get("group") is None else fit(str(cfg.wandb.group)),
                 "job_type": str(cfg.wandb.get("job_type") or "train")}
+    if mode == "offline" and resumed_at:
+        identity["id"] += f"-resume{resumed_at}"
     run = wandb.init(name=cfg.wandb.name or cfg.exp_name, resume="allow", tags=tags(cfg, teacher),
                      config=OmegaConf.to_container(cfg, resolve=True), **identity)
     utils.atomic_write_json(os.path.join(run_dir, IDENTITY),

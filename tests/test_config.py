@@ -21,6 +21,8 @@ def test_every_option_composes(group, monkeypatch):
     # the hub models (model=llama1b) are checked as if the hub were reachable: the offline refusal
     # has its own tests (test_run_plan.py)
     monkeypatch.setattr(run_plan, "_hub_reachable", lambda timeout=3.0: True)
+    # likewise a converted model's directory (model=smollm2_135m): its absence is refused in test_run_plan.py
+    monkeypatch.setattr(run_plan, "missing_local_paths", lambda cfg: [])
     opts = options(group)
     assert opts, group
     for opt in opts:

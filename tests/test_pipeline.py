@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import pipeline
 import report
@@ -465,3 +466,38 @@ def test_the_noise_study_flips_the_preference_labels_of_teacher_and_students(tmp
                                                           for m in ("tvkd_a8",)}
     assert all(float(r["shaping_margin"]) != 0 for r in rows if r["method"] == "tvkd_a8")
     assert (out / "noise" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigint_to_the_pipeline_during_a_stage_then_a_rerun_gives_the_uninterrupted_weights(tmp_path, restore_threads):
+    """Ctrl-C (SIGINT to pipeline.py) reaches the running stage, which saves at its next step boundary;
+    the pipeline waits for it and stops (exit 130); the same command again resumes that stage and
+    finishes, with every stage's final weights bitwise those of an uninterrupted pipeline."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from safetensors.torch import load_file
+    from conftest import REPO
+    stages = [o for o in TINY_STAGES if not o.startswith("stages.teacher_sft.n_examples")]
+    args = lambda out: [f"out={out}", "methods=[dpo]", "seeds=1", "stages.teacher_sft.n_examples=1600",  # noqa: E731
+                        "stages.teacher_sft.eval_every=null"] + stages + PASSTHROUGH
+    # the uninterrupted pipeline in this process (in_process: the same runs, no interpreter start-up per stage)
+    assert pipeline.main(args(tmp_path / "a") + ["in_process=true"]) == 0
+    cmd = [sys.executable, os.path.join(REPO, "pipeline.py")] + args(tmp_path / "b")
+    env = dict(os.environ, PREFERENCE_DATA_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = tmp_path / "b" / "teacher_sft" / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped: SIGINT: the stage saved a checkpoint" in err
+    stage = tmp_path / "b" / "teacher_sft"
+    assert not (stage / "DONE").exists() and checkpoints.is_complete_checkpoint(str(checkpoints.resolve_checkpoint(str(stage))))
+    assert not (tmp_path / "b" / "teacher_dpo").exists()  # nothing after the interrupted stage ran
+    assert pipeline.main(args(tmp_path / "b") + ["in_process=true"]) == 0
+    for run in ("teacher_sft", "teacher_dpo", "student_sft", "methods/dpo_seed0"):
+        a = load_file(os.path.join(checkpoints.resolve_checkpoint(str(tmp_path / "a" / run)), "model.safetensors"))
+        b = load_file(os.path.join(checkpoints.resolve_checkpoint(str(tmp_path / "b" / run)), "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run

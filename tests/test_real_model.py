@@ -103,12 +103,14 @@ def test_a_reward_model_is_trained_and_scored_at_the_real_last_token(tmp_path, s
     import losses as L
     from transformers import AutoModelForSequenceClassification
     from prefkd import reward_scoring
-    run_dir, recs = train_run(tmp_path, real(smollm2, pairs, "loss=rm", "lr=1e-5", "n_examples=8", "exp_name=rm"))
+    short = ["max_length=48", "max_prompt_length=40"]  # the rejected answers are cut: scoring must cut them alike
+    run_dir, recs = train_run(tmp_path, real(smollm2, pairs, "loss=rm", "lr=1e-5", "n_examples=8", "exp_name=rm",
+                                             *short))
     logged = [r for r in recs if "rewards_eval/chosen" in r][-1]
     ckpt = latest(run_dir)
     model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
     assert model.config.pad_token_id == 2
-    cfg = compose(FAST + real(smollm2, pairs, "loss=rm"))
+    cfg = compose(FAST + real(smollm2, pairs, "loss=rm", *short))
     tok = trainers.models.load_tokenizer(cfg.model)
     alone = {"chosen": [], "rejected": []}
     padded_rows = 0
@@ -121,10 +123,13 @@ def test_a_reward_model_is_trained_and_scored_at_the_real_last_token(tmp_path, s
     assert padded_rows == 4  # every chosen row is padded in the stacked batch
     for side in alone:
         assert abs(sum(alone[side]) / len(alone[side]) - logged[f"rewards_eval/{side}"]) < 1e-5, side
-    records = [{"prompt": p, "completion": c} for p, c in zip(batch["original_prompt"], batch["chosen"])]
+    assert int(batch["rejected_attention_mask"].sum(-1).max()) == 48  # truncated to max_length
+    # evaluate.py's scoring of the same texts reads them as the trainer did: its template, its cut
     scorer, rm_tok = reward_scoring.load(ckpt, torch.device("cpu"))
-    scores = reward_scoring.score_records(scorer, rm_tok, records, as_trainer=True, max_length=cfg.max_length)
-    assert max(abs(a - b) for a, b in zip(scores, alone["chosen"])) < 1e-5
+    for side in alone:
+        records = [{"prompt": p, "completion": c} for p, c in zip(batch["original_prompt"], batch[side])]
+        scores = reward_scoring.score_records(scorer, rm_tok, records, as_trainer=reward_scoring.training_format(ckpt))
+        assert max(abs(a - b) for a, b in zip(scores, alone[side])) < 1e-5, side
 
 
 def test_generation_and_evaluation_go_through_its_chat_template(tmp_path, smollm2, pairs):

@@ -74,7 +74,7 @@ def test_a_reward_model_trained_on_the_embedded_pairs_ranks_held_out_pairs(tmp_p
         margins += (r[:b] - r[b:]).tolist()
         # evaluate.py's scoring path on the same texts gives the trainer's rewards (same ids, same pooling)
         texts = [{"prompt": p, "completion": c} for p, c in zip(batch["prompt"] * 2, batch["chosen"] + batch["rejected"])]
-        got = rs.score_records(scorer, tok, texts, batch_size=16, as_trainer=rs.trained_here(run_dir))
+        got = rs.score_records(scorer, tok, texts, batch_size=16, as_trainer=rs.training_format(run_dir))
         scored += [abs(x - float(y)) for x, y in zip(got, r)]
     assert sum(acc) / len(acc) == pytest.approx(final["rewards_eval/accuracies"], abs=1e-6)
     assert sum(margins) / len(margins) == pytest.approx(final["rewards_eval/margins"], rel=1e-5, abs=1e-5)

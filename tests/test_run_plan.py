@@ -61,6 +61,17 @@ def test_offline_a_hub_model_and_data_set_are_refused_naming_the_keys(tmp_path):
     assert "OSError" not in err and "Traceback" not in err
 
 
+def test_a_model_path_that_does_not_exist_is_refused_naming_the_keys_and_the_converter(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFKD_MODELS", str(tmp_path / "none"))
+    cfg = compose(["model=smollm2_135m", "loss=dpo"])
+    with pytest.raises(ValueError, match=r"no such local directory: model.name_or_path=.*/none/smollm2-135m-instruct; "
+                                         r"model.tokenizer=.*scripts/import_gguf.py"):
+        train.validate_config(cfg)
+    monkeypatch.setattr(run_plan, "_hub_reachable", lambda timeout=3.0: True)  # not a hub id, even online
+    with pytest.raises(ValueError, match="no such local directory"):
+        train.validate_config(cfg)
+
+
 def test_top_k_must_be_a_whole_number_within_the_vocabulary(tmp_path):
     base = [f"runs_dir={tmp_path}", "teacher=tiny_teacher"]
     for loss in ("gkd", "adpa", "vanillakd", "dckd"):
