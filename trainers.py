@@ -34,8 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 import losses as losses_lib
 import preference_datasets as data
 import utils
-from prefkd import (adapters, checkpoints, lean_loading, models, output_cache, packing, run_plan, run_state,
-                    tokenizer_facts)
+from prefkd import (adapters, checkpoints, lean_loading, models, optimizer_state, output_cache, packing, run_plan,
+                    run_state, tokenizer_facts)
 from prefkd import logits as logits_lib
 from prefkd import generation
 from prefkd.generation import InRunGeneration
@@ -161,15 +161,18 @@ class Checkpointing:
         loaded when the policy was built)."""
         state = checkpoints.load_state(ckpt, self.rank, self.world_size, rank_state=("generation",))
         self.generation.load_state(state["generation"])
-        self.load_optimizer_state(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(self.load_optimizer_state(ckpt))
         self.step, self.examples_seen = state["step"], state["examples_seen"]
         self.saved_step = self.step
         rank0_print(f"resumed from {ckpt} at step {self.step} ({self.examples_seen} examples)")
 
-    def load_optimizer_state(self, optim_sd):
+    def load_optimizer_state(self, ckpt: str) -> Dict:
+        """Fill the optimizer from checkpoint `ckpt` (its full state, read whole); returns the
+        scheduler's state."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(self.policy, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+        blob = optimizer_state.read_full(ckpt)
+        set_optimizer_state_dict(self.policy, self.optimizer, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
+        return blob["scheduler"]
 
 
 class BasicTrainer(Checkpointing):
@@ -528,6 +531,18 @@ class FSDPTrainer(BasicTrainer):
             rank0_print(f"{model_cfg.name}: loaded lean ({strategy})")
         return model
 
+    def load_optimizer_state(self, ckpt: str) -> Dict:
+        # Several ranks: rank 0 streams the state into the ranks' shards one tensor at a time, rather
+        # than every rank reading a whole copy (prefkd/optimizer_state.py); older checkpoints as before.
+        skeleton = optimizer_state.read_skeleton(ckpt) if self.rank == 0 else None
+        stream = self.world_size > 1 and utils.broadcast_object(
+            optimizer_state.can_stream(ckpt, self.policy, skeleton) if self.rank == 0 else None)
+        del skeleton
+        if stream:
+            rank0_print(f"{ckpt}: optimizer state streamed from rank 0 into the {self.world_size} ranks' shards")
+            return optimizer_state.load_streamed(self.policy, self.optimizer, ckpt, self.rank)
+        return super().load_optimizer_state(ckpt)
+
     def sync_context(self, last: bool):
         # Accumulate unreduced gradients locally and reduce-scatter once, on the last micro-batch.
         self.policy.set_requires_gradient_sync(last)
@@ -570,8 +585,10 @@ class TensorParallelTrainer(BasicTrainer):
             model_sd = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
         return model_sd, self.optimizer.state_dict()
 
-    def load_optimizer_state(self, optim_sd):
-        self.optimizer.load_state_dict(optim_sd)
+    def load_optimizer_state(self, ckpt: str) -> Dict:
+        blob = optimizer_state.read_full(ckpt)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        return blob["scheduler"]
 
 
 TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer, "TensorParallelTrainer": TensorParallelTrainer}

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 import utils
+from prefkd import optimizer_state
 from utils import RunError, atomic_write_json, atomic_write_text, fsync_dir, rank0_print, remove_tree
 
 
@@ -225,7 +226,7 @@ def write_files(tmp: str, model_sd: Optional[Dict], optim_blob: Dict, model, tok
         if gen is not None:
             gen.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save(optim_blob, os.path.join(tmp, "optimizer.pt"))
+    optimizer_state.write(tmp, optim_blob)
     atomic_write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
     write_manifest(tmp)
 
@@ -333,20 +334,18 @@ def mark_done(run_dir: str, step: int, examples_seen: int, n_examples, n_epochs)
 # ------------------------------------------------------------------ loading
 
 def load_state(ckpt: str, rank: int, world_size: int, rank_state: Sequence[str] = ()) -> Dict:
-    """A checkpoint's training state for a resume: {step, examples_seen, optimizer, scheduler} and,
-    for each name of `rank_state`, the list of every rank's saved object (the weights are loaded
-    when the policy is built); this rank's RNG state is restored."""
+    """A checkpoint's training state for a resume: {step, examples_seen} and, for each name of
+    `rank_state`, the list of every rank's saved object (the weights are loaded when the policy is
+    built, the optimizer and scheduler by prefkd/optimizer_state.py); this rank's RNG state is restored."""
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
     if state["world_size"] != world_size:
         rank0_print(f"note: resuming a {state['world_size']}-process run with {world_size} processes; "
                     "the data order is global, so the losses stay those of the same global batches")
-    blob = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=False)
     rng = os.path.join(ckpt, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
         utils.set_rng_state(torch.load(rng, weights_only=False))
-    out = {"step": state["step"], "examples_seen": state["examples_seen"], "optimizer": blob["optimizer"],
-           "scheduler": blob["scheduler"]}
+    out = {"step": state["step"], "examples_seen": state["examples_seen"]}
     for key in rank_state:
         files = sorted(n for n in os.listdir(ckpt) if n.startswith(f"{key}_rank") and n.endswith(".pt"))
         out[key] = [torch.load(os.path.join(ckpt, n), weights_only=False) for n in files]

@@ -94,28 +94,61 @@ def check(cfg, spec, student_tok, teacher_tok) -> str:
     return mode
 
 
+def student_kept_chars(batch: Dict, i: int, kind: str, ex: Dict, student_tok, template) -> Optional[int]:
+    """How many characters of row i's `kind` response content the student's row kept, or None when
+    it kept the whole response (its last response token is eos)."""
+    import preference_datasets as data
+    from prefkd.logprobs import IGNORE_INDEX
+    labels = batch[f"{kind}_labels"][i]
+    kept = batch[f"{kind}_input_ids"][i][labels != IGNORE_INDEX].tolist()
+    if kept and kept[-1] == student_tok.eos_token_id:
+        return None
+    formatted = data.format_example(ex, student_tok, template)[1][kind]  # the text the student's ids encode
+    text = student_tok.decode(kept)
+    start = formatted.find(ex[kind])
+    return max(0, min(len(ex[kind]), len(text) - max(0, start)))
+
+
+def cut_at(formatted: str, content: str, n: int) -> str:
+    """The teacher's formatted response up to the end of the first n characters of its content."""
+    start = formatted.find(content)
+    return formatted[: max(0, start) + n]
+
+
 def template_of(cfg) -> Optional[str]:
     """The teacher's chat template: teacher.chat_template, else its tokenizer's own."""
     return cfg.teacher.get("chat_template") or None
 
 
-def teacher_rows(batch: Dict, teacher_tok, cfg, pairwise: bool) -> Dict[str, torch.Tensor]:
+def teacher_rows(batch: Dict, teacher_tok, cfg, pairwise: bool, student_tok) -> Dict[str, torch.Tensor]:
     """The teacher's own rows of a batch: {input_ids, attention_mask, labels} [N, L'] (chosen
     rows first, then rejected, as trainers.concatenated_inputs stacks the student's), built from
     the batch's text (`original_prompt`, `chosen`, `rejected`) with the teacher's tokenizer and
-    chat template and the run's max_length / max_prompt_length / truncation_mode, by the data
-    module's own functions (the same truncation rule, in the teacher's tokens)."""
+    chat template, by the data module's own functions.
+
+    The cut follows the student's text, not the teacher's token count: a response the student's
+    row cut (max_length) is cut for the teacher after the same characters of its content (no eos),
+    and the teacher's own rows are not truncated further, so both describe the same response. (Cut
+    in teacher tokens, a long response's teacher features would describe another prefix than the
+    student's.) A prompt the student's row cut is read whole by the teacher: a cut through a chat
+    template's markup has no equivalent in another template (the start-up report counts them)."""
     import preference_datasets as data
     rows: Dict[str, List[List[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     kinds = ("chosen", "rejected") if pairwise else ("chosen",)
+    student_template = data.data_options(cfg.get("data"))["chat_template"]
     built = []
     for i, prompt in enumerate(batch["original_prompt"]):
         ex = {"prompt": prompt, "chat": not isinstance(prompt, str), "chosen": batch["chosen"][i],
               "rejected": batch["rejected"][i], "sft_target": None}
         text, responses = data.format_example(ex, teacher_tok, template_of(cfg))
         ids = data.encode_text(text, {k: responses[k] for k in ("chosen", "rejected")}, teacher_tok)
+        for kind in kinds:
+            n = student_kept_chars(batch, i, kind, ex, student_tok, student_template)
+            if n is not None:  # cut for the student: the same characters of the content, no eos
+                ids[kind] = teacher_tok(cut_at(responses[kind], ex[kind], n), add_special_tokens=False)["input_ids"]
+        longest = len(ids["prompt"]) + max(len(ids[k]) for k in ("chosen", "rejected") if ids[k] is not None)
         built.append(data.build_pair(ids["prompt"], ids["chosen"], ids["rejected"], teacher_tok.bos_token_id,
-                                     cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode))
+                                     max(cfg.max_length, longest), cfg.max_prompt_length, cfg.truncation_mode))
     for kind in kinds:
         for pair in built:
             for k in rows:

@@ -331,7 +331,7 @@ class FrozenModels:
     def __init__(self, cfg, spec, tokenizer, caches: Optional[Dict] = None, roles=("reference", "teacher"),
                  reference_from_policy: bool = False):
         caches = caches or {}
-        self.cfg, self.spec = cfg, spec
+        self.cfg, self.spec, self.student_tokenizer = cfg, spec, tokenizer
         # a LoRA policy is its own reference with the adapters off (use_policy): none is built
         self.reference_from_policy = reference_from_policy
         self.teacher_cache, self.reference_cache = caches.get("teacher"), caches.get("reference")
@@ -399,7 +399,8 @@ class FrozenModels:
         own tokenizer) its own tokenization of the batch's text, on the inputs' device."""
         if self.teacher_tokens != "own":
             return inputs
-        rows = cross_tokenizer.teacher_rows(batch, self.teacher_tokenizer, self.cfg, self.spec.pairwise)
+        rows = cross_tokenizer.teacher_rows(batch, self.teacher_tokenizer, self.cfg, self.spec.pairwise,
+                                            self.student_tokenizer)
         return {k: v.to(inputs["input_ids"].device) for k, v in rows.items()}
 
     def teacher_outputs(self, batch: Dict, inputs: Dict[str, torch.Tensor], logits: Callable, device) -> Dict:

@@ -219,10 +219,12 @@ def check(cfg) -> None:
     budget = cfg.get("max_tokens_per_micro_batch")
     if budget is not None and not budget >= 1:
         raise ValueError(f"max_tokens_per_micro_batch={budget!r} must be >= 1 tokens, or null (micro-batches of rows)")
-    if budget is not None and budget < cfg.max_length:
-        raise ValueError(f"max_tokens_per_micro_batch={budget} is below one sequence (max_length={cfg.max_length}): "
-                         "a micro-batch holds at least one row, so the budget would not bound it; raise it to at "
-                         "least max_length, or lower max_length")
+    # a row as short as a cut prompt and one response token: a budget below it bounds nothing
+    if budget is not None and budget <= cfg.max_prompt_length:
+        raise ValueError(f"max_tokens_per_micro_batch={budget} is below one sequence (a row holds up to "
+                         f"max_prompt_length={cfg.max_prompt_length} prompt tokens and a response; max_length="
+                         f"{cfg.max_length}): a micro-batch holds at least one row, so the budget would not bound it; "
+                         "raise it to at least max_length")
     for key in ("model", "teacher"):
         if key == "teacher" and cfg.teacher.get("name") in (None, "none"):
             continue

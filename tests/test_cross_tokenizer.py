@@ -169,3 +169,27 @@ def test_student_tokenization_is_refused_for_another_vocabulary(teachers):
     cfg = run_cfg(teachers, "bpe", ["loss=tvkd", "teacher.tokenization=student"])
     with pytest.raises(ValueError, match="teacher.tokenization=student"):
         train.validate_config(cfg)
+
+
+def test_a_response_cut_for_the_student_is_cut_at_the_same_text_for_the_teacher(teachers):
+    """max_length cuts long responses in the student's tokens; the teacher's rows end after the
+    same characters (no eos, no further cut in its own tokens), so its per-sequence features
+    describe the response the student trains on."""
+    from prefkd import cross_tokenizer
+    from prefkd.logprobs import IGNORE_INDEX
+    cfg = run_cfg(teachers, "bpe", ["loss=tvkd", "max_length=24", "max_prompt_length=16", "batch_size=16"])
+    student, teacher = data.get_tokenizer("embedded"), data.get_tokenizer("embedded_bpe")
+    batch = first_batch(cfg)
+    rows = cross_tokenizer.teacher_rows(batch, teacher, cfg, True, student)
+    b, cut = len(batch["prompt"]), 0
+    for j in range(2 * b):
+        kind, i = ("chosen", j) if j < b else ("rejected", j - b)
+        mine = batch[f"{kind}_input_ids"][i][batch[f"{kind}_labels"][i] != IGNORE_INDEX].tolist()
+        theirs = rows["input_ids"][j][rows["labels"][j] != IGNORE_INDEX].tolist()
+        if mine[-1] == student.eos_token_id:
+            assert theirs[-1] == teacher.eos_token_id
+            continue
+        cut += 1
+        assert theirs[-1] != teacher.eos_token_id
+        assert teacher.decode(theirs) == student.decode(mine) == batch[kind][i][:len(student.decode(mine))]
+    assert cut >= 4  # the check saw cut responses

@@ -28,6 +28,7 @@ def launch(tmp_path, overrides):
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *FAST, f"runs_dir={tmp_path}", *overrides]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    launch.stdout = out.stdout
     return os.path.join(tmp_path, "d")
 
 
@@ -77,6 +78,21 @@ def test_fsdp_lora_two_processes_match_one_process(tmp_path):
     # the merged model each wrote at the end is the same model
     a, b = (load_file(os.path.join(d, "step-00000006/model.safetensors")) for d in (single_dir, run_dir))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_an_fsdp_resume_streams_the_optimizer_state_and_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """2 ranks: rank 0 streams the AdamW state into the ranks' shards (prefkd/optimizer_state.py);
+    the resumed run's losses and weights are bitwise the uninterrupted 2-rank run's."""
+    from safetensors.torch import load_file
+    common = ["loss=dpo", "eval_every=null", "lr=1e-3", "exp_name=d", "trainer=FSDPTrainer", "trainer.cpu_workers=2"]
+    full = launch(tmp_path / "a", common + ["n_examples=48", f"trainer.port={free_port()}"])
+    launch(tmp_path / "b", common + ["n_examples=24", f"trainer.port={free_port()}"])
+    resumed = launch(tmp_path / "b", common + ["n_examples=48", "resume=true", f"trainer.port={free_port()}"])
+    assert "optimizer state streamed from rank 0" in launch.stdout
+    assert by_step(read_metrics(full), "loss/train") == by_step(read_metrics(resumed), "loss/train")
+    a, b = (load_file(os.path.join(d, "step-00000006", "model.safetensors")) for d in (full, resumed))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert os.path.isfile(os.path.join(full, "step-00000006", "optimizer.tensors"))
 
 
 def test_fsdp_tvkd_with_sharded_teacher_matches_one_process(tmp_path, trained_teacher):

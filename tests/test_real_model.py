@@ -124,12 +124,12 @@ def test_a_reward_model_is_trained_and_scored_at_the_real_last_token(tmp_path, s
     for side in alone:
         assert abs(sum(alone[side]) / len(alone[side]) - logged[f"rewards_eval/{side}"]) < 1e-5, side
     assert int(batch["rejected_attention_mask"].sum(-1).max()) == 48  # truncated to max_length
-    # evaluate.py's scoring of the same texts reads them as the trainer did: its template, its cut
+    # evaluate.py's scoring of a (prompt, answer) reads it as the trainer read a pair whose longer answer
+    # it is (its template, its cut): here the rejected answers, which set their rows' cut
     scorer, rm_tok = reward_scoring.load(ckpt, torch.device("cpu"))
-    for side in alone:
-        records = [{"prompt": p, "completion": c} for p, c in zip(batch["original_prompt"], batch[side])]
-        scores = reward_scoring.score_records(scorer, rm_tok, records, as_trainer=reward_scoring.training_format(ckpt))
-        assert max(abs(a - b) for a, b in zip(scores, alone[side])) < 1e-5, side
+    records = [{"prompt": p, "completion": c} for p, c in zip(batch["original_prompt"], batch["rejected"])]
+    scores = reward_scoring.score_records(scorer, rm_tok, records, as_trainer=reward_scoring.training_format(ckpt))
+    assert max(abs(a - b) for a, b in zip(scores, alone["rejected"])) < 1e-5
 
 
 def test_generation_and_evaluation_go_through_its_chat_template(tmp_path, smollm2, pairs):

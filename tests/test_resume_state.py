@@ -200,3 +200,28 @@ def test_a_reused_pipeline_stage_that_does_not_exist_is_refused_naming_its_key(t
     import pipeline
     assert pipeline.main([f"out={tmp_path}/p", f"reuse.teacher_sft={tmp_path}/missing"]) == 2
     assert f"reuse.teacher_sft={tmp_path}/missing: no such run directory" in capsys.readouterr().err
+
+
+def test_the_optimizer_state_round_trips_and_an_older_single_file_checkpoint_still_reads(tmp_path):
+    from prefkd import optimizer_state
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    blob = {"optimizer": opt.state_dict(), "scheduler": {"last_epoch": 3}}
+    optimizer_state.write(str(tmp_path), blob)
+    back = optimizer_state.read_full(str(tmp_path))
+    assert back["scheduler"] == {"last_epoch": 3}
+    for pid, st in blob["optimizer"]["state"].items():
+        assert set(back["optimizer"]["state"][pid]) == set(st)
+        assert all(torch.equal(back["optimizer"]["state"][pid][k], v) for k, v in st.items())
+    skeleton = optimizer_state.read_skeleton(str(tmp_path))  # the moments are in optimizer.tensors only
+    assert optimizer_state.is_ref(skeleton["optimizer"]["state"][0]["exp_avg"])
+    reader = optimizer_state.TensorReader(str(tmp_path / optimizer_state.TENSORS))
+    assert torch.equal(reader.read("state/0/exp_avg", range(1, 3)), blob["optimizer"]["state"][0]["exp_avg"][1:3])
+    reader.close()
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(blob, old / "optimizer.pt")  # written before the split
+    assert torch.equal(optimizer_state.read_full(str(old))["optimizer"]["state"][1]["exp_avg_sq"],
+                       blob["optimizer"]["state"][1]["exp_avg_sq"])
