@@ -326,7 +326,8 @@ def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
     import json
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
-    if cfg.n_examples is not None and state.get("examples_seen", 0) > cfg.n_examples:
+    # the last step may pass n_examples (whole batches): only more than the run's batches is refused
+    if cfg.n_examples is not None and state.get("examples_seen", 0) > -(-cfg.n_examples // cfg.batch_size) * cfg.batch_size:
         raise ValueError(f"resume=true: {os.path.basename(ckpt)} of {run_dir} has trained on {state['examples_seen']} "
                          f"examples, more than n_examples={cfg.n_examples}: it cannot be resumed to a shorter run "
                          "(it would be marked DONE as trained on fewer than it was); raise n_examples, or use an "

@@ -73,8 +73,9 @@ def environment(cfg, processes: int) -> Dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if cfg.get("num_threads"):
         threads = int(cfg.num_threads)
-    elif processes > 1 and device.type == "cpu" and "WORLD_SIZE" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // processes)  # train.spawned_worker's rule
+    elif cfg.trainer.name == "FSDPTrainer":
+        # the rule train.spawned_worker applies, computed alike in the launcher and in its workers
+        threads = max(1, (os.cpu_count() or 1) // processes)
     else:
         threads = torch.get_num_threads()
     return {"device": name, "processes": processes, "threads": threads,
