@@ -49,7 +49,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import utils
-from prefkd import stage_process
+from prefkd import checkpoints, stage_process
 
 CACHE_KINDS = ("teacher", "reference")
 STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods")
@@ -701,21 +701,13 @@ def reward_model_key(rm: str) -> Dict[str, str]:
     return {"name": rm, "fingerprint": output_cache.archive_fingerprint(path)}
 
 
-def check_reused(key: str, path) -> None:
-    """A reused stage given as a directory: a finished run of that stage (before anything trains)."""
-    if path is not None and not os.path.isfile(os.path.join(str(path), "DONE")):
-        raise ValueError(f"{key}={path}: " + ("not a finished run (no DONE in it)" if os.path.isdir(str(path)) else
-                         "no such run directory") + "; name a finished run of that stage, or leave the key out "
-                         "to train the stage here")
-
-
 def group_configs(cfg) -> List[DictConfig]:
     """The pipelines of a study (`groups`: one column group each, e.g. a teacher-student pair or a
     label-noise fraction): the preset's config with each group's settings merged in, in order;
     a group's `reuse.<stage>` names another group (its run of that stage) or a run directory.
     Without groups, [cfg]."""
     for stage, path in dict(cfg.get("reuse") or {}).items():
-        check_reused(f"reuse.{stage}", path)
+        checkpoints.check_finished_run(f"reuse.{stage}", path)  # a reused stage: before anything trains
     if not cfg.get("groups"):
         return [cfg]
     groups = OmegaConf.to_container(cfg.groups, resolve=True)
@@ -733,7 +725,7 @@ def group_configs(cfg) -> List[DictConfig]:
                 raise ValueError(f"groups.{name}.reuse.{stage}: reuse names teacher_sft, teacher_dpo or student_sft")
             earlier = {x.group: x for x in out}
             if source not in earlier:
-                check_reused(f"groups.{name}.reuse.{stage}", source)
+                checkpoints.check_finished_run(f"groups.{name}.reuse.{stage}", source)
             g.reuse[stage] = stage_dirs(earlier[source])[stage] if source in earlier else os.path.abspath(source)
         method_overrides(g)
         out.append(g)
@@ -766,12 +758,9 @@ def execute(cfg, overrides: Dict[str, List[str]], argv: List[str]) -> int:
                             "".join(f"#   {s}: {' '.join(o)}\n" for s, o in overrides.items()))
     try:
         run_stages(cfg, overrides)
-    except stage_process.StageInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 130
-    except utils.RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except utils.RunError as e:  # a failed stage: 1; an interrupted one (stage_process.StageInterrupted): 130
+        print(f"{getattr(e, 'kind', 'error')}: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
     evaluate_all(cfg, argv)
     import report
     table = report.write_report(cfg.out, dict(cfg.get("reuse") or {}))

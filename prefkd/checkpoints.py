@@ -324,6 +324,14 @@ def prune(run_dir: str, keep: str, n_keep: int) -> None:
             remove_tree(os.path.join(run_dir, d))
 
 
+def check_finished_run(key: str, path) -> None:
+    """Refuse `key`=`path` unless it is a run that reached its end (holds DONE), naming the key."""
+    if path is not None and not os.path.isfile(os.path.join(str(path), "DONE")):
+        raise ValueError(f"{key}={path}: " + ("not a finished run (no DONE in it)" if os.path.isdir(str(path)) else
+                         "no such run directory") + "; name a finished run of that stage, or leave the key out "
+                         "to train the stage here")
+
+
 def mark_done(run_dir: str, step: int, examples_seen: int, n_examples, n_epochs) -> None:
     """<run>/DONE marks a run that reached its end: `resume=true` on it is then a no-op (unless
     it asks for more examples or epochs)."""

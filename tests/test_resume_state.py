@@ -5,12 +5,11 @@ generation cache is in the checkpoint (bitwise resume across an epoch boundary w
 the data size); checkpoints agree across ranks; the smaller defects of a real run."""
 import json
 import os
-import signal
 
 import pytest
 import torch
 
-from conftest import FAST, compose, read_metrics, train_run
+from conftest import FAST, compose, interrupt_at, read_metrics, train_run
 
 import preference_datasets as data
 import trainers
@@ -40,17 +39,6 @@ def local_pairs(root, n: int = 16) -> str:
         for ex in data.load_embedded("train")[:n]:
             f.write(json.dumps({k: ex[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
     return str(path)
-
-
-def interrupt_at(monkeypatch, step: int):
-    real_log = trainers.BasicTrainer.log
-
-    def log_then_interrupt(self, metrics, eval_samples=None):
-        real_log(self, metrics, eval_samples)
-        if self.step == step and "loss/train" in metrics:
-            os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(trainers.BasicTrainer, "log", log_then_interrupt)
-    return lambda: monkeypatch.setattr(trainers.BasicTrainer, "log", real_log)
 
 
 # ------------------------------------------------------------------ random generators
