@@ -572,6 +572,8 @@ def train_in_process(overrides: List[str], multirun: bool = False):
             cfg.exp_name = str(cfg.exp_name)  # resolve ${loss.name}_seed${seed} once
         try:
             train_py.run(cfg, run)
+        except utils.TrainingStopped as e:  # a signal, not a failed method: the pipeline stops (130)
+            raise stage_process.StageInterrupted(f"{e}; run the same command again to continue") from e
         except (ValueError, utils.RunError) as e:
             if not multirun:
                 raise

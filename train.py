@@ -279,12 +279,15 @@ def check_run_dir(cfg: DictConfig) -> None:
                          "start over in it, or another exp_name")
 
 
-# Settings a resumed run may change: where and how it runs, how long, how often it evaluates,
-# saves and logs. Everything else changes what is trained and must match the checkpoint's.
+# Settings a resumed run may change: how long it runs, how often it evaluates, saves and logs,
+# and memory savers that leave every number as it was. Everything else changes what is trained,
+# or the order its sums are taken in, and must match the checkpoint's. The trainer is not here:
+# another trainer (or another process count, environment.processes) reduces in another order, so
+# the resume would not be the uninterrupted run; resume_allow_changes=true accepts it.
 RESUME_FREE = NAME_NEUTRAL | {"n_examples", "n_epochs", "eval_every", "n_eval_examples", "eval_batch_size",
                               "do_first_eval", "sample_during_eval", "n_eval_samples", "max_new_tokens",
                               "save_every", "save_every_minutes", "keep_checkpoints", "max_nonfinite_steps",
-                              "resume_allow_changes", "trainer", "activation_checkpointing", "output_chunking",
+                              "resume_allow_changes", "trainer.lean_loading", "activation_checkpointing", "output_chunking",
                               "data.cache_dir", "generations"}
 
 

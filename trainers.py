@@ -534,9 +534,10 @@ class FSDPTrainer(BasicTrainer):
     def load_optimizer_state(self, ckpt: str) -> Dict:
         # Several ranks: rank 0 streams the state into the ranks' shards one tensor at a time, rather
         # than every rank reading a whole copy (prefkd/optimizer_state.py); older checkpoints as before.
+        if self.world_size == 1:  # one process reads it whole anyway: optimizer.pt is not read twice
+            return super().load_optimizer_state(ckpt)
         skeleton = optimizer_state.read_skeleton(ckpt) if self.rank == 0 else None
-        stream = self.world_size > 1 and utils.broadcast_object(
-            optimizer_state.can_stream(ckpt, self.policy, skeleton) if self.rank == 0 else None)
+        stream = utils.broadcast_object(optimizer_state.can_stream(ckpt, self.policy, skeleton) if self.rank == 0 else None)
         del skeleton
         if stream:
             rank0_print(f"{ckpt}: optimizer state streamed from rank 0 into the {self.world_size} ranks' shards")

@@ -248,25 +248,18 @@ def save(run_dir: str, step: int, rank: int, agree: Callable[[List[bool]], List[
     name = f"step-{step:08d}"
     tmp = os.path.join(run_dir, f".{name}.tmp")
     failure = None
-    try:
-        if rank == 0:
-            remove_tree(tmp)
-            os.makedirs(tmp)
-        utils.barrier()
-        torch.save(utils.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-        for key, obj in (rank_state or {}).items():
-            if obj:
-                torch.save(obj, os.path.join(tmp, f"{key}_rank{rank}.pt"))
-    except (OSError, RuntimeError) as e:
-        failure = e
+    # Every write below is followed by `agree`, never by a bare barrier on the success path only:
+    # a rank that raised before a barrier the others wait at would hang the whole job. Any
+    # exception counts (safetensors raises its own SafetensorError, not an OSError).
+    if rank == 0:
+        failure = _attempt(lambda: (remove_tree(tmp), os.makedirs(tmp)))
+    if not agree([failure is not None])[0]:
+        failure = _attempt(lambda: _write_rank_files(tmp, rank, rank_state))
     # Every rank's RNG file is closed before rank 0 writes the manifest, which records each file's
     # size: without this meeting a slow rank's file could be listed short, and a good checkpoint
     # would later read as damaged.
     if not agree([failure is not None])[0] and rank == 0:
-        try:
-            write_rank0(tmp)
-        except (OSError, RuntimeError) as e:
-            failure = e
+        failure = _attempt(lambda: write_rank0(tmp))
     if agree([failure is not None])[0]:
         if rank == 0:
             remove_tree(tmp)
@@ -275,19 +268,36 @@ def save(run_dir: str, step: int, rank: int, agree: Callable[[List[bool]], List[
         raise CheckpointWriteError(
             f"writing checkpoint {run_dir}/{name} failed: {plain or f'{type(cause).__name__}: {cause}'}; "
             f"the partial checkpoint was removed and LATEST still names {latest_name(run_dir)}") from failure
-    utils.barrier()
     if rank == 0:
-        try:
-            publish(run_dir, tmp, name)
-        except OSError as e:
+        failure = _attempt(lambda: publish(run_dir, tmp, name))
+        if failure is not None:
             remove_tree(tmp)
-            plain = utils.describe_write_error(e, run_dir)
-            raise CheckpointWriteError(f"publishing checkpoint {run_dir}/{name} failed: {plain or e}; "
-                                       f"LATEST names {latest_name(run_dir)}") from e
+    if agree([failure is not None])[0]:
+        plain = utils.describe_write_error(failure, run_dir) if failure is not None else None
+        raise CheckpointWriteError(f"publishing checkpoint {run_dir}/{name} failed: "
+                                   f"{plain or failure or 'on rank 0'}; LATEST names {latest_name(run_dir)}") from failure
+    if rank == 0:
         prune(run_dir, keep=name, n_keep=keep)
         rank0_print(f"saved {os.path.join(run_dir, name)}")
     utils.barrier()
     return os.path.join(run_dir, name)
+
+
+def _attempt(write: Callable[[], object]) -> Optional[BaseException]:
+    """Run `write`; the exception it raised, or None. KeyboardInterrupt still propagates."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - any failed write is reported through `agree`
+        return e
+    return None
+
+
+def _write_rank_files(tmp: str, rank: int, rank_state: Optional[Dict]) -> None:
+    """This rank's RNG file and its non-empty `rank_state` objects, each as <name>_rank<r>.pt."""
+    torch.save(utils.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    for key, obj in (rank_state or {}).items():
+        if obj:
+            torch.save(obj, os.path.join(tmp, f"{key}_rank{rank}.pt"))
 
 
 def publish(run_dir: str, tmp: str, name: str) -> None:

@@ -104,9 +104,15 @@ def student_kept_chars(batch: Dict, i: int, kind: str, ex: Dict, student_tok, te
     if kept and kept[-1] == student_tok.eos_token_id:
         return None
     formatted = data.format_example(ex, student_tok, template)[1][kind]  # the text the student's ids encode
-    text = student_tok.decode(kept)
-    start = formatted.find(ex[kind])
-    return max(0, min(len(ex[kind]), len(text) - max(0, start)))
+    start = max(0, formatted.find(ex[kind]))
+    if kept and getattr(student_tok, "is_fast", False):
+        # The kept ids are the first len(kept) of tok(formatted) (data.encode_text): the character
+        # where the last of them ends is exact. decode() is not: it can merge or drop spaces.
+        offsets = student_tok(formatted, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        end = offsets[min(len(kept), len(offsets)) - 1][1]
+    else:
+        end = len(student_tok.decode(kept))  # a slow tokenizer has no offsets: the decoded length
+    return max(0, min(len(ex[kind]), end - start))
 
 
 def cut_at(formatted: str, content: str, n: int) -> str:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import utils
-from prefkd import adapters, checkpoints, cross_tokenizer, lean_loading
+from prefkd import adapters, checkpoints, cross_tokenizer, lean_loading, tokenizer_facts
 from prefkd.logprobs import response_mask, token_logps
 
 ROLES = ("policy", "reference", "teacher", "teacher_reference")
@@ -185,12 +185,17 @@ def with_scalar_head(model, tokenizer, seed: int):
     when it has one output). Its pad token is the tokenizer's, which the head's pooling reads to find
     each row's last token."""
     from transformers import AutoModelForSequenceClassification
+    pad = tokenizer_facts.pad_id(tokenizer)
     if is_scalar_head(model.config) or hasattr(model, "score"):
         if model.config.num_labels != 1:
             raise ValueError(f"the reward model has {model.config.num_labels} outputs; loss=rm trains one")
+        # The trainer pads pairs with the tokenizer's pad id and the head finds each row's last
+        # token by config.pad_token_id: the two must be one id (a reward model saved without one,
+        # or with another, would be trained on padding positions).
+        model.config.pad_token_id = pad
         return model
     config = copy.deepcopy(model.config)
-    config.num_labels, config.architectures, config.pad_token_id = 1, None, tokenizer.pad_token_id
+    config.num_labels, config.architectures, config.pad_token_id = 1, None, pad
     with fork_rng(seed):
         rm = AutoModelForSequenceClassification.from_config(config, dtype=model.dtype)
     rm.base_model.load_state_dict(model.base_model.state_dict())

@@ -102,11 +102,26 @@ class TensorReader:
 
 def can_stream(ckpt: str, policy, skeleton: Optional[Dict]) -> bool:
     """Whether this checkpoint's optimizer state can be streamed into this FSDP2 policy: the split
-    format, every state key naming a parameter of the policy (checked on rank 0)."""
-    if skeleton is None or not os.path.isfile(os.path.join(ckpt, TENSORS)):
+    format, every state key naming a parameter of the policy, every tensor it refers to present,
+    of a known dtype and wholly inside the file (checked on rank 0).
+
+    Why check the file first: once streaming starts the other ranks wait in recv / scatter for
+    rank 0, so a read that fails on rank 0 halfway (a truncated file) would hang them rather than
+    raise; anything that can fail there is found here, before the first send."""
+    path = os.path.join(ckpt, TENSORS)
+    if skeleton is None or not os.path.isfile(path):
         return False
     names = {n for n, _ in policy.named_parameters()}
-    return all(isinstance(pid, str) and pid in names for pid in skeleton["optimizer"]["state"])
+    if not all(isinstance(pid, str) and pid in names for pid in skeleton["optimizer"]["state"]):
+        return False
+    reader = TensorReader(path)
+    try:
+        size = os.path.getsize(path)
+        refs = [v[_REF] for entries in skeleton["optimizer"]["state"].values() for v in entries.values() if is_ref(v)]
+        return all(r in reader.header and reader.header[r]["dtype"] in TensorReader.DTYPES
+                   and reader.start + reader.header[r]["data_offsets"][1] <= size for r in refs)
+    finally:
+        reader.close()
 
 
 def row_shards(param) -> Optional[list]:
@@ -169,7 +184,9 @@ def load_streamed(policy, optimizer, ckpt: str, rank: int) -> Dict:
                     state[key] = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0)
                     del full
                 else:  # any other tensor entry: whole on every rank
-                    state[key] = utils.broadcast_object(reader.read(value[_REF]) if reader is not None else None)
+                    # broadcast_object hands back a CPU tensor: moved to where the parameter lives
+                    state[key] = utils.broadcast_object(
+                        reader.read(value[_REF]) if reader is not None else None).to(param.device)
             optimizer.state[param] = state
     finally:
         if reader is not None:

@@ -48,8 +48,7 @@ def load(path: str, device: torch.device, dtype: Optional[torch.dtype] = None):
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-    if model.config.pad_token_id is None:  # the head finds each row's last token by it (tokenizer_facts)
-        model.config.pad_token_id = tokenizer_facts.pad_id(tokenizer)
+    head_pad_id(model, tokenizer)  # the head finds each row's last token by it (tokenizer_facts)
     return model, tokenizer
 
 
@@ -121,7 +120,15 @@ def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max
     order and all processes get every score."""
     encoded = [tokenizer(t, add_special_tokens=False, truncation=max_length is not None, max_length=max_length)["input_ids"]
                for t in texts]
-    return score_ids(model, tokenizer.pad_token_id, encoded, batch_size)
+    return score_ids(model, head_pad_id(model, tokenizer), encoded, batch_size)
+
+
+def head_pad_id(model, tokenizer) -> int:
+    """The id a reward model's batch is padded with: the one its head reads (config.pad_token_id,
+    which need not be the tokenizer's own; set from tokenizer_facts when the model has none)."""
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer_facts.pad_id(tokenizer)
+    return model.config.pad_token_id
 
 
 @torch.no_grad()
@@ -163,7 +170,7 @@ def score_records(model, tokenizer, records: Sequence[Dict], batch_size: int = 8
     encoded = [encode(tokenizer, r["prompt"], r["completion"], name, as_trainer) for r in records]
     if max_length is not None:
         encoded = [ids[:max_length] for ids in encoded]
-    return score_ids(model, tokenizer.pad_token_id, encoded, batch_size)
+    return score_ids(model, head_pad_id(model, tokenizer), encoded, batch_size)
 
 
 def mean_and_stderr(values: Sequence[float]):

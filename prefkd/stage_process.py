@@ -8,7 +8,7 @@ import utils
 
 
 class StageInterrupted(utils.RunError):
-    """SIGINT / SIGTERM reached the pipeline during a stage: the stage saved and stopped."""
+    """SIGINT / SIGTERM / SIGHUP reached the pipeline during a stage: the stage saved and stopped."""
     kind, exit_code = "stopped", 130
 
 
@@ -26,9 +26,11 @@ def run(cmd: List[str]) -> int:
 
     def forward(signum, frame):
         received.append(signum)
-        if proc.poll() is None:
-            proc.send_signal(signum)
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if proc.poll() is None:  # a hangup (the terminal closed) stops the stage as SIGTERM does
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+    # SIGHUP too: the stage's own process group does not get the terminal's hangup, and the
+    # pipeline's default action on it (exit at once) would leave the stage running unwatched.
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         rc = proc.wait()
     finally:

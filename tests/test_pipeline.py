@@ -501,3 +501,44 @@ def test_sigint_to_the_pipeline_during_a_stage_then_a_rerun_gives_the_uninterrup
         a = load_file(os.path.join(checkpoints.resolve_checkpoint(str(tmp_path / "a" / run)), "model.safetensors"))
         b = load_file(os.path.join(checkpoints.resolve_checkpoint(str(tmp_path / "b" / run)), "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+
+
+def test_a_hangup_reaches_the_stage_as_sigterm_and_stops_the_pipeline(tmp_path):
+    """The stage runs in its own process group, so a closed terminal's SIGHUP reaches only the
+    pipeline: it is passed on as SIGTERM (which the trainer saves on) and the pipeline stops."""
+    import signal
+    import sys
+    import threading
+    import time
+    from prefkd import stage_process
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    child = ("import signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(got)!r}, 'w').write('SIGTERM'), sys.exit(0)))\n"
+             f"open({str(ready)!r}, 'w').close()\ntime.sleep(60)\n")
+
+    def hang_up():
+        deadline = time.time() + 30
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGHUP)
+    threading.Thread(target=hang_up, daemon=True).start()
+    with pytest.raises(stage_process.StageInterrupted, match="SIGHUP") as e:
+        stage_process.run([sys.executable, "-c", child])
+    assert got.read_text() == "SIGTERM" and e.value.exit_code == 130
+
+
+def test_a_signal_during_an_in_process_method_stops_the_pipeline_not_only_that_method(monkeypatch):
+    """in_process=true: train.py's TrainingStopped (a signal) is StageInterrupted (exit 130), not a
+    failed method that the sweep counts and moves past."""
+    import train as train_py
+    import utils
+    from prefkd import stage_process
+    ran = []
+
+    def stopped(cfg, run):
+        ran.append(run)
+        raise utils.TrainingStopped("stopped by SIGINT at step 3")
+    monkeypatch.setattr(train_py, "run", stopped)
+    with pytest.raises(stage_process.StageInterrupted, match="SIGINT") as e:
+        pipeline.train_in_process(["loss=dpo,sft", "exp_name=m"], multirun=True)
+    assert len(ran) == 1 and e.value.exit_code == 130

@@ -213,3 +213,23 @@ def test_the_optimizer_state_round_trips_and_an_older_single_file_checkpoint_sti
     torch.save(blob, old / "optimizer.pt")  # written before the split
     assert torch.equal(optimizer_state.read_full(str(old))["optimizer"]["state"][1]["exp_avg_sq"],
                        blob["optimizer"]["state"][1]["exp_avg_sq"])
+
+
+def test_a_truncated_optimizer_file_is_found_before_streaming_starts(tmp_path):
+    """Streaming makes the other ranks wait on rank 0's reads: a file that would fail halfway is
+    refused up front (read whole instead, which raises on every rank) rather than hanging them."""
+    from prefkd import optimizer_state
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    names = [n for n, _ in model.named_parameters()]
+    sd = opt.state_dict()
+    blob = {"optimizer": {**sd, "state": {names[i]: st for i, st in sd["state"].items()}}, "scheduler": {}}
+    optimizer_state.write(str(tmp_path), blob)
+    skeleton = optimizer_state.read_skeleton(str(tmp_path))
+    assert optimizer_state.can_stream(str(tmp_path), model, skeleton)
+    path = tmp_path / optimizer_state.TENSORS
+    path.write_bytes(path.read_bytes()[:-8])
+    assert not optimizer_state.can_stream(str(tmp_path), model, skeleton)
+    assert not optimizer_state.can_stream(str(tmp_path), torch.nn.Linear(4, 2, bias=False), skeleton)

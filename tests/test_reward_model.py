@@ -212,3 +212,38 @@ def test_evaluate_py_scores_a_run_with_a_reward_model_and_a_baseline(tmp_path):
         assert two[k] == pytest.approx(single[k], abs=1e-6), k
     strip = lambda path: [{k: v for k, v in json.loads(x).items() if k != "generator"} for x in open(path)]  # noqa: E731
     assert strip(tmp_path / "two.jsonl") == strip(tmp_path / "one.jsonl")
+
+
+@pytest.mark.parametrize("head_pad", ["another_id", "none"])
+def test_scores_read_the_token_the_head_reads_whatever_pad_id_the_model_was_saved_with(tmp_path, head_pad):
+    """A released reward model may carry a pad id other than its tokenizer's (or none): batches are
+    padded with the id the head pools by, so a padded row scores as it does alone, unpadded."""
+    import json
+    from transformers import AutoModelForSequenceClassification
+    from prefkd import reward_scoring as rs
+    path = reward_model_dir(tmp_path)
+    config = json.load(open(os.path.join(path, "config.json")))
+    config["pad_token_id"] = 7 if head_pad == "another_id" else None
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    model, tok = rs.load(path, torch.device("cpu"))
+    assert tok.pad_token_id != 7
+    records = records_of(PROMPTS, ["1 2 3", "4 9", "1 5 5 7 and some more words"])
+    got = rs.score_records(model, tok, records, batch_size=3)
+    alone = [rs.score_records(model, tok, [r], batch_size=1)[0] for r in records]
+    assert got == pytest.approx(alone, abs=1e-5)
+    plain = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    assert plain.config.pad_token_id == config["pad_token_id"]
+
+
+def test_an_existing_reward_model_is_trained_padding_with_the_id_its_head_reads(tmp_path):
+    """The trainer pads pairs with the tokenizer's pad id: a reward model brought to loss=rm with
+    another id (or none) gets the tokenizer's, so training reads each row's last real token."""
+    from transformers import AutoModelForSequenceClassification
+    from prefkd import models, tokenizer_facts
+    path = reward_model_dir(tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    import preference_datasets as data
+    tok = data.get_tokenizer("embedded_bpe")
+    model.config.pad_token_id = None
+    assert models.with_scalar_head(model, tok, seed=0) is model
+    assert model.config.pad_token_id == tokenizer_facts.pad_id(tok) is not None

@@ -172,6 +172,59 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_checkpoint(tmp_path,
     assert latest(run_dir) == "step-00000006" and len(losses_of(resumed)) == 6
 
 
+class _TwoRanks:
+    """`agree` for two ranks run as threads: each call waits for the other rank's flags (a bare
+    barrier that one rank never reaches would hang here, and the join timeout below catches it)."""
+
+    def __init__(self):
+        import threading
+        self.meet, self.flags = threading.Barrier(2, timeout=20), [None, None]
+
+    def for_rank(self, rank):
+        def agree(flags):
+            self.flags[rank] = list(flags)
+            self.meet.wait()
+            both = [a or b for a, b in zip(*self.flags)]
+            self.meet.wait()
+            return both
+        return agree
+
+
+@pytest.mark.parametrize("where", ["mkdir", "rank0_files"])
+def test_a_failed_write_on_rank_0_is_an_error_on_every_rank_not_a_hang(tmp_path, monkeypatch, where):
+    """safetensors raises its own SafetensorError (not an OSError): any exception on rank 0 is
+    agreed across ranks, so rank 1 raises CheckpointWriteError instead of waiting forever."""
+    import threading
+
+    class SafetensorLikeError(Exception):
+        pass
+    real_makedirs, ranks, raised = os.makedirs, _TwoRanks(), {}
+
+    def failing_makedirs(path, *a, **k):
+        if where == "mkdir" and path.endswith(".step-00000004.tmp"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_makedirs(path, *a, **k)
+
+    def write_rank0(tmp):
+        if where == "rank0_files":
+            raise SafetensorLikeError("Error while serializing: IoError")
+    monkeypatch.setattr(checkpoints.os, "makedirs", failing_makedirs)
+
+    def rank(r):
+        try:
+            checkpoints.save(str(tmp_path), 4, r, ranks.for_rank(r), write_rank0, keep=2)
+        except Exception as e:  # noqa: BLE001 - the test inspects what each rank raised
+            raised[r] = e
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(timeout=30) for t in threads]
+    assert not any(t.is_alive() for t in threads)
+    assert {r: type(e) for r, e in raised.items()} == {0: checkpoints.CheckpointWriteError,
+                                                      1: checkpoints.CheckpointWriteError}
+    assert ("Permission denied" if where == "mkdir" else "SafetensorLikeError") in str(raised[0])
+    assert not os.path.exists(tmp_path / ".step-00000004.tmp") and not os.path.exists(tmp_path / "LATEST")
+
+
 # ------------------------------------------------------------------ 5. bad values, before any model
 
 @pytest.fixture
@@ -288,6 +341,10 @@ def test_a_checkpoint_older_than_a_key_resumes_when_the_key_is_at_its_default(tm
         checkpoints.write_manifest(os.path.join(run_dir, step))  # still a complete checkpoint
     cfg = compose(FAST + SAVING + ["resume=true", f"runs_dir={tmp_path}"])
     train.check_resume_settings(cfg, run_dir)  # at the default: the behaviour the checkpoint had
+    cfg.trainer = compose(["trainer=TensorParallelTrainer"]).trainer  # sums in another order: refused
+    with pytest.raises(ValueError, match=r"trainer.name: 'BasicTrainer' in the checkpoint, 'TensorParallelTrainer' now"):
+        train.check_resume_settings(cfg, run_dir)
+    cfg.trainer = compose([]).trainer
     cfg.data.flip_fraction = 0.2
     with pytest.raises(ValueError, match=r"data.flip_fraction: '<absent>' in the checkpoint, 0.2 now"):
         train.check_resume_settings(cfg, run_dir)
