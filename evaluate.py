@@ -53,10 +53,10 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from prefkd import generation as gen
-import losses
 import preference_datasets as data
 import utils
-from prefkd import checkpoints, models, run_plan, scorers, tracking
+from prefkd import batches, checkpoints, models, packing, run_plan, scorers, tracking
+from prefkd.logits import output_logits
 
 DEFAULTS = {"datasets": ["embedded"], "max_length": 48, "max_prompt_length": 24, "truncation_mode": "keep_end",
             "max_new_tokens": 16, "batch_size": 32, "beta": 0.1}
@@ -132,14 +132,10 @@ def resolve_settings(path: str, datasets=None, n_examples=None, batch_size=None,
 def sequence_logps(model, batch: Dict, pad_id: int, padding_free: bool = False) -> torch.Tensor:
     """[2B] summed response log-probs: chosen rows first, then rejected (through the chunked
     output layer, logits.output_logits: no [2B, L, V] logits tensor; padding_free: on packed rows)."""
-    from prefkd import packing
-    from prefkd.logits import output_logits
-    from trainers import concatenated_inputs
-    inp = concatenated_inputs(batch, True, pad_id)
-    plan = packing.plan(inp["attention_mask"], inp["input_ids"].shape[1]) if padding_free else None
-    logits = output_logits(model, {"input_ids": inp["input_ids"], "attention_mask": inp["attention_mask"]}, chunk=True,
-                           packing=plan)
-    return losses.sequence_logps(losses.token_logps(logits, inp["labels"]), losses.response_mask(inp["labels"]))
+    def logits_of(model_in):
+        plan = packing.plan(model_in["attention_mask"], model_in["input_ids"].shape[1]) if padding_free else None
+        return output_logits(model, model_in, chunk=True, packing=plan)
+    return batches.pair_logps(batch, logits_of, pad_id)
 
 
 def _take(batch: Dict, n: int) -> Dict:
@@ -223,12 +219,12 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
     ref = models.load_checkpoint(reference, dtype)[0].to(device) if reference and pairs else None
     model.to(device)
     generator = model_id or model_name(path)
-    batches = data.get_batch_iterator(names, tokenizer, split="test", batch_size=s["batch_size"], shuffle=False,
-                                      max_length=s["max_length"], max_prompt_length=s["max_prompt_length"],
-                                      truncation_mode=s["truncation_mode"], n_epochs=1, silent=True,
-                                      sft_mode=not pairs, options=opts)
+    stream = data.get_batch_iterator(names, tokenizer, split="test", batch_size=s["batch_size"], shuffle=False,
+                                     max_length=s["max_length"], max_prompt_length=s["max_prompt_length"],
+                                     truncation_mode=s["truncation_mode"], n_epochs=1, silent=True,
+                                     sft_mode=not pairs, options=opts)
     done, mine = 0, []  # under torchrun each process takes every world-th batch: the same batches as one process
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(stream):
         if done >= n:
             break
         batch = _take(batch, n - done)

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 import preference_datasets as data
 import utils
 from prefkd import checkpoints, models, run_plan, tokenizer_facts
+from prefkd.data import rows as data_rows
 
 def parse_args(argv: List[str]):
     """The settings (config/generate.yaml) for key=value arguments, completed from the
@@ -63,8 +64,8 @@ def parse_args(argv: List[str]):
 
 def check_settings(cfg) -> None:
     """Each setting within its range, named when it is not."""
-    if cfg.split not in data.SPLITS:
-        raise ValueError(f"split={cfg.split!r}: use one of {list(data.SPLITS)}")
+    if cfg.split not in data_rows.SPLITS:
+        raise ValueError(f"split={cfg.split!r}: use one of {list(data_rows.SPLITS)}")
     for key in ("batch_size", "max_new_tokens", "max_prompt_length"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]!r} must be a whole number >= 1")
@@ -130,8 +131,8 @@ def generate_rows(model, tokenizer, batch: List[Dict], cfg, first_index: int, de
     ids = [prompt_ids(ex, tokenizer, cfg) for ex in batch]
     pad = tokenizer_facts.pad_id(tokenizer)
     # left padding: every prompt ends where generation starts
-    input_ids = data.pad_sequences(ids, pad, left=True).to(device)
-    mask = data.pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(device)
+    input_ids = utils.pad_sequences(ids, pad, left=True).to(device)
+    mask = utils.pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(device)
     torch.manual_seed(cfg.seed * 1_000_003 + first_index)  # per-batch seed: resumes reproduce
     kwargs = {"do_sample": True, "temperature": float(cfg.temperature), "top_p": float(cfg.top_p)} \
         if cfg.do_sample else {"do_sample": False}
@@ -191,7 +192,7 @@ def generate(cfg) -> str:
         utils.rank0_print(f"{out} exists: nothing to generate (remove it to generate again)")
         return out
     device = models.pick_device(None, rank)
-    tokenizer = data.get_tokenizer(cfg.checkpoint)
+    tokenizer = tokenizer_facts.get_tokenizer(cfg.checkpoint)
     examples = unique_prompts(cfg)
     partial = out + ".partial"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

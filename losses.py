@@ -13,16 +13,13 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from prefkd.logits import CHUNK_ELEMENTS, LazyLogits, chunk_positions, chunked, log_softmax_f32  # noqa: F401
-from prefkd.logprobs import (IGNORE_INDEX, LOG_ZERO, check_teacher_vocab, chunked_token_logps,  # noqa: F401
-                             collapse_topk, collapsed_token_logp, forward_kl, gather_next, last_token_mask,
-                             response_mask, sequence_logps, shifted_targets, split_pairs, teacher_topk_ids,
-                             token_logps)
-from prefkd.token_terms import (ACTION_POTENTIALS, STATE_POTENTIALS, action_potential,  # noqa: F401
-                                generalized_jsd, log_sum_squared_probs, released_rewards, state_potential,
-                                tdpo_token_terms, token_divergence, token_fkl)
-from prefkd.loss_spec import (GENERATION_SOURCES, LOSSES, Generation, LossInputs, LossSpec, Metrics,  # noqa: F401
-                              get_loss, register, require, teacher_sequence)
+from prefkd.logits import LazyLogits, chunk_positions, chunked, log_softmax_f32
+from prefkd.logprobs import (check_teacher_vocab, chunked_token_logps, collapse_topk, gather_next, last_token_mask,
+                             sequence_logps, shifted_targets, split_pairs, teacher_topk_ids)
+from prefkd.loss_spec import Generation, LossInputs, Metrics, register, require, teacher_sequence
+from prefkd.token_terms import (ACTION_POTENTIALS, STATE_POTENTIALS, action_potential, generalized_jsd,
+                                log_sum_squared_probs, released_rewards, state_potential, tdpo_token_terms,
+                                token_divergence, token_fkl)
 
 
 # ------------------------------------------------------------------ pure losses

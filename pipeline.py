@@ -50,6 +50,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import utils
 from prefkd import checkpoints, stage_process
+from prefkd import tokenizer_facts
+from prefkd.data import rows as data_rows
+from prefkd import loss_spec
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 CACHE_KINDS = ("teacher", "reference")
 STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods")
@@ -104,7 +108,6 @@ def method_overrides(cfg) -> Dict[str, List[str]]:
     """{method: its train.py overrides}, in the order of `methods`. A method is a loss name
     (loss=<name>) or a name in `variants` (its own list of overrides, which names a loss):
     e.g. variants: {tvkd_margin: [loss=tvkd, loss.potential=margin]}."""
-    import losses
     variants = cfg.get("variants") or {}
     out = {}
     for m in cfg.methods:
@@ -121,7 +124,7 @@ def method_overrides(cfg) -> Dict[str, List[str]]:
             ov = [f"loss={m}"]
         loss = next(o.split("=", 1)[1] for o in ov if o.startswith("loss="))
         try:
-            losses.get_loss(loss)
+            loss_spec.get_loss(loss)
         except ValueError as e:
             raise ValueError(f"method {m!r}: {e}" + ("" if m in variants else
                              f"; or define it as a variant: 'variants.{m}=[loss=<name>,...]'")) from None
@@ -393,13 +396,12 @@ def generation_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Di
     runs once per generating model and decoding, over the train and test splits of the
     preference data, and is shared by every seed and method that needs it; those methods read
     the files (`generations=`). A generation stage's key is `generate/<name>.<split>`."""
-    import losses
     d = stage_dirs(cfg)
     gens: Dict[str, List[str]] = {}
     for stage, c in configs.items():
         if stage_of(stage) != "methods" or c.get("generations"):
             continue
-        gen = losses.get_loss(c.loss.name).generation_need(c.loss)
+        gen = loss_spec.get_loss(c.loss.name).generation_need(c.loss)
         if gen is None or not gen.frozen or gen.num_beams != 1:
             continue  # on-policy sampling (gkd) or beam search stays in the run
         source = d["teacher_dpo"] if gen.source == "teacher" else d["student_sft"]
@@ -436,15 +438,13 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
     keep the live models. A stage's key is `precompute/<name>`; the methods read the caches
     through teacher.cache / reference.cache."""
     import hashlib
-    import losses
     from prefkd import output_cache
-    import preference_datasets as data
     stages: Dict[str, List[str]] = {}
     vocab: Dict[str, int] = {}  # tokenizer -> its size (each loaded once)
     for stage, c in configs.items():
         if stage_of(stage) != "methods":
             continue
-        spec, named = losses.get_loss(c.loss.name), output_cache.configured(c)
+        spec, named = loss_spec.get_loss(c.loss.name), output_cache.configured(c)
         # what the examples and their rows depend on (the seeds are not: a cache grows to more seeds)
         plan = {k: c.get(k) for k in ("batch_size", "n_examples", "n_epochs", "n_eval_examples", "eval_batch_size",
                                       "datasets", "max_length", "max_prompt_length", "truncation_mode")}
@@ -455,7 +455,7 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
                 continue
             if kind == output_cache.TEACHER:
                 if c.model.tokenizer not in vocab:
-                    vocab[c.model.tokenizer] = len(data.get_tokenizer(c.model.tokenizer))
+                    vocab[c.model.tokenizer] = len(tokenizer_facts.get_tokenizer(c.model.tokenizer))
                 try:
                     if not spec.teacher_need(c.loss) or output_cache.teacher_cache_problem(c, vocab[c.model.tokenizer]):
                         continue
@@ -502,7 +502,6 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
     preference data formatted differently, and load and probe the scorer. Raises ValueError
     (DataError, ScorerError) naming the file, row or key."""
     from prefkd import data_checks
-    import losses
     import preference_datasets as data
     import train as train_py
     configs = {s: compose_stage(ov) for s, ov in overrides.items()}
@@ -521,8 +520,8 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
     formats: Dict[str, Dict] = {"sft_data": {}, "pref_data": {}}
     for stage, c in configs.items():
         names, options = list(c.datasets), c.get("data")
-        need_pairs = not losses.get_loss(c.loss.name).sft_targets
-        data.check_datasets(names, data.get_tokenizer(c.model.tokenizer), options, need_pairs=need_pairs)
+        need_pairs = not loss_spec.get_loss(c.loss.name).sft_targets
+        data.check_datasets(names, tokenizer_facts.get_tokenizer(c.model.tokenizer), options, need_pairs=need_pairs)
         f = data_checks.dataset_formats(names, options)
         data_checks.check_formats(f, options)
         formats[DATA_OF_STAGE[stage_of(stage)]].update(f)
@@ -536,7 +535,7 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
                "the same format (e.g. SFT rows as {\"prompt\": [{\"role\": \"user\", ...}], \"completion\": "
                "[{\"role\": \"assistant\", ...}]}), or pass data.allow_mixed_formats=true if this is intended")
         if not all(bool(c.data.get("allow_mixed_formats")) for c in configs.values()):
-            raise data.DataError(msg)
+            raise data_rows.DataError(msg)
         print(f"WARNING: {msg}", flush=True)
     lines = []
     for c in configs.values():

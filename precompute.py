@@ -39,10 +39,13 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import OmegaConf
 
-import losses as losses_lib
 from prefkd import output_cache
 import utils
 from prefkd import models, packing, run_plan, tokenizer_facts
+import preference_datasets as data
+from prefkd import batches
+from prefkd import loss_spec
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)
 USAGE = ("usage: python precompute.py {teacher|reference} <train.py overrides> "
@@ -83,7 +86,7 @@ def check(cfg, kind: str, tokenizer) -> str:
 def frozen_models(cfg, kind: str, tokenizer, device: torch.device) -> "models.FrozenModels":
     """The frozen model(s) of one cache kind, built by the code that builds the trainer's
     (prefkd/models.py), on `device`."""
-    spec = losses_lib.get_loss(cfg.loss.name)
+    spec = loss_spec.get_loss(cfg.loss.name)
     frozen = models.FrozenModels(cfg, spec, tokenizer, roles=(kind,))
     frozen.wrap(lambda model, model_cfg, trainable: model.to(device))
     return frozen
@@ -104,9 +107,8 @@ def features(frozen: "models.FrozenModels", kind: str, inputs: Dict[str, torch.T
 
 
 def run_batches(cfg, tokenizer, split: str):
-    """The batches the trainer reads of `split` (one process), from the trainer's own rule."""
-    import trainers
-    return trainers.run_batches(cfg, tokenizer, losses_lib.get_loss(cfg.loss.name), split)
+    """The batches the trainer reads of `split` (one process), by the trainer's own rule."""
+    return data.run_batches(cfg, tokenizer, loss_spec.get_loss(cfg.loss.name), split)
 
 
 def plans_of(cfg, seeds: List[int]) -> List[Dict]:
@@ -136,7 +138,7 @@ def check_seeds(cfg, kind: str, seeds: List[int]) -> None:
         raise ValueError(f"seed={','.join(map(str, seeds))}: the {kind} model is randomly initialised with each "
                          f"run's seed (no {archive}), so each seed needs its own cache: precompute one per seed, "
                          f"or give {archive}")
-    if kind == output_cache.TEACHER and losses_lib.get_loss(cfg.loss.name).teacher_reference_need(cfg.loss) \
+    if kind == output_cache.TEACHER and loss_spec.get_loss(cfg.loss.name).teacher_reference_need(cfg.loss) \
             and not cfg.teacher.get("reference_archive") and not model.get("name_or_path"):
         raise ValueError(f"seed={','.join(map(str, seeds))}: the teacher's reference is randomly initialised with "
                          "each run's seed (no teacher.reference_archive): precompute one cache per seed")
@@ -156,8 +158,7 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
     it occurs to `writer`; returns the rows added per split. With `world` processes, process
     `rank` computes the batches i with i % world == rank, and every process follows which rows
     the earlier batches held, so the processes compute disjoint rows, exactly those of one process."""
-    import trainers
-    spec = losses_lib.get_loss(cfg.loss.name)
+    spec = loss_spec.get_loss(cfg.loss.name)
     frozen = frozen_models(cfg, kind, tokenizer, device)
     packer = packing.Planner(cfg.get("padding_free", False), cfg.max_length)  # processes run apart: no sync
     seen, counts, index = set(), {"train": 0, "test": 0}, 0
@@ -166,7 +167,7 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
         for split in ("train", "test"):
             for batch in run_batches(cfg, tokenizer, split):
                 mine, index = index % world == rank, index + 1
-                inputs = trainers.concatenated_inputs(batch, spec.pairwise, tokenizer_facts.pad_id(tokenizer))
+                inputs = batches.concatenated_inputs(batch, spec.pairwise, tokenizer_facts.pad_id(tokenizer))
                 if kind == output_cache.TEACHER:  # the teacher's rows: its own tokens when its tokenizer differs
                     inputs = frozen.teacher_inputs(batch, inputs)
                 keys = output_cache.row_keys(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])[0]
@@ -185,10 +186,9 @@ def compute_rows(cfg, kind: str, tokenizer, seeds: List[int], writer, device: to
 
 def part_worker(rank: int, world: int, cfg_container: Dict, kind: str, seeds: List[int], parts: str, key: Dict):
     """One process of a parallel precompute: its rows into the finished cache `<parts>/<rank>`."""
-    import preference_datasets as data
     cfg = OmegaConf.create(cfg_container)
     torch.set_num_threads(int(cfg.num_threads or max(1, (os.cpu_count() or 1) // world)))
-    tokenizer = data.get_tokenizer(cfg.model.tokenizer)
+    tokenizer = tokenizer_facts.get_tokenizer(cfg.model.tokenizer)
     writer = output_cache.CacheWriter(os.path.join(parts, str(rank)), overwrite=True)
     try:
         counts = compute_rows(cfg, kind, tokenizer, seeds, writer, device_for(cfg, rank), rank, world)
@@ -227,12 +227,11 @@ def precompute(cfg, kind: str, log=print, seeds: Optional[List[int]] = None, if_
     """Write the `kind` cache ("teacher" or "reference") that the run `cfg` names, covering the
     examples of `cfg` run with each of `seeds` (default: cfg.seed); returns its manifest. With
     `if_needed`, an existing cache with the same key that covers those plans is kept."""
-    import preference_datasets as data
     import train
     seeds = [int(cfg.seed)] if seeds is None else [int(s) for s in seeds]
     cfg = copy.deepcopy(cfg)
     cfg.seed = seeds[0]
-    tokenizer = data.get_tokenizer(cfg.model.tokenizer)
+    tokenizer = tokenizer_facts.get_tokenizer(cfg.model.tokenizer)
     path = check(cfg, kind, tokenizer)
     check_seeds(cfg, kind, seeds)
     key = output_cache.cache_key(cfg, kind, tokenizer)

@@ -6,8 +6,8 @@ The data sets themselves live below, in prefkd/data/ (imports point down only):
 generator, flaws and its scorer ``score_answer``), ``prefkd/data/sources.py`` the named
 sources (hh, shp, se, dpomix, ultrafeedback, helpsteer2, deita, local), their converters
 and reading local files, and ``prefkd/data/rows.py`` the shared basics (splits, errors,
-row validation, the example shape). Their names stay reachable here
-(``preference_datasets.get_dataset``, ``preference_datasets.score_answer``, ...).
+row validation, the example shape). Callers import those names from their own module (this
+one re-exports none); the tokenizers a model config names load in prefkd/tokenizer_facts.py.
 
 Tokenisation (as in eric-mitchell/direct-preference-optimization)
 -----------------------------------------------------------------
@@ -41,37 +41,16 @@ import os
 import random
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-import torch
 
-from prefkd import tokenizer_facts
-
-# The data sets, one module a concept (they never import this module). Everything they
-# define that callers use stays reachable here, as preference_datasets.<name>.
-from prefkd.data.embedded_task import (  # noqa: F401
-    EMBEDDED_MAX_LEN, EMBEDDED_MIN_LEN, EMBEDDED_PAIR_FLAW_RATE, EMBEDDED_SEED, EMBEDDED_SFT_FLAW_RATE,
-    EMBEDDED_TEST_PERCENT, EMBEDDED_TEST_SIZE, EMBEDDED_TRAIN_SIZE, answer_split, embedded_fingerprint,
-    extract_answer, flawed_answer, gold_answer, load_embedded, make_preference_pair, make_sft_target,
-    make_task_examples, parse_prompt, partial_match, sample_digits, score_answer)
-from prefkd.data.rows import (  # noqa: F401
-    LOCAL_SUFFIXES, MESSAGE_ROLES, SPLITS, DataError, RowError, conversational_pair, messages, need,
-    pair_example, sft_example, split_conversation, text)
-from prefkd.data.sources import (  # noqa: F401
-    HELPSTEER2_ATTRIBUTES, HOLDOUT, SE_TEST_PERCENT, SOURCES, TEST_NAMES, Source, _load_source, _named_file,
-    anthropic_prompt, convert_deita, convert_helpsteer2, convert_hh, convert_local,
-    convert_pairs_conversational, convert_rows, convert_se, convert_shp, hub_rows, local_path, read_rows,
-    sibling_test_files, source_fingerprint, source_rows, split_plan, strip_html)
-
-from prefkd.logprobs import IGNORE_INDEX  # noqa: E402,F401  (labels off the response)
+import utils
+from prefkd.data.embedded_task import embedded_fingerprint, EMBEDDED_TEST_SIZE, EMBEDDED_TRAIN_SIZE, load_embedded
+from prefkd.data.rows import DataError, SPLITS
+from prefkd.data.sources import _load_source, SE_TEST_PERCENT, SOURCES, split_plan
+from prefkd.logprobs import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------
 # Constants and options
 # ---------------------------------------------------------------------------
-
-EMBEDDED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
-# the shipped tokenizers, by the name a model config's `tokenizer` gives (scripts/build_tokenizer.py):
-# the character tokenizer, and a byte-level BPE (the cross-tokenizer teacher's, tiny_teacher_bpe)
-EMBEDDED_TOKENIZERS = {"embedded": EMBEDDED_TOKENIZER_DIR,
-                       "embedded_bpe": os.path.join(os.path.dirname(EMBEDDED_TOKENIZER_DIR), "tokenizer_bpe")}
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # A plain template for tokenizers that ship none (base checkpoints): used, with a
@@ -138,27 +117,6 @@ def flip_labels(examples: List[Dict], fingerprint: str, split: str, opts: Dict) 
 # ---------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------
-
-
-def get_tokenizer(name_or_path: str):
-    """Load a tokenizer. ``"embedded"`` -> the shipped char-level tokenizer, ``"embedded_bpe"`` ->
-    the shipped byte-level BPE (EMBEDDED_TOKENIZERS).
-
-    Anything else goes to ``AutoTokenizer.from_pretrained`` (a local path works
-    offline). A missing pad token falls back to eos (prefkd/tokenizer_facts.py says why and
-    where that matters).
-    """
-    from transformers import AutoTokenizer  # lazy: keeps `import preference_datasets` cheap
-
-    if name_or_path in EMBEDDED_TOKENIZERS:
-        where = EMBEDDED_TOKENIZERS[name_or_path]
-        if not os.path.isfile(os.path.join(where, "tokenizer.json")):
-            raise FileNotFoundError(f"{name_or_path} tokenizer not found in {where}; run `python "
-                                    f"scripts/build_tokenizer.py{' --bpe' if name_or_path != 'embedded' else ''}`")
-        tokenizer = AutoTokenizer.from_pretrained(where)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return tokenizer_facts.ensure_pad(tokenizer)
 
 
 # ---------------------------------------------------------------------------
@@ -479,19 +437,6 @@ class TokenCache:
 # ---------------------------------------------------------------------------
 
 
-def pad_sequences(seqs: List[List[int]], value: int, left: bool = False) -> torch.LongTensor:
-    """Stack ragged lists into a (batch, longest) LongTensor filled with ``value``."""
-    longest = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), longest), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            if left:
-                out[i, longest - len(s) :] = torch.tensor(s, dtype=torch.long)
-            else:
-                out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
 def collate(examples: List[Dict], pad_token_id: int) -> Dict:
     """Pad each tensor key to the longest in the batch; other keys become lists.
 
@@ -505,11 +450,11 @@ def collate(examples: List[Dict], pad_token_id: int) -> Dict:
     for key in examples[0]:
         values = [ex[key] for ex in examples]
         if key.endswith("_input_ids"):
-            batch[key] = pad_sequences(values, pad_token_id, left=key.startswith("prompt_"))
+            batch[key] = utils.pad_sequences(values, pad_token_id, left=key.startswith("prompt_"))
         elif key.endswith("_attention_mask"):
-            batch[key] = pad_sequences(values, 0, left=key.startswith("prompt_"))
+            batch[key] = utils.pad_sequences(values, 0, left=key.startswith("prompt_"))
         elif key.endswith("_labels"):
-            batch[key] = pad_sequences(values, IGNORE_INDEX, left=key.startswith("prompt_"))
+            batch[key] = utils.pad_sequences(values, IGNORE_INDEX, left=key.startswith("prompt_"))
         else:
             batch[key] = values
     return batch
@@ -665,3 +610,20 @@ def get_batch_iterator(
             if stats is not None:
                 stats["hits"] = stats.get("hits", 0) + cache.hits
                 stats["misses"] = stats.get("misses", 0) + cache.misses
+
+
+def run_batches(cfg, tokenizer, spec, split: str, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
+                pairs: bool = False) -> Iterator[Dict]:
+    """The batches a run of config `cfg` reads of `split` on process `rank` of `world_size` (the
+    trainer, precompute.py and the tests read exactly these): pairs, or single targets when the
+    loss's spec (loss_spec.LossSpec) trains on SFT targets (pairs=True: pairs regardless, for the
+    held-out preference accuracy)."""
+    train = split == "train"
+    return get_batch_iterator(
+        list(cfg.datasets), tokenizer, split=split,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        sft_mode=spec.sft_targets and not pairs, n_epochs=cfg.n_epochs if train else 1,
+        n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
+        rank=rank, world_size=world_size, truncation_mode=cfg.truncation_mode,
+        skip_batches=skip_batches, options=cfg.get("data"), cache_dir=cache_dir_of(cfg.get("data")))

@@ -35,10 +35,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
-import losses
 import utils
 from prefkd import adapters, models, packing, run_plan, run_state, tracking
 from prefkd import checkpoints
+from prefkd import tokenizer_facts
+from prefkd import loss_spec
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
 # that `resume=true` (or a new wandb mode) lands in the same directory as the original run.
@@ -71,7 +73,7 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
     adapters.check(cfg)  # model.lora / teacher.lora settings; the targets once the archives are checked
     packing.check(cfg)  # padding_free, max_tokens_per_micro_batch, attn_implementation
     tracking.check(cfg)  # wandb.tags
-    spec = losses.get_loss(cfg.loss.name)
+    spec = loss_spec.get_loss(cfg.loss.name)
     models.check_head(cfg, spec)  # a reward model's scalar head
     if spec.validate is not None:
         try:
@@ -81,8 +83,7 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
                              f"loss is {OmegaConf.to_container(cfg.loss)}") from None
     run_plan.check_hub_access(cfg)
     if spec.check_vocab is not None:
-        import preference_datasets as data
-        spec.check_vocab(cfg.loss, len(data.get_tokenizer(cfg.model.tokenizer)))
+        spec.check_vocab(cfg.loss, len(tokenizer_facts.get_tokenizer(cfg.model.tokenizer)))
     if spec.sft_targets and float((cfg.get("data") or {}).get("flip_fraction") or 0):
         raise ValueError(f"data.flip_fraction={cfg.data.flip_fraction} swaps chosen and rejected, which loss="
                          f"{cfg.loss.name} never reads (it trains on SFT targets): set data.flip_fraction=0, or use "
@@ -227,9 +228,8 @@ def check_data(cfg: DictConfig):
     if int(os.environ.get("RANK", 0)) != 0:
         return None
     from prefkd import data_checks
-    import preference_datasets as data
-    spec = losses.get_loss(cfg.loss.name)
-    tokenizer = data.get_tokenizer(cfg.model.tokenizer)
+    spec = loss_spec.get_loss(cfg.loss.name)
+    tokenizer = tokenizer_facts.get_tokenizer(cfg.model.tokenizer)
     return data_checks.startup_report(cfg, tokenizer, need_pairs=not spec.sft_targets, sft_mode=spec.sft_targets)
 
 

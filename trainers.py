@@ -31,79 +31,18 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import losses as losses_lib
 import preference_datasets as data
 import utils
 from prefkd import (adapters, checkpoints, lean_loading, models, optimizer_state, output_cache, packing, run_plan,
                     run_state, tokenizer_facts)
+from prefkd import batches as batches_lib
 from prefkd import logits as logits_lib
 from prefkd import generation
 from prefkd.generation import InRunGeneration
-from prefkd.logprobs import IGNORE_INDEX, response_mask, sequence_logps, split_pairs, token_logps
+from prefkd.logprobs import split_pairs
 from utils import NonFiniteError, TrainingStopped, rank0_print
-
-# ------------------------------------------------------------------ batches
-
-def concatenated_inputs(batch: Dict, pairwise: bool, pad_id: int) -> Dict[str, torch.Tensor]:
-    """Stack chosen and rejected into one [2B, L] batch so each model runs one forward pass; the
-    shorter side's input_ids are padded with the tokenizer's `pad_id` (tokenizer_facts.pad_id)."""
-    if not pairwise:
-        return {k: batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels")}
-    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    # The real pad id, never 0: a reward model's head reads each row at its last token that is not
-    # the pad id (transformers ignores the mask there), so a 0 would move the shorter side's score
-    # onto a padding position (prefkd/tokenizer_facts.py).
-    pads = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    return {k: torch.cat([utils.pad_to_length(batch[f"chosen_{k}"], length, p),
-                          utils.pad_to_length(batch[f"rejected_{k}"], length, p)], dim=0)
-            for k, p in pads.items()}
-
-
-def split_batch(batch: Dict, n: int) -> List[Dict]:
-    """Split a local batch into n micro-batches (gradient accumulation)."""
-    size = len(batch["prompt"])
-    step = size // n
-    return [{k: v[i * step:(i + 1) * step] for k, v in batch.items()} for i in range(n)]
-
-
-def split_by_tokens(batch: Dict, budget: int, padded: bool, pairwise: bool, sync_device=None) -> List[Dict]:
-    """Cut a micro-batch into consecutive ones of at most `budget` tokens (config
-    max_tokens_per_micro_batch; prefkd/packing.py): padded, a part's rows times its longest; packed,
-    its tokens. Each part's responses are trimmed to its own longest row (right padding only, so
-    nothing changes). `sync_device`: every rank agrees on the number of parts (FSDP)."""
-    sides = ("chosen", "rejected") if pairwise else ("chosen",)
-    lengths = [[int(n) for n in row] for row in zip(*(batch[f"{s}_attention_mask"].sum(-1).tolist() for s in sides))]
-    sizes = packing.token_budget_split(lengths, int(budget), padded)
-    if sync_device is not None:
-        sizes = packing.split_sizes_to(sizes, utils.all_max([len(sizes)], sync_device)[0])
-    parts, start = [], 0
-    for size in sizes:
-        part = {k: v[start:start + size] for k, v in batch.items()}
-        for s in ("chosen", "rejected"):
-            if f"{s}_attention_mask" in part:
-                width = max(1, int(part[f"{s}_attention_mask"].sum(-1).max()))
-                for k in ("input_ids", "attention_mask", "labels"):
-                    part[f"{s}_{k}"] = part[f"{s}_{k}"][:, :width]
-        parts.append(part)
-        start += size
-    return parts
-
-
-def run_batches(cfg, tokenizer, spec, split: str, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
-                pairs: bool = False) -> Iterator[Dict]:
-    """The batches a run reads of `split` on process `rank` of `world_size` (precompute.py reads
-    exactly these): pairs, or single targets when the loss trains on SFT targets (pairs=True:
-    pairs regardless, for the held-out preference accuracy)."""
-    train = split == "train"
-    return data.get_batch_iterator(
-        list(cfg.datasets), tokenizer, split=split,
-        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-        shuffle=train, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-        sft_mode=spec.sft_targets and not pairs, n_epochs=cfg.n_epochs if train else 1,
-        n_examples=cfg.n_examples if train else cfg.n_eval_examples, seed=cfg.seed, silent=True,
-        rank=rank, world_size=world_size, truncation_mode=cfg.truncation_mode,
-        skip_batches=skip_batches, options=cfg.get("data"), cache_dir=data.cache_dir_of(cfg.get("data")))
-
+from prefkd import loss_spec
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 # ------------------------------------------------------------------ the basic trainer
 
@@ -263,13 +202,13 @@ class BasicTrainer(Checkpointing):
     def compute_loss(self, batch: Dict, train: bool):
         """One (micro-)batch -> (loss, {metric: per-example tensor})."""
         batch, generated = self.generated_batch(batch, train)
-        inputs = utils.move_batch(concatenated_inputs(batch, self.pairwise, self.pad_id), self.device)
+        inputs = utils.move_batch(batches_lib.concatenated_inputs(batch, self.pairwise, self.pad_id), self.device)
         model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         extra = self.frozen.reference_outputs(inputs, self.logits, self.device)
         extra.update(self.frozen.teacher_outputs(batch, inputs, self.logits, self.device))
         with contextlib.nullcontext() if train else torch.no_grad():
             logits = self.logits(self.policy, model_in)
-            inp = losses_lib.LossInputs(policy_logits=logits, labels=inputs["labels"],
+            inp = loss_spec.LossInputs(policy_logits=logits, labels=inputs["labels"],
                                         n_pairs=len(batch["prompt"]), **extra)
             loss, metrics = self.spec.compute(inp, self.cfg.loss)
         if generated is not None:
@@ -293,7 +232,7 @@ class BasicTrainer(Checkpointing):
 
     # -- the loop -------------------------------------------------------------
     def batch_iterator(self, split: str, skip_batches: int = 0, pairs: bool = False) -> Iterator[Dict]:
-        return run_batches(self.cfg, self.tokenizer, self.spec, split, self.rank, self.world_size, skip_batches, pairs)
+        return data.run_batches(self.cfg, self.tokenizer, self.spec, split, self.rank, self.world_size, skip_batches, pairs)
 
     def train(self):
         cfg = self.cfg
@@ -377,12 +316,12 @@ class BasicTrainer(Checkpointing):
     def micro_batches(self, batch: Dict) -> List[Dict]:
         """The local batch's micro-batches, in order: gradient_accumulation_steps equal parts,
         each cut further to at most max_tokens_per_micro_batch tokens when that is set."""
-        parts = split_batch(batch, self.cfg.gradient_accumulation_steps)
+        parts = batches_lib.split_batch(batch, self.cfg.gradient_accumulation_steps)
         budget = self.cfg.get("max_tokens_per_micro_batch")
         if not budget:
             return parts
         sync = self.collective_device if utils.is_distributed() else None
-        return [p for part in parts for p in split_by_tokens(part, budget, not self.packer.enabled, self.pairwise, sync)]
+        return [p for part in parts for p in batches_lib.split_by_tokens(part, budget, not self.packer.enabled, self.pairwise, sync)]
 
     def skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
         """Drop this step's gradients; stop (NonFiniteError) past max_nonfinite_steps in a row."""
@@ -601,13 +540,11 @@ TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer, "TensorPar
 def heldout_logp_accuracy(batches, policy_logits, device, pad_id: int) -> Dict[str, torch.Tensor]:
     """Does the policy give the chosen response a higher log-probability than the rejected one,
     on held-out pairs? Logged for every loss (KD losses have no implicit reward), so methods
-    compare on one curve. policy_logits(model_in) -> logits or LazyLogits."""
+    compare on one curve (evaluate.py reports the same number from batches.pair_logps).
+    policy_logits(model_in) -> logits or LazyLogits."""
     acc = []
     for batch in batches:
-        inputs = utils.move_batch(concatenated_inputs(batch, True, pad_id), device)
-        logits = policy_logits({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]})
-        lp = sequence_logps(token_logps(logits, inputs["labels"]), response_mask(inputs["labels"]))
-        chosen, rejected = split_pairs(lp, len(batch["prompt"]))
+        chosen, rejected = split_pairs(batches_lib.pair_logps(batch, policy_logits, pad_id, device), len(batch["prompt"]))
         acc.append((chosen > rejected).float().cpu())
     return {"heldout/logp_accuracy": torch.cat(acc)} if acc else {}
 

@@ -8,7 +8,7 @@ import json
 import os
 import random
 import shutil
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, List, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -104,6 +104,19 @@ def pad_to_length(t: torch.Tensor, length: int, pad_value, dim: int = -1) -> tor
     pad_size = list(t.shape)
     pad_size[dim] = length - t.size(dim)
     return torch.cat([t, torch.full(pad_size, pad_value, dtype=t.dtype, device=t.device)], dim=dim)
+
+
+def pad_sequences(seqs: List[List[int]], value: int, left: bool = False) -> torch.LongTensor:
+    """Stack ragged lists into a (batch, longest) LongTensor filled with ``value``."""
+    longest = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), longest), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            if left:
+                out[i, longest - len(s) :] = torch.tensor(s, dtype=torch.long)
+            else:
+                out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
 
 
 def move_batch(batch: Dict, device) -> Dict:

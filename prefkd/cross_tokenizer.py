@@ -28,7 +28,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+import utils
 from prefkd import tokenizer_facts
+from prefkd import logprobs
 
 TOKENIZATIONS = ("auto", "own", "student")
 PROBE = "The quick brown fox: 12+34=46.\n"
@@ -128,7 +130,7 @@ def template_of(cfg) -> Optional[str]:
 
 def teacher_rows(batch: Dict, teacher_tok, cfg, pairwise: bool, student_tok) -> Dict[str, torch.Tensor]:
     """The teacher's own rows of a batch: {input_ids, attention_mask, labels} [N, L'] (chosen
-    rows first, then rejected, as trainers.concatenated_inputs stacks the student's), built from
+    rows first, then rejected, as batches.concatenated_inputs stacks the student's), built from
     the batch's text (`original_prompt`, `chosen`, `rejected`) with the teacher's tokenizer and
     chat template, by the data module's own functions.
 
@@ -159,6 +161,6 @@ def teacher_rows(batch: Dict, teacher_tok, cfg, pairwise: bool, student_tok) -> 
         for pair in built:
             for k in rows:
                 rows[k].append(pair[f"{kind}_{k}"])
-    return {"input_ids": data.pad_sequences(rows["input_ids"], tokenizer_facts.pad_id(teacher_tok)),
-            "attention_mask": data.pad_sequences(rows["attention_mask"], 0),
-            "labels": data.pad_sequences(rows["labels"], data.IGNORE_INDEX)}
+    return {"input_ids": utils.pad_sequences(rows["input_ids"], tokenizer_facts.pad_id(teacher_tok)),
+            "attention_mask": utils.pad_sequences(rows["attention_mask"], 0),
+            "labels": utils.pad_sequences(rows["labels"], logprobs.IGNORE_INDEX)}

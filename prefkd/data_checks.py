@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Tuple
 import preference_datasets as data
 from prefkd import scorers
 from prefkd import checkpoints
+from prefkd.data import sources as data_sources
+from prefkd.data import rows as data_rows
 
 # More than this share of a split's examples truncated is reported prominently.
 TRUNCATION_WARN_SHARE = 0.05
@@ -39,7 +41,7 @@ def split_format(examples: List[Dict]) -> str:
     return "mixed" if len(kinds) > 1 else ("chat" if kinds == {True} else "text")
 
 
-def dataset_formats(names: List[str], options=None, splits=data.SPLITS) -> Dict[str, Dict[str, str]]:
+def dataset_formats(names: List[str], options=None, splits=data_rows.SPLITS) -> Dict[str, Dict[str, str]]:
     """{name: {split: format}}."""
     return {n: {s: split_format(data.load_dataset_checked(n, s, options, silent=True)[0]) for s in splits}
             for n in names}
@@ -59,7 +61,7 @@ def check_formats(formats: Dict[str, Dict[str, str]], options=None) -> List[str]
                "format -- all prompts as strings, or all as message lists -- or pass data.allow_mixed_formats=true "
                "if this is intended")
         if not allow:
-            raise data.DataError(msg)
+            raise data_rows.DataError(msg)
         warnings.append(msg)
     return warnings
 
@@ -212,10 +214,10 @@ def absolute_data_paths(cfg) -> None:
         folder = d["local"]["path"] if os.path.isdir(d["local"]["path"]) else None
     for key in ("train", "test"):
         spec = local.get(key)
-        if spec and spec != data.HOLDOUT:
+        if spec and spec != data_sources.HOLDOUT:
             try:
-                d["local"][key] = data._named_file(spec, folder, f"data.local.{key}")
-            except data.DataError:
+                d["local"][key] = data_sources._named_file(spec, folder, f"data.local.{key}")
+            except data_rows.DataError:
                 pass  # reported when the split is loaded
     for name, p in (d.get("paths") or {}).items():
         if p:
@@ -243,7 +245,7 @@ def startup_report(cfg, tokenizer, need_pairs: bool, sft_mode: bool, echo=print)
     cache_dir = data.cache_dir_of(options)
     splits = {}
     for name in names:
-        for split in data.SPLITS:
+        for split in data_rows.SPLITS:
             key = f"{name}/{split}"
             info = data.describe_split(name, split, options)
             info["format"] = formats[name][split]

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from omegaconf import OmegaConf
 
+import utils
 from prefkd import checkpoints
 from prefkd.logprobs import IGNORE_INDEX
 from utils import atomic_write_text, rank0_print
@@ -276,17 +277,18 @@ def replace_responses(batch: Dict, key: str, prompts: List[List[int]], responses
     """A copy of `batch` whose `key` ("chosen" / "rejected") responses are `responses`: per row,
     ids = prompt + response (cut to max_length), labels = IGNORE_INDEX on the prompt, right-padded
     like the data module's batches. prompts: unpadded prompt ids per row."""
-    import preference_datasets as data
     ids, labels = [], []
     for p, r in zip(prompts, responses):
         r = list(r)[: max(0, max_length - len(p))]
         ids.append(list(p) + r)
         labels.append([IGNORE_INDEX] * len(p) + r)
     out = dict(batch)
-    out[f"{key}_input_ids"] = data.pad_sequences(ids, pad_token_id)
-    out[f"{key}_attention_mask"] = data.pad_sequences([[1] * len(s) for s in ids], 0)
-    out[f"{key}_labels"] = data.pad_sequences(labels, IGNORE_INDEX)
+    out[f"{key}_input_ids"] = utils.pad_sequences(ids, pad_token_id)
+    out[f"{key}_attention_mask"] = utils.pad_sequences([[1] * len(s) for s in ids], 0)
+    out[f"{key}_labels"] = utils.pad_sequences(labels, IGNORE_INDEX)
     return out
+
+
 def check_files(cfg, gen, check_archives: bool) -> None:
     """`generations=[files]` (written by generate.py) stand in for the responses a loss generates
     with a frozen model; each file's recorded checkpoint and decoding must be the loss's own.

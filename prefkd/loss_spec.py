@@ -197,12 +197,17 @@ class LossSpec:
         return bool(self.reference_need(cfg)) or (gen is not None and gen.source == "reference")
 
 
+# The registry. It is filled by importing losses.py, whose @register decorators run at import; prefkd
+# never imports the spine (the layers in pyproject.toml), so every command, script and the tests'
+# conftest import losses once for exactly this, and a lookup in an empty registry says so.
 LOSSES: Dict[str, LossSpec] = {}
 HEADS = ("lm", "scalar")
 
 
 def get_loss(name: str) -> LossSpec:
     """The registered spec of loss `name` (config key `loss.name`)."""
+    if not LOSSES:
+        raise RuntimeError("no loss is registered: `import losses` (the loss registry module) before looking one up")
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r} (config key `loss.name`); registered losses: {sorted(LOSSES)}")
     return LOSSES[name]

@@ -63,8 +63,7 @@ def pick_device(cfg, rank: int = 0) -> torch.device:
 
 
 def load_tokenizer(model_cfg):
-    import preference_datasets as data
-    return data.get_tokenizer(model_cfg.tokenizer)
+    return tokenizer_facts.get_tokenizer(model_cfg.tokenizer)
 
 
 def build(cfg, role: str, tokenizer, archive: Optional[str] = None, head: str = "lm"):
@@ -246,12 +245,11 @@ fork_rng = utils.fork_rng  # building a model does not move the run's random str
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer) of a checkpoint of ours (a run directory, its LATEST or a
     step-* directory) or any Hugging Face model directory."""
-    import preference_datasets as data
     ckpt = checkpoints.resolve_checkpoint(path)
     if not is_model_dir(ckpt) and adapters.location(ckpt) is None:
         raise ValueError(f"{path} is not a checkpoint (no config.json at {ckpt})")
     model = load_archive(ckpt, dtype).eval()
-    return model, data.get_tokenizer(ckpt if os.path.isfile(os.path.join(ckpt, "tokenizer_config.json"))
+    return model, tokenizer_facts.get_tokenizer(ckpt if os.path.isfile(os.path.join(ckpt, "tokenizer_config.json"))
                                      else adapter_base(ckpt))
 
 

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-import losses as losses_lib
 import utils
 from prefkd import checkpoints, cross_tokenizer
 from prefkd import models
+from prefkd import loss_spec
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -152,7 +152,7 @@ def _data_key(cfg, tokenizer) -> Dict:
 def feature_settings(loss_cfg) -> Dict:
     """The loss.* settings a loss's teacher features depend on (LossSpec.teacher_feature_settings;
     without it, every loss.* key)."""
-    spec = losses_lib.get_loss(loss_cfg.name)
+    spec = loss_spec.get_loss(loss_cfg.name)
     if spec.teacher_feature_settings is not None:
         return spec.teacher_feature_settings(loss_cfg)
     return OmegaConf.to_container(loss_cfg, resolve=True)
@@ -200,7 +200,7 @@ def cache_key(cfg, kind: str, tokenizer) -> Dict:
 def _cache_key(cfg, kind: str, tokenizer) -> Dict:
     key = {"format": CACHE_FORMAT, "kind": kind, **_data_key(cfg, tokenizer)}
     if kind == TEACHER:
-        spec = losses_lib.get_loss(cfg.loss.name)
+        spec = loss_spec.get_loss(cfg.loss.name)
         key["loss.name"] = cfg.loss.name
         for k, v in sorted(feature_settings(cfg.loss).items()):
             key[f"loss.{k}"] = v
@@ -241,12 +241,12 @@ def describe_differences(cached: Dict, now: Dict) -> List[str]:
 def teacher_cache_problem(cfg, vocab: Optional[int] = None) -> Optional[str]:
     """Why loss `cfg.loss` cannot read its teacher from a cache (None if it can): the loss's spec
     says (LossSpec.teacher_cache_problem). `vocab` is accepted for callers that have it."""
-    return losses_lib.get_loss(cfg.loss.name).teacher_cache_problem(cfg.loss)
+    return loss_spec.get_loss(cfg.loss.name).teacher_cache_problem(cfg.loss)
 
 
 def reference_cache_problem(cfg) -> Optional[str]:
     """Why loss `cfg.loss` cannot read its reference from a cache (None if it can)."""
-    spec = losses_lib.get_loss(cfg.loss.name)
+    spec = loss_spec.get_loss(cfg.loss.name)
     need = spec.reference_need(cfg.loss)
     if need is None:
         return f"loss={cfg.loss.name} (with these loss.* settings) reads no reference log-probs"
@@ -262,7 +262,7 @@ def reference_cache_problem(cfg) -> Optional[str]:
 def reference_cache_ignored(cfg) -> Optional[str]:
     """The note printed when a reference cache is set for a loss that needs the reference's full
     logits (tdpo): the live reference model is loaded instead."""
-    spec = losses_lib.get_loss(cfg.loss.name)
+    spec = loss_spec.get_loss(cfg.loss.name)
     if cfg.reference.get("cache") and spec.reference_need(cfg.loss) == "logits":
         return (f"note: reference.cache={cfg.reference.cache} is not used: loss={cfg.loss.name} reads the "
                 "reference's full logits ([N, L, V]: a vocabulary-sized tensor per token), which cannot be "

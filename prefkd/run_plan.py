@@ -10,8 +10,9 @@ import socket
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
-import losses
 from prefkd.loss_spec import GENERATION_SOURCES, Generation, LossSpec
+from prefkd import tokenizer_facts
+from prefkd import loss_spec
 
 # Keys that were renamed: an old name on a command line is refused with the new one.
 RENAMED = {"reference_cache": "reference.cache", "trainer.cpu_devices": "trainer.cpu_workers",
@@ -33,7 +34,7 @@ class RunPlan:
     @classmethod
     def of(cls, cfg) -> "RunPlan":
         from prefkd import output_cache
-        spec = losses.get_loss(cfg.loss.name)
+        spec = loss_spec.get_loss(cfg.loss.name)
         return cls(spec=spec, reference=spec.reference_need(cfg.loss), reference_model=spec.reference_model_need(cfg.loss),
                    teacher=spec.teacher_need(cfg.loss), teacher_reference=spec.teacher_reference_need(cfg.loss),
                    generation=spec.generation_need(cfg.loss), caches=output_cache.configured(cfg))
@@ -90,7 +91,7 @@ def compose_command(config_name: str, argv: Iterable[str], open_keys: Iterable[s
 def renamed_keys() -> Dict[str, str]:
     """{old key: new key} of every renamed key, the losses' own (LossSpec.renamed) included."""
     out = dict(RENAMED)
-    for name, spec in losses.LOSSES.items():
+    for name, spec in loss_spec.LOSSES.items():
         for old, new in spec.renamed.items():
             out.setdefault(f"loss.{old}", f"loss.{new}")
     return out
@@ -158,9 +159,8 @@ def check_models(cfg, check_archives: bool = True) -> RunPlan:
 # ------------------------------------------------------------------ hub access
 
 def _is_local(path) -> bool:
-    """A local path, or a shipped tokenizer ("embedded", "embedded_bpe": preference_datasets.get_tokenizer)."""
-    import preference_datasets as data
-    return path is None or path in data.EMBEDDED_TOKENIZERS or os.path.exists(os.path.expanduser(str(path)))
+    """A local path, or a shipped tokenizer ("embedded", "embedded_bpe": tokenizer_facts.get_tokenizer)."""
+    return path is None or path in tokenizer_facts.EMBEDDED_TOKENIZERS or os.path.exists(os.path.expanduser(str(path)))
 
 
 def _hub_cached(repo: str, filename: str, repo_type: str = "model") -> bool:

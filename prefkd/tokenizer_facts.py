@@ -1,10 +1,18 @@
-"""Tokenizer facts, in one place: the id a batch is padded with and the side it is padded on.
+"""Tokenizer facts, in one place: which tokenizer a model config's name loads, the id a batch is
+padded with and the side it is padded on.
 
 Every module that pads token ids asks here (the data module's batches, the trainer's stacked
 pairs, the teacher's own rows, generation prompts, reward-model scoring), so that one rule holds
 for the embedded tokenizer (pad id 0) and a real one (Llama 3, Mistral, SmolLM: no pad token of
 their own, or one that is eos).
 """
+import os
+
+EMBEDDED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizer")
+# the shipped tokenizers, by the name a model config's `tokenizer` gives (scripts/build_tokenizer.py):
+# the character tokenizer, and a byte-level BPE (the cross-tokenizer teacher's, tiny_teacher_bpe)
+EMBEDDED_TOKENIZERS = {"embedded": EMBEDDED_TOKENIZER_DIR,
+                       "embedded_bpe": os.path.join(os.path.dirname(EMBEDDED_TOKENIZER_DIR), "tokenizer_bpe")}
 
 # Which side each kind of row is padded on. Responses (chosen_* / rejected_*, the stacked pairs,
 # the teacher's rows) are RIGHT-padded, so every position's next token is where teacher forcing
@@ -34,3 +42,24 @@ def ensure_pad(tokenizer):
 def pad_id(tokenizer) -> int:
     """The id every padded input_ids tensor of `tokenizer`'s rows is filled with (see ensure_pad)."""
     return ensure_pad(tokenizer).pad_token_id
+
+
+def get_tokenizer(name_or_path: str):
+    """Load a tokenizer. ``"embedded"`` -> the shipped char-level tokenizer, ``"embedded_bpe"`` ->
+    the shipped byte-level BPE (EMBEDDED_TOKENIZERS).
+
+    Anything else goes to ``AutoTokenizer.from_pretrained`` (a local path works
+    offline). A missing pad token falls back to eos (ensure_pad says why and where that
+    matters).
+    """
+    from transformers import AutoTokenizer  # lazy: keeps importing this module cheap
+
+    if name_or_path in EMBEDDED_TOKENIZERS:
+        where = EMBEDDED_TOKENIZERS[name_or_path]
+        if not os.path.isfile(os.path.join(where, "tokenizer.json")):
+            raise FileNotFoundError(f"{name_or_path} tokenizer not found in {where}; run `python "
+                                    f"scripts/build_tokenizer.py{' --bpe' if name_or_path != 'embedded' else ''}`")
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return ensure_pad(tokenizer)

@@ -14,7 +14,6 @@ import argparse
 import os
 import resource
 import socket
-import sys
 import time
 
 import torch
@@ -22,7 +21,6 @@ import torch.multiprocessing as mp
 from prefkd import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 INIT = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
         "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 512,

@@ -23,6 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from prefkd.batches import concatenated_inputs
+from prefkd import loss_spec
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -80,19 +83,17 @@ class Vocab:
 
 def one(loss: str, lora_r, a) -> dict:
     """--steps training steps of `loss` in this (fresh) process."""
-    sys.path.insert(0, REPO)
     import ctypes
     from types import SimpleNamespace
     import torch
     from omegaconf import OmegaConf
-    import losses as L
     import trainers
     from prefkd import adapters, models
     torch.set_num_threads(a.threads)
     mcfg = model_cfg(a.layers, lora_r)
     loss_cfg = OmegaConf.load(os.path.join(REPO, "config", "loss", f"{loss}.yaml"))
     cfg = OmegaConf.create({"loss": OmegaConf.to_container(loss_cfg), "output_chunking": True, "model": mcfg})
-    spec = L.get_loss(loss)
+    spec = loss_spec.get_loss(loss)
     policy = models.build_model(mcfg, Vocab(), torch.float32, seed=0)
     if lora_r:
         policy = adapters.attach(policy, mcfg, seed=0)
@@ -131,14 +132,11 @@ def one(loss: str, lora_r, a) -> dict:
 def write_features(a) -> None:
     """tvkd's teacher features for the benchmark batch, from random teacher logits (computed here,
     so that no teacher is resident in the measured processes)."""
-    sys.path.insert(0, REPO)
     import torch
     from omegaconf import OmegaConf
-    import losses as L
-    import trainers
-    spec = L.get_loss("tvkd")
+    spec = loss_spec.get_loss("tvkd")
     loss_cfg = OmegaConf.load(os.path.join(REPO, "config", "loss", "tvkd.yaml"))
-    inputs = trainers.concatenated_inputs(make_batch(a.pairs, a.length), True, 0)
+    inputs = concatenated_inputs(make_batch(a.pairs, a.length), True, 0)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(*inputs["input_ids"].shape, SHAPES["vocab_size"], generator=g)
     torch.save(spec.teacher_features(logits, inputs["labels"], loss_cfg), a.features)

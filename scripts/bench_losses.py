@@ -11,12 +11,11 @@ saved to a temporary directory (speed does not depend on its weights).
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from prefkd import models
+from prefkd import tokenizer_facts
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def compose(overrides):
@@ -43,11 +42,10 @@ def main():
     os.environ.setdefault("WANDB_MODE", "disabled")
     import torch
     import trainers
-    import preference_datasets as data
     tmp = tempfile.mkdtemp()
     teacher_dir = os.path.join(tmp, "teacher")
     tcfg = compose(["model=tiny_teacher"])
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     models.build_model(tcfg.model, tok, torch.float32).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     runs = {}

@@ -19,6 +19,9 @@ import os
 import subprocess
 import sys
 import time
+from prefkd import loss_spec
+from prefkd import logprobs
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, HIDDEN, LAYERS, PAIRS, PROMPT = 128256, 64, 2, 2, 16
@@ -37,14 +40,12 @@ def rss_mib(field: str) -> float:
 
 def one(loss: str, length: int, chunking: bool, threads: int) -> dict:
     """One training step in this (fresh) process; returns its memory and time."""
-    sys.path.insert(0, REPO)
     os.environ.setdefault("WANDB_MODE", "disabled")
     import ctypes
     from types import SimpleNamespace
     import torch
     from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
-    import losses as L
     import trainers
     from prefkd import models as model_lib
     torch.set_num_threads(threads)
@@ -61,7 +62,7 @@ def one(loss: str, length: int, chunking: bool, threads: int) -> dict:
     t = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
     t.pad_id = 0  # these batches' tokenizers pad with 0
     t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": chunking})
-    t.spec = L.get_loss(loss)
+    t.spec = loss_spec.get_loss(loss)
     t.pairwise, t.device = t.spec.pairwise, torch.device("cpu")
     t.policy = models["policy"]
     t.frozen = model_lib.FrozenModels.of(  # live models (no prefkd/output_cache.py caches)
@@ -73,7 +74,7 @@ def one(loss: str, length: int, chunking: bool, threads: int) -> dict:
     for side in ("chosen", "rejected"):
         ids = torch.randint(1, VOCAB, (PAIRS, length), generator=g)
         labels = ids.clone()
-        labels[:, :PROMPT] = L.IGNORE_INDEX
+        labels[:, :PROMPT] = logprobs.IGNORE_INDEX
         batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": torch.ones_like(ids),
                       f"{side}_labels": labels})
     ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -30,6 +30,10 @@ import statistics
 import subprocess
 import sys
 import time
+from prefkd.batches import concatenated_inputs
+from prefkd import loss_spec
+from prefkd import logits as logits_lib
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 32000
@@ -76,8 +80,7 @@ def make_batch(lengths, seed: int, vocab: int = VOCAB):
 
 
 def padding_share(batch) -> float:
-    import trainers
-    mask = trainers.concatenated_inputs(batch, True, 0)["attention_mask"]
+    mask = concatenated_inputs(batch, True, 0)["attention_mask"]
     return 1.0 - float(mask.sum()) / mask.numel()
 
 
@@ -123,17 +126,15 @@ def teacher_feature_table(batches, vocab: int = VOCAB, device=None) -> dict:
     tensor), keyed by the batch (the cached teacher of the tvkd steps)."""
     import torch
     from omegaconf import OmegaConf
-    import losses as L
-    import trainers
-    spec, cfg = L.get_loss("tvkd"), OmegaConf.load(os.path.join(REPO, "config", "loss", "tvkd.yaml"))
+    spec, cfg = loss_spec.get_loss("tvkd"), OmegaConf.load(os.path.join(REPO, "config", "loss", "tvkd.yaml"))
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(vocab, 64, generator=g) * 0.2).to(device)
     out = {}
     for batch in batches:
-        inputs = trainers.concatenated_inputs(batch, True, 0)
+        inputs = concatenated_inputs(batch, True, 0)
         hidden = torch.randn(*inputs["input_ids"].shape, 64, generator=g).to(device)
         with torch.no_grad():
-            out[key_of(inputs["input_ids"])] = spec.teacher_features(L.LazyLogits(hidden, weight), inputs["labels"], cfg)
+            out[key_of(inputs["input_ids"])] = spec.teacher_features(logits_lib.LazyLogits(hidden, weight), inputs["labels"], cfg)
     return out
 
 
@@ -148,7 +149,6 @@ def one(loss: str, padding_free: bool, max_length: int, a) -> dict:
     from types import SimpleNamespace
     import torch
     from omegaconf import OmegaConf
-    import losses as L
     import trainers
     from prefkd import models, packing
     torch.set_num_threads(a.threads)
@@ -156,7 +156,7 @@ def one(loss: str, padding_free: bool, max_length: int, a) -> dict:
     loss_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "config", "loss", f"{loss}.yaml")))
     cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": True, "model": mcfg, "padding_free": padding_free,
                             "max_length": max_length})
-    spec = L.get_loss(loss)
+    spec = loss_spec.get_loss(loss)
     policy = models.build_model(mcfg, Vocab(), torch.float32, seed=0)
     frozen = lambda seed: models.freeze(models.build_model(mcfg, Vocab(), torch.float32, seed=seed))  # noqa: E731
     reference = frozen(0) if spec.reference_need(cfg.loss) else None
@@ -202,7 +202,6 @@ def run_case(loss: str, padding_free: bool, max_length: int, a) -> dict:
 
 
 def main():
-    sys.path.insert(0, REPO)
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--layers", type=int, default=2)

@@ -14,10 +14,8 @@ less its resident set when the load began: what the load itself added, the shard
 import argparse
 import os
 import socket
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402

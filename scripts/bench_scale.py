@@ -21,12 +21,11 @@ not depend on its weights).
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from prefkd import models
+from prefkd import tokenizer_facts
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TEACHER_LOSSES = {
     "tvkd": ["loss=tvkd"],
@@ -72,13 +71,12 @@ def main():
     os.environ.setdefault("PREFERENCE_DATA_CACHE", os.path.join(tempfile.gettempdir(), "bench_scale_tokens"))
     import torch
     import precompute
-    import preference_datasets as data
     import trainers
     import utils
 
     tmp = tempfile.mkdtemp(prefix="bench_scale_")
     teacher_dir = os.path.join(tmp, "teacher")
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     models.build_model(precompute.compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=1) \
         .save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
@@ -124,7 +122,7 @@ def main():
     bare_opt = torch.optim.AdamW(bare_policy.parameters(), lr=ref_run.cfg.lr, weight_decay=0.0)
     batches = {name: next(iter(t.batch_iterator("train"))) for name, t in runs.items()}
     bare_batch = batches["dpo live"]
-    bare_inputs = trainers.concatenated_inputs(bare_batch, True, 0)
+    bare_inputs = batches.concatenated_inputs(bare_batch, True, 0)
 
     def time_config(name):
         if name == "bare dpo":

@@ -7,15 +7,15 @@ writes the cache), a second pass over the same pairs (reads the cache, tokenises
 and a pass with the cache off, each timed end to end (loading, formatting, tokenising,
 truncating, collating). Prints seconds and the first/cached ratio.
 """
+import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import preference_datasets as pdata  # noqa: E402
+import preference_datasets as pdata
+from prefkd import tokenizer_facts
 
 N = 10000
 
@@ -45,7 +45,7 @@ def chat_file(root):
 
 
 def main():
-    tok = pdata.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     root = tempfile.mkdtemp()
     try:
         cases = [("embedded (raw text)", ["embedded"], None),
@@ -66,4 +66,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # no options: --help only
     main()

@@ -119,8 +119,6 @@ BPE_CHAT_TEMPLATE = (
 
 def bpe_corpus():
     """The embedded task's train text, in its fixed order (the generator is seeded)."""
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import preference_datasets as data
     for ex in data.get_dataset("embedded", "train", silent=True):
         yield ex["prompt"]

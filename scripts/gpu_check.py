@@ -32,8 +32,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path[:0] = [REPO, HERE]
 import bench_packing as bp  # noqa: E402  (the length distribution, batches and cached teacher features)
+from prefkd import tokenizer_facts
+from prefkd.batches import concatenated_inputs
+from prefkd import loss_spec
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 LOSSES = ("dpo", "tvkd", "tdpo", "dckd")
 GPU = {"shapes": {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -102,13 +105,12 @@ def configure(t, loss: str, padding_free: bool, max_length: int, features):
     """Point trainer `t` at `loss` (a cached teacher for tvkd), packed or padded."""
     from types import SimpleNamespace
     from omegaconf import OmegaConf
-    import losses as L
     import utils
     from prefkd import models, packing
     loss_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "config", "loss", f"{loss}.yaml")))
     t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": True, "model": t.mcfg,
                               "padding_free": padding_free, "max_length": max_length})
-    t.spec = L.get_loss(loss)
+    t.spec = loss_spec.get_loss(loss)
     t.pairwise = t.spec.pairwise
     t.generation = SimpleNamespace(apply=lambda batch, train, step, models: (batch, None))
     cached = {"teacher": bp.FeaturesOf(features)} if loss == "tvkd" else {}
@@ -120,8 +122,7 @@ def configure(t, loss: str, padding_free: bool, max_length: int, features):
 
 def step_flops(t, batch, n_params: int, size: dict, layers: int) -> float:
     """Model FLOPs of one step on `batch` (see the module docstring)."""
-    import trainers
-    mask = trainers.concatenated_inputs(batch, t.pairwise, t.pad_id)["attention_mask"]
+    mask = concatenated_inputs(batch, t.pairwise, t.pad_id)["attention_mask"]
     lengths = mask.sum(-1).double()
     tokens, attn = float(lengths.sum()), float((lengths ** 2).sum())
     hidden = size["shapes"]["hidden_size"]
@@ -132,7 +133,6 @@ def step_flops(t, batch, n_params: int, size: dict, layers: int) -> float:
 
 def measure(t, batches, device, n_params: int, size: dict, layers: int) -> dict:
     """Steps on `batches` (the first a warm-up): tokens/s, peak device memory, MFU, losses."""
-    import trainers
     optimizer = torch.optim.AdamW([p for p in t.policy.parameters() if p.requires_grad], lr=1e-6)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -151,7 +151,7 @@ def measure(t, batches, device, n_params: int, size: dict, layers: int) -> dict:
         losses_.append(float(loss))
         if i:
             walls.append(time.perf_counter() - w0)
-            tokens += float(trainers.concatenated_inputs(batch, t.pairwise, t.pad_id)["attention_mask"].sum())
+            tokens += float(concatenated_inputs(batch, t.pairwise, t.pad_id)["attention_mask"].sum())
             flops += step_flops(t, batch, n_params, size, layers)
     wall = sum(walls)
     peak = PEAK_BF16.get(next((k for k in PEAK_BF16 if device.type == "cuda" and k in torch.cuda.get_device_name()), ""))
@@ -195,17 +195,15 @@ def tiny_losses(device) -> dict:
     {loss: {"cpu_fp32": x, "device_bf16_padded": y, "device_bf16_packed": z}}."""
     from types import SimpleNamespace
     from omegaconf import OmegaConf
-    import losses as L
-    import preference_datasets as data
     import trainers
     from prefkd import models, packing
     mcfg = OmegaConf.load(os.path.join(REPO, "config", "model", "tiny.yaml"))
     mcfg.lora = {"r": None}
-    vocab = Vocab(len(data.get_tokenizer("embedded")))
+    vocab = Vocab(len(tokenizer_facts.get_tokenizer("embedded")))
     batch = bp.make_batch(bp.draw_lengths(4, 48, seed=3, medians=(8, 12)), seed=3, vocab=len(vocab))
     out = {}
     for loss in LOSSES:
-        spec = L.get_loss(loss)
+        spec = loss_spec.get_loss(loss)
         loss_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "config", "loss", f"{loss}.yaml")))
         for name, dev, dtype, packed in (("cpu_fp32", torch.device("cpu"), torch.float32, False),
                                          ("device_bf16_padded", device, torch.bfloat16, False),

@@ -13,6 +13,10 @@
 #         --platform manylinux_2_17_x86_64 -d wheels omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then  # this header, then gpu_check.py's options
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    exec python scripts/gpu_check.py --help
+fi
 wheels="${1:-wheels}"
 [ $# -gt 0 ] && shift
 if ! python -c "import omegaconf" 2>/dev/null; then

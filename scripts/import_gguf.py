@@ -12,11 +12,9 @@ config/model/smollm2_135m.yaml and config/teacher/smollm2_135m.yaml read too.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prefkd import gguf_import  # noqa: E402  (after the checkout is on sys.path)
+from prefkd import gguf_import
 
 
 def main() -> None:

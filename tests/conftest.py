@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

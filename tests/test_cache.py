@@ -12,6 +12,8 @@ import torch
 
 from conftest import FAST, compose, read_metrics, train_run
 from prefkd import models
+from prefkd import tokenizer_facts
+from prefkd import loss_spec
 
 SHORT = ["n_examples=16", "n_eval_examples=16", "eval_every=null", "data.check_lengths=null"]
 TINY = FAST + SHORT
@@ -20,9 +22,8 @@ TINY = FAST + SHORT
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """Two tiny_teacher checkpoints with different random weights: (teacher, other)."""
-    import preference_datasets as data
     root = tmp_path_factory.mktemp("teachers")
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     out = []
     for seed in (1, 2):
         path = str(root / f"t{seed}")
@@ -82,13 +83,12 @@ def trainer_losses(tmp_path, name, overrides):
 
 @pytest.mark.parametrize("case", sorted(TEACHER_CASES))
 def test_cached_run_has_the_live_runs_losses(tmp_path, teachers, case, monkeypatch):
-    import losses
     teacher, other = teachers
     overrides = [o.format(other=other) for o in TEACHER_CASES[case]] + ["lr=1e-3", "n_examples=24"]
     if case != "dpo":
         overrides += ["teacher=tiny_teacher", f"teacher.archive={teacher}"]
     cfg = compose(TINY + overrides)
-    spec = losses.get_loss(cfg.loss.name)
+    spec = loss_spec.get_loss(cfg.loss.name)
     caches = []
     if spec.teacher_features is not None:
         caches.append(f"teacher.cache={tmp_path}/teacher_cache")

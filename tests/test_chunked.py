@@ -1,4 +1,4 @@
-"""The chunked output layer (config key `output_chunking`, losses.LazyLogits): every loss of the
+"""The chunked output layer (config key `output_chunking`, logits_lib.LazyLogits): every loss of the
 registry, through the trainer's compute_loss, gives the same loss, metrics and policy gradients
 (tied embedding included) from final hidden states projected chunk by chunk as from the models'
 full logits; and a 2-process FSDP2 run (gloo, CPU) with chunking equals the unchunked run."""
@@ -10,13 +10,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import losses as L
 import prefkd.logits as LG
 import trainers
 
 from conftest import REPO
 from prefkd import models as model_lib
 from prefkd import packing
+from prefkd.batches import concatenated_inputs
+from prefkd import loss_spec
+from prefkd import logprobs
+from prefkd import logits as logits_lib
 
 V, B, LEN = 37, 2, 11          # vocabulary, pairs, sequence length
 SMALL_CHUNKS = 3 * 2 * B * V   # three positions per chunk for the 2B pairwise rows (4 chunks of 11)
@@ -42,10 +45,10 @@ def make_batch(seed=0):
         ids = torch.randint(1, V, (B, LEN), generator=g)
         mask = torch.ones(B, LEN, dtype=torch.long)
         labels = ids.clone()
-        labels[:, :3] = L.IGNORE_INDEX               # the prompt
+        labels[:, :3] = logprobs.IGNORE_INDEX               # the prompt
         mask[1, -2:] = 0                               # right padding of one row
         ids[1, -2:] = 0
-        labels[1, -2:] = L.IGNORE_INDEX
+        labels[1, -2:] = logprobs.IGNORE_INDEX
         batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
     return batch
 
@@ -70,7 +73,7 @@ def fake_trainer(loss_cfg, chunking, padding_free=False, max_length=LEN):
     t.cfg = OmegaConf.create({"loss": loss_cfg, "output_chunking": chunking, "padding_free": padding_free,
                               "max_length": max_length})
     t.packer = packing.Planner(padding_free, max_length)
-    t.spec = L.get_loss(loss_cfg["name"])
+    t.spec = loss_spec.get_loss(loss_cfg["name"])
     t.pairwise, t.device = t.spec.pairwise, torch.device("cpu")
     m = models()
     t.policy = m["policy"]
@@ -110,7 +113,7 @@ def run(loss_cfg, chunking, batch, train=True):
     t = fake_trainer(loss_cfg, chunking)
     t.policy.zero_grad(set_to_none=True)
     loss, metrics = t.compute_loss(batch, train=train)
-    assert t.kinds and set(t.kinds) == {L.LazyLogits if chunking else torch.Tensor}, t.kinds
+    assert t.kinds and set(t.kinds) == {logits_lib.LazyLogits if chunking else torch.Tensor}, t.kinds
     if train:
         loss.backward()
     grads = {n: p.grad.clone() for n, p in t.policy.named_parameters() if p.grad is not None}
@@ -119,8 +122,8 @@ def run(loss_cfg, chunking, batch, train=True):
 
 def test_every_registered_loss_has_a_case():
     # every loss of a language-model head (rm's scalar head has no logits to chunk: test_reward_model.py)
-    assert {name for name, _ in CASES} == {n for n, spec in L.LOSSES.items() if spec.head == "lm"}
-    assert {n for n, spec in L.LOSSES.items() if spec.head != "lm"} == {"rm"}
+    assert {name for name, _ in CASES} == {n for n, spec in loss_spec.LOSSES.items() if spec.head == "lm"}
+    assert {n for n, spec in loss_spec.LOSSES.items() if spec.head != "lm"} == {"rm"}
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
@@ -159,29 +162,29 @@ def test_evaluation_without_grad_is_equal_too(monkeypatch):
 def test_lazy_logits_slices_and_materializes_like_the_logits():
     g = torch.Generator().manual_seed(0)
     h, w, b = torch.randn(4, 9, 5, generator=g), torch.randn(V, 5, generator=g), torch.randn(V, generator=g)
-    lazy = L.LazyLogits(h, w, b)
+    lazy = logits_lib.LazyLogits(h, w, b)
     full = h @ w.T + b
     assert lazy.shape == full.shape == (4, 9, V)
     torch.testing.assert_close(lazy[2:, :-1].materialize(), full[2:, :-1])
-    torch.testing.assert_close(lazy.map(L.log_softmax_f32)[:, 3:5].materialize(), torch.log_softmax(full[:, 3:5], -1))
-    diff = L.LazyLogits.combine(lambda a, c: a - c, lazy, lazy.map(torch.exp))
+    torch.testing.assert_close(lazy.map(logits_lib.log_softmax_f32)[:, 3:5].materialize(), torch.log_softmax(full[:, 3:5], -1))
+    diff = logits_lib.LazyLogits.combine(lambda a, c: a - c, lazy, lazy.map(torch.exp))
     torch.testing.assert_close(diff[:1].materialize(), full[:1] - full[:1].exp())
     with pytest.raises(IndexError):
         lazy[:, :, :3]
     # token_logps: chunked, from hidden states, equal to the full computation (value and gradient)
     labels = torch.randint(0, V, (4, 9), generator=g)
-    labels[:, :2] = L.IGNORE_INDEX
+    labels[:, :2] = logprobs.IGNORE_INDEX
     hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    L.token_logps(hh @ ww.T + b, labels).sum().backward()
+    logprobs.token_logps(hh @ ww.T + b, labels).sum().backward()
     want = (hh.grad.clone(), ww.grad.clone())
     hh.grad = ww.grad = None
     old = LG.CHUNK_ELEMENTS
     try:
         LG.CHUNK_ELEMENTS = 4 * V  # one position per chunk
-        got = L.token_logps(L.LazyLogits(hh, ww, b), labels)
+        got = logprobs.token_logps(logits_lib.LazyLogits(hh, ww, b), labels)
     finally:
         LG.CHUNK_ELEMENTS = old
-    torch.testing.assert_close(got, L.token_logps(full, labels), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, logprobs.token_logps(full, labels), rtol=1e-6, atol=1e-6)
     got.sum().backward()
     torch.testing.assert_close(hh.grad, want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ww.grad, want[1], rtol=1e-5, atol=1e-6)
@@ -190,10 +193,10 @@ def test_lazy_logits_slices_and_materializes_like_the_logits():
 def test_evaluate_sequence_logps_through_the_chunked_output_layer(monkeypatch):
     import evaluate
     m, batch = tiny_llama(0), make_batch(seed=4)
-    inp = trainers.concatenated_inputs(batch, True, 0)
+    inp = concatenated_inputs(batch, True, 0)
     with torch.no_grad():
         logits = m(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
-    want = L.sequence_logps(L.token_logps(logits, inp["labels"]), L.response_mask(inp["labels"]))
+    want = logprobs.sequence_logps(logprobs.token_logps(logits, inp["labels"]), logprobs.response_mask(inp["labels"]))
     monkeypatch.setattr(LG, "CHUNK_ELEMENTS", SMALL_CHUNKS)
     torch.testing.assert_close(evaluate.sequence_logps(m, batch, 0), want, rtol=1e-6, atol=1e-5)
 
@@ -220,7 +223,7 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-import losses as L, trainers
+import trainers
 import prefkd.logits as LG
 import test_chunked as T
 
@@ -228,7 +231,7 @@ fresh = dict(T.models())
 plain_output_logits, weights_seen = LG.output_logits, []
 def spy(model, model_in, chunk, packing=None):
     out = plain_output_logits(model, model_in, chunk, packing)
-    if isinstance(out, L.LazyLogits):  # the output layer the chunks read: full, not a sharded DTensor
+    if isinstance(out, LG.LazyLogits):  # the output layer the chunks read: full, not a sharded DTensor
         weights_seen.append((isinstance(out.weight, DTensor), tuple(out.weight.shape), out.weight.requires_grad))
     return out
 LG.output_logits = spy
@@ -248,7 +251,7 @@ for name, kw in [("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released_teac
         for step, batch in enumerate(batches):
             loss, _ = t.compute_loss(batch, train=True)
             loss.backward()
-            assert set(t.kinds) == {L.LazyLogits if chunking else torch.Tensor}
+            assert set(t.kinds) == {LG.LazyLogits if chunking else torch.Tensor}
             norm = torch.nn.utils.clip_grad_norm_(t.policy.parameters(), 1e9)
             norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             if step == 0:

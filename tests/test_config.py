@@ -28,7 +28,7 @@ def test_every_option_composes(group, monkeypatch):
     for opt in opts:
         cfg = compose([f"{group}={opt}"])
         assert cfg[group].name == opt
-        if group == "loss" and train.losses.get_loss(opt).teacher_need(cfg.loss):
+        if group == "loss" and train.loss_spec.get_loss(opt).teacher_need(cfg.loss):
             # composes, and refuses to start without a teacher, naming the key to set
             with pytest.raises(ValueError, match="teacher="):
                 train.validate_config(cfg)

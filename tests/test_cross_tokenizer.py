@@ -6,17 +6,19 @@ import pytest
 import torch
 
 from conftest import compose
-import losses as L
 import preference_datasets as data
 import precompute
-import trainers
 from prefkd import models, output_cache
+from prefkd import tokenizer_facts
+from prefkd.batches import concatenated_inputs
+from prefkd import loss_spec
+from prefkd import logprobs
 
 
 def saved_model(root, name: str, model: str, seed: int) -> str:
     """A randomly initialised `model` (config/model/) saved as a checkpoint directory."""
     cfg = compose([f"model={model}"])
-    tok = data.get_tokenizer(cfg.model.tokenizer)
+    tok = tokenizer_facts.get_tokenizer(cfg.model.tokenizer)
     net = models.build_model(cfg.model, tok, torch.float32, seed=seed)
     path = root / name
     net.save_pretrained(path)
@@ -44,14 +46,14 @@ def logits_of(model, model_in):
 
 def loss_of(cfg, frozen, batch, policy):
     """The loss and metrics a trainer computes for one batch (compute_loss, without the trainer)."""
-    spec = L.get_loss(cfg.loss.name)
-    inputs = trainers.concatenated_inputs(batch, spec.pairwise, 0)
+    spec = loss_spec.get_loss(cfg.loss.name)
+    inputs = concatenated_inputs(batch, spec.pairwise, 0)
     model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     with torch.no_grad():
-        ref = {"reference_logps": L.token_logps(logits_of(policy[1], model_in), inputs["labels"])} \
+        ref = {"reference_logps": logprobs.token_logps(logits_of(policy[1], model_in), inputs["labels"])} \
             if spec.reference_need(cfg.loss) == "logps" else {}
         extra = {**ref, **frozen.teacher_outputs(batch, inputs, logits_of, torch.device("cpu"))}
-        inp = L.LossInputs(policy_logits=logits_of(policy[0], model_in), labels=inputs["labels"],
+        inp = loss_spec.LossInputs(policy_logits=logits_of(policy[0], model_in), labels=inputs["labels"],
                            n_pairs=len(batch["prompt"]), **extra)
         return spec.compute(inp, cfg.loss), extra
 
@@ -59,14 +61,14 @@ def loss_of(cfg, frozen, batch, policy):
 @pytest.fixture(scope="module")
 def students():
     cfg = compose([])
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     return (models.build_model(cfg.model, tok, torch.float32, seed=5).eval(),
             models.build_model(cfg.model, tok, torch.float32, seed=6).eval())
 
 
 def first_batch(cfg):
-    tok = data.get_tokenizer(cfg.model.tokenizer)
-    return next(iter(trainers.run_batches(cfg, tok, L.get_loss(cfg.loss.name), "train")))
+    tok = tokenizer_facts.get_tokenizer(cfg.model.tokenizer)
+    return next(iter(data.run_batches(cfg, tok, loss_spec.get_loss(cfg.loss.name), "train")))
 
 
 LOSS_CASES = [["loss=tvkd"], ["loss=tvkd", "loss.gamma=0.9", "loss.terminal_value=zero"],
@@ -76,10 +78,10 @@ LOSS_CASES = [["loss=tvkd"], ["loss=tvkd", "loss.gamma=0.9", "loss.terminal_valu
 
 @pytest.mark.parametrize("loss", LOSS_CASES, ids=lambda c: "-".join(x.split("=")[-1] for x in c))
 def test_own_tokens_of_the_same_tokenizer_give_exactly_the_per_token_losses(teachers, students, loss):
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     per_token, own = run_cfg(teachers, "char", loss), run_cfg(teachers, "char", loss + ["teacher.tokenization=own"])
     batch = first_batch(per_token)
-    spec = L.get_loss(per_token.loss.name)
+    spec = loss_spec.get_loss(per_token.loss.name)
     a, b = models.FrozenModels(per_token, spec, tok), models.FrozenModels(own, spec, tok)
     assert (a.teacher_tokens, b.teacher_tokens) == ("student", "own")
     (la, ma), ea = loss_of(per_token, a, batch, students)
@@ -91,12 +93,12 @@ def test_own_tokens_of_the_same_tokenizer_give_exactly_the_per_token_losses(teac
 
 
 def test_cached_own_tokens_equal_the_live_teacher_and_are_keyed_by_its_tokenizer(teachers, students, tmp_path):
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     cfg = run_cfg(teachers, "bpe", ["loss=tvkd", "loss.gamma=0.9", f"teacher.cache={tmp_path}/c"])
     manifest = precompute.precompute(cfg, "teacher", log=lambda *a: None)
     assert manifest["key"]["teacher.tokenization"] == "own"
-    assert manifest["key"]["tokenizer"] == data.tokenizer_fingerprint(data.get_tokenizer("embedded_bpe"))
-    spec = L.get_loss("tvkd")
+    assert manifest["key"]["tokenizer"] == data.tokenizer_fingerprint(tokenizer_facts.get_tokenizer("embedded_bpe"))
+    spec = loss_spec.get_loss("tvkd")
     live_cfg = copy.deepcopy(cfg)
     live_cfg.teacher.cache = None
     live = models.FrozenModels(live_cfg, spec, tok)
@@ -119,13 +121,13 @@ def test_cached_own_tokens_equal_the_live_teacher_and_are_keyed_by_its_tokenizer
 
 
 def test_the_bpe_teacher_signal_equals_a_hand_computation_on_its_own_tokens(teachers):
-    tok, ttok = data.get_tokenizer("embedded"), data.get_tokenizer("embedded_bpe")
+    tok, ttok = tokenizer_facts.get_tokenizer("embedded"), tokenizer_facts.get_tokenizer("embedded_bpe")
     cfg = run_cfg(teachers, "bpe", ["loss=tvkd", "loss.gamma=0.9", "loss.value_temperature=0.5"])
     ddpo_cfg = run_cfg(teachers, "bpe", ["loss=ddpo", "loss.teacher_beta=0.3"])
     batch = first_batch(cfg)
-    inputs = trainers.concatenated_inputs(batch, True, 0)
-    got = models.FrozenModels(cfg, L.get_loss("tvkd"), tok).teacher_outputs(batch, inputs, logits_of, "cpu")
-    rewards = models.FrozenModels(ddpo_cfg, L.get_loss("ddpo"), tok).teacher_outputs(batch, inputs, logits_of, "cpu")
+    inputs = concatenated_inputs(batch, True, 0)
+    got = models.FrozenModels(cfg, loss_spec.get_loss("tvkd"), tok).teacher_outputs(batch, inputs, logits_of, "cpu")
+    rewards = models.FrozenModels(ddpo_cfg, loss_spec.get_loss("ddpo"), tok).teacher_outputs(batch, inputs, logits_of, "cpu")
     from transformers import AutoModelForCausalLM  # the checkpoints read by plain transformers, not our loader
     teacher, reference = (AutoModelForCausalLM.from_pretrained(teachers[k]).eval() for k in ("bpe", "bpe_ref"))
     n = len(batch["prompt"])
@@ -178,7 +180,7 @@ def test_a_response_cut_for_the_student_is_cut_at_the_same_text_for_the_teacher(
     from prefkd import cross_tokenizer
     from prefkd.logprobs import IGNORE_INDEX
     cfg = run_cfg(teachers, "bpe", ["loss=tvkd", "max_length=24", "max_prompt_length=16", "batch_size=16"])
-    student, teacher = data.get_tokenizer("embedded"), data.get_tokenizer("embedded_bpe")
+    student, teacher = tokenizer_facts.get_tokenizer("embedded"), tokenizer_facts.get_tokenizer("embedded_bpe")
     batch = first_batch(cfg)
     rows = cross_tokenizer.teacher_rows(batch, teacher, cfg, True, student)
     b, cut = len(batch["prompt"]), 0

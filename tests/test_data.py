@@ -11,11 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import preference_datasets as pdata  # noqa: E402
+from prefkd import tokenizer_facts
+from prefkd.data import embedded_task
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return pdata.get_tokenizer("embedded")
+    return tokenizer_facts.get_tokenizer("embedded")
 
 
 def char_id(c: str) -> int:
@@ -117,7 +119,7 @@ def test_get_tokenizer_pad_falls_back_to_eos(tmp_path):
     backend = Tokenizer(models.BPE(vocab={"<unk>": 0, "</s>": 1, "a": 2}, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path)
-    t = pdata.get_tokenizer(str(tmp_path))
+    t = tokenizer_facts.get_tokenizer(str(tmp_path))
     assert t.pad_token_id == t.eos_token_id == 1
 
 
@@ -127,32 +129,32 @@ def test_get_tokenizer_pad_falls_back_to_eos(tmp_path):
 
 
 def test_task_is_deterministic():
-    a = pdata.make_task_examples("train", 300, seed=1)
-    assert a == pdata.make_task_examples("train", 300, seed=1)
-    assert a != pdata.make_task_examples("train", 300, seed=2)
+    a = embedded_task.make_task_examples("train", 300, seed=1)
+    assert a == embedded_task.make_task_examples("train", 300, seed=1)
+    assert a != embedded_task.make_task_examples("train", 300, seed=2)
     assert pdata.get_dataset("embedded", "test", silent=True) == pdata.get_dataset("embedded", "test", silent=True)
 
 
 def test_sizes_and_split_disjointness():
     train = pdata.get_dataset("embedded", "train", silent=True)
     test = pdata.get_dataset("embedded", "test", silent=True)
-    assert len(train) == pdata.EMBEDDED_TRAIN_SIZE == 20000
-    assert len(test) == pdata.EMBEDDED_TEST_SIZE == 500
+    assert len(train) == embedded_task.EMBEDDED_TRAIN_SIZE == 20000
+    assert len(test) == embedded_task.EMBEDDED_TEST_SIZE == 500
     assert len({e["prompt"] for e in test}) == 500  # distinct test prompts
-    answers = lambda examples: {pdata.gold_answer(e["prompt"]) for e in examples}
+    answers = lambda examples: {embedded_task.gold_answer(e["prompt"]) for e in examples}
     # no test answer is ever a training target, for any seed (the split depends on the answer)
     assert not answers(train) & answers(test)
-    assert not answers(pdata.make_task_examples("train", 2000, seed=5)) & answers(test)
+    assert not answers(embedded_task.make_task_examples("train", 2000, seed=5)) & answers(test)
     rng = random.Random(0)
-    golds = ["".join(sorted(pdata.sample_digits(rng))) for _ in range(5000)]
-    share = sum(pdata.answer_split(g) == "test" for g in golds) / len(golds)
+    golds = ["".join(sorted(embedded_task.sample_digits(rng))) for _ in range(5000)]
+    share = sum(embedded_task.answer_split(g) == "test" for g in golds) / len(golds)
     assert 0.08 < share < 0.12
 
 
 def test_list_lengths_span_the_range():
     train = pdata.get_dataset("embedded", "train", silent=True)
-    lengths = [len(pdata.parse_prompt(e["prompt"])) for e in train]
-    assert min(lengths) == pdata.EMBEDDED_MIN_LEN == 3 and max(lengths) == pdata.EMBEDDED_MAX_LEN == 12
+    lengths = [len(embedded_task.parse_prompt(e["prompt"])) for e in train]
+    assert min(lengths) == embedded_task.EMBEDDED_MIN_LEN == 3 and max(lengths) == embedded_task.EMBEDDED_MAX_LEN == 12
     for n in range(3, 13):  # uniform over the 10 lengths
         assert abs(lengths.count(n) / len(lengths) - 0.1) < 0.015
 
@@ -171,55 +173,55 @@ def test_list_lengths_span_the_range():
     ],
 )
 def test_score_answer_hand_cases(completion, exact, partial):
-    assert pdata.score_answer("sort 3120=", completion) == {"exact": exact, "partial": pytest.approx(partial)}
+    assert embedded_task.score_answer("sort 3120=", completion) == {"exact": exact, "partial": pytest.approx(partial)}
 
 
 def test_score_answer_and_the_embedded_default_scorer():
     from prefkd import scorers
-    assert pdata.score_answer("<|user|>sort 99=<|end|>sort 5281=", "1258") == {"exact": 1.0, "partial": 1.0}
+    assert embedded_task.score_answer("<|user|>sort 99=<|end|>sort 5281=", "1258") == {"exact": 1.0, "partial": 1.0}
     task = scorers.for_config(["embedded", "hh"])  # data.scorer unset: each data set's default
     assert task.specs() == {"embedded": "prefkd.data.embedded_task:score_answer", "hh": None}
     assert task("embedded", "sort 21=", "12") == {"exact": 1.0, "partial": 1.0}
     assert task("hh", "sort 21=", "12") is None and task.common() is None
     with pytest.raises(ValueError, match="sort.*hello"):  # the error names the prompt
-        pdata.score_answer("hello", "3")
+        embedded_task.score_answer("hello", "3")
     # leading zeros are ordinary digits of the answer
-    assert pdata.score_answer("sort 301=", "013") == {"exact": 1.0, "partial": 1.0}
-    assert pdata.score_answer("sort 301=", "13") == {"exact": 0.0, "partial": pytest.approx(0.0)}
+    assert embedded_task.score_answer("sort 301=", "013") == {"exact": 1.0, "partial": 1.0}
+    assert embedded_task.score_answer("sort 301=", "13") == {"exact": 0.0, "partial": pytest.approx(0.0)}
 
 
 def test_flaw_and_pairs_hand_cases():
-    assert pdata.flawed_answer("0112559") == "01125590" and pdata.flawed_answer("777") == "777"
-    assert pdata.score_answer("sort 9511250=", "01125590") == {"exact": 0.0, "partial": pytest.approx(7 / 8)}
+    assert embedded_task.flawed_answer("0112559") == "01125590" and embedded_task.flawed_answer("777") == "777"
+    assert embedded_task.score_answer("sort 9511250=", "01125590") == {"exact": 0.0, "partial": pytest.approx(7 / 8)}
     # the SFT target: the flaw with probability flaw_rate
-    assert pdata.make_sft_target("0112", random.Random(0), flaw_rate=1.0) == "01120"
-    assert pdata.make_sft_target("0112", random.Random(0), flaw_rate=0.0) == "0112"
+    assert embedded_task.make_sft_target("0112", random.Random(0), flaw_rate=1.0) == "01120"
+    assert embedded_task.make_sft_target("0112", random.Random(0), flaw_rate=0.0) == "0112"
     # chosen is always the correct answer; rejected the flaw, or random errors where the flaw is no error
-    pairs = [pdata.make_preference_pair("0112559", random.Random(i)) for i in range(200)]
+    pairs = [embedded_task.make_preference_pair("0112559", random.Random(i)) for i in range(200)]
     assert all(c == "0112559" for c, _ in pairs)
     n_flaw = sum(r == "01125590" for _, r in pairs)
-    assert 0.7 < n_flaw / 200 < 0.9 and all(pdata.partial_match(r, "0112559") < 1 for _, r in pairs)
+    assert 0.7 < n_flaw / 200 < 0.9 and all(embedded_task.partial_match(r, "0112559") < 1 for _, r in pairs)
     for i in range(20):
-        chosen, rejected = pdata.make_preference_pair("777", random.Random(i))
-        assert chosen == "777" and pdata.partial_match(rejected, "777") < 1
+        chosen, rejected = embedded_task.make_preference_pair("777", random.Random(i))
+        assert chosen == "777" and embedded_task.partial_match(rejected, "777") < 1
 
 
 def test_sft_targets_are_flawed_in_a_majority():
     train = pdata.get_dataset("embedded", "train", silent=True)
-    assert pdata.EMBEDDED_SFT_FLAW_RATE == 0.7
+    assert embedded_task.EMBEDDED_SFT_FLAW_RATE == 0.7
     n_flawed = 0
     for e in train:
-        gold = pdata.gold_answer(e["prompt"])
-        assert e["sft_target"] in (gold, pdata.flawed_answer(gold))
+        gold = embedded_task.gold_answer(e["prompt"])
+        assert e["sft_target"] in (gold, embedded_task.flawed_answer(gold))
         n_flawed += e["sft_target"] != gold
     # the flaw is the majority behaviour (greedy decoding of an SFT model follows it), at every length
     assert 0.68 < n_flawed / len(train) < 0.72
-    for n in range(pdata.EMBEDDED_MIN_LEN, pdata.EMBEDDED_MAX_LEN + 1):
-        rows = [e for e in train if len(pdata.parse_prompt(e["prompt"])) == n]
-        assert 0.65 < sum(e["sft_target"] != pdata.gold_answer(e["prompt"]) for e in rows) / len(rows) < 0.75
+    for n in range(embedded_task.EMBEDDED_MIN_LEN, embedded_task.EMBEDDED_MAX_LEN + 1):
+        rows = [e for e in train if len(embedded_task.parse_prompt(e["prompt"])) == n]
+        assert 0.65 < sum(e["sft_target"] != embedded_task.gold_answer(e["prompt"]) for e in rows) / len(rows) < 0.75
     # the held-out split's sft_target is the correct answer (the reference of the held-out data)
     test = pdata.get_dataset("embedded", "test", silent=True)
-    assert all(e["sft_target"] == pdata.gold_answer(e["prompt"]) for e in test)
+    assert all(e["sft_target"] == embedded_task.gold_answer(e["prompt"]) for e in test)
     # a flawed target (the smallest digit after the largest) is never sorted: no test answer is a training target
     assert not {e["sft_target"] for e in train} & {e["sft_target"] for e in test}
     # the data does not depend on the process: fixed numbers of the seeded generator
@@ -233,14 +235,14 @@ def test_preference_pairs_tell_correct_from_flawed():
     n_flaw = 0
     rejected_partials = set()
     for e in examples:
-        digits = pdata.parse_prompt(e["prompt"])
+        digits = embedded_task.parse_prompt(e["prompt"])
         gold = "".join(sorted(digits))
         assert e["prompt"] == f"sort {digits}="
-        c = pdata.score_answer(e["prompt"], e["chosen"])
-        r = pdata.score_answer(e["prompt"], e["rejected"])
+        c = embedded_task.score_answer(e["prompt"], e["chosen"])
+        r = embedded_task.score_answer(e["prompt"], e["rejected"])
         assert e["chosen"] == gold and c == {"exact": 1.0, "partial": 1.0}  # chosen: always correct
         assert r["exact"] == 0.0 and r["partial"] < 1.0 and e["rejected"].isdigit()
-        n_flaw += e["rejected"] == pdata.flawed_answer(gold)
+        n_flaw += e["rejected"] == embedded_task.flawed_answer(gold)
         rejected_partials.add(round(r["partial"], 1))
     # the rest: the correct answer with 1-3 random errors
     assert 0.78 < n_flaw / len(examples) < 0.82

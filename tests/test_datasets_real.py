@@ -7,6 +7,9 @@ import pytest
 
 import preference_datasets as pdata
 from prefkd import models
+from prefkd import tokenizer_facts
+from prefkd.data import sources as data_sources
+from prefkd.data import rows as data_rows
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 NAMED = ["hh", "shp", "se", "dpomix", "ultrafeedback", "helpsteer2", "deita"]
@@ -14,7 +17,7 @@ NAMED = ["hh", "shp", "se", "dpomix", "ultrafeedback", "helpsteer2", "deita"]
 
 @pytest.fixture(scope="module")
 def tok():
-    return pdata.get_tokenizer("embedded")
+    return tokenizer_facts.get_tokenizer("embedded")
 
 
 def opts_for(name, **extra):
@@ -65,7 +68,7 @@ def test_hub_name_goes_through_the_same_converter(name, monkeypatch):
     """With no local path the hub id is loaded with datasets.load_dataset; fed the fixture
     (as the hub would hand over its rows), the examples are identical to the local path's."""
     import datasets
-    src = pdata.SOURCES[name]
+    src = data_sources.SOURCES[name]
     calls = []
 
     def fake_load(path, split=None, **kw):
@@ -93,7 +96,7 @@ def test_se_pairs_every_differently_scored_answer_pair():
     first_q = [(e["chosen"], e["rejected"]) for e in train if "reverse" in e["prompt"]]
     slicing = " Use slicing:\n\n<code>x[::-1]</code>"
     assert first_q == [(slicing, " Write a loop."), (slicing, " Use reversed()."), (" Use reversed().", " Write a loop.")]
-    assert pdata.strip_html("<p>a <b>b</b></p><pre><code>x = 1</code></pre><div>gone</div>") == "a b\n\n<code>x = 1</code>"
+    assert data_sources.strip_html("<p>a <b>b</b></p><pre><code>x = 1</code></pre><div>gone</div>") == "a b\n\n<code>x = 1</code>"
 
 
 def test_helpsteer2_pairs_by_helpfulness_and_drops_ties():
@@ -105,7 +108,7 @@ def test_helpsteer2_pairs_by_helpfulness_and_drops_ties():
 def test_deita_is_sft_only_and_keeps_the_system_turn(tok):
     train = pdata.get_dataset("deita", "train", silent=True, options=opts_for("deita"))
     assert train[1]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to 3."}]
-    with pytest.raises(pdata.DataError, match="without preference pairs.*loss=sft"):
+    with pytest.raises(data_rows.DataError, match="without preference pairs.*loss=sft"):
         pdata.check_datasets(["deita"], tok, opts_for("deita"), need_pairs=True)
     assert pdata.check_datasets(["deita"], tok, opts_for("deita"), need_pairs=False) == {
         "deita/train": {"examples": 2, "skipped": 0}, "deita/test": {"examples": 1, "skipped": 0}}
@@ -156,7 +159,7 @@ def test_tokenizer_without_template_uses_the_default_and_a_config_template_wins(
     prompt, resp = pdata.format_example(ex, tok, custom)
     assert (prompt, resp["rejected"]) == ("[user]hi[assistant]", "no")
     bad = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
-    with pytest.raises(pdata.DataError, match="chat template does not render the prompt"):
+    with pytest.raises(data_rows.DataError, match="chat template does not render the prompt"):
         pdata.format_example(ex, tok, bad)
 
 
@@ -275,7 +278,7 @@ def test_bad_row_is_named_or_skipped(tmp_path, row, problem):
     d.mkdir()
     path = write_jsonl(d / "train.jsonl", [GOOD, GOOD | {"prompt": "q"}, row, GOOD | {"prompt": "r"}])
     write_jsonl(d / "test.jsonl", [GOOD])
-    with pytest.raises(pdata.DataError) as err:
+    with pytest.raises(data_rows.DataError) as err:
         load_local(d)
     msg = str(err.value)
     assert f"{path}: line 3:" in msg and "1 invalid row" in msg and "data.skip_invalid=true" in msg
@@ -291,7 +294,7 @@ def test_named_data_set_row_problems_name_the_file(tmp_path):
     path = write_jsonl(d / "train.jsonl", [{"chosen": H + "x" + A + " y", "rejected": H + "other" + A + " z"},
                                            {"chosen": H + "x" + A + " y"}, {"chosen": "no turns", "rejected": "n"}])
     write_jsonl(d / "test.jsonl", [{"chosen": H + "x" + A + " y", "rejected": H + "x" + A + " z"}])
-    with pytest.raises(pdata.DataError) as err:
+    with pytest.raises(data_rows.DataError) as err:
         pdata.get_dataset("hh", "train", silent=True, options={"paths": {"hh": str(d)}})
     msg = str(err.value)
     assert "3 invalid row(s)" in msg
@@ -301,12 +304,12 @@ def test_named_data_set_row_problems_name_the_file(tmp_path):
 
 
 def test_missing_path_split_and_unknown_option(tmp_path):
-    with pytest.raises(pdata.DataError, match="needs data.local.path"):
+    with pytest.raises(data_rows.DataError, match="needs data.local.path"):
         pdata.get_dataset("local", "train", silent=True)
-    with pytest.raises(pdata.DataError, match="no such file"):
+    with pytest.raises(data_rows.DataError, match="no such file"):
         load_local(tmp_path / "nope.jsonl")
     (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
-    with pytest.raises(pdata.DataError, match="no file for split 'test'"):
+    with pytest.raises(data_rows.DataError, match="no file for split 'test'"):
         load_local(tmp_path, "test")
     with pytest.raises(ValueError, match="unknown option data.skip_invalud"):
         pdata.data_options({"skip_invalud": True})
@@ -323,7 +326,7 @@ def test_bad_data_stops_train_before_any_model_is_built(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     over = list(FAST) + [f"runs_dir={tmp_path}/runs", "loss=dpo", "datasets=[local]", f"data.local.path={d}",
                          "exp_name=bad"]
-    with pytest.raises(pdata.DataError, match=r"train.jsonl: line 2: chosen is identical to rejected"):
+    with pytest.raises(data_rows.DataError, match=r"train.jsonl: line 2: chosen is identical to rejected"):
         train.run(compose(over), over)
     assert not os.path.exists(tmp_path / "runs" / "bad")
 

@@ -6,6 +6,7 @@ import os
 import pytest
 
 import evaluate
+from prefkd import tokenizer_facts
 
 REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
 SCORER = os.path.join(REVERSE, "reverse_scorer.py") + ":score"
@@ -89,7 +90,7 @@ def test_training_time_evaluation_counts_each_held_out_row_once():
     """trainers.BasicTrainer.batch_iterator("test") asks for n_eval_examples rows of one epoch:
     256 requested of a 16-row split gives the 16 rows, once each."""
     import preference_datasets as pdata
-    tok = pdata.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     batches = list(pdata.get_batch_iterator(["local"], tok, split="test", batch_size=5, shuffle=False, max_length=80,
                                             max_prompt_length=64, n_epochs=1, n_examples=256, silent=True,
                                             options={"local": {"path": REVERSE}}))

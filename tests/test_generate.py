@@ -11,6 +11,7 @@ from conftest import leave_process_group, train_run
 import generate
 import utils
 from prefkd import checkpoints
+from prefkd import tokenizer_facts
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_greedy_rows_are_the_models_own_greedy_answers_and_train_as_sft_data(tmp
     assert [r["prompt"] for r in got] == [ex["prompt"] for ex in test[:20]]
     # one prompt by hand, unpadded: the same greedy answer
     ckpt = checkpoints.resolve_checkpoint(sft_run)
-    model, tok = AutoModelForCausalLM.from_pretrained(ckpt).eval(), data.get_tokenizer(ckpt)
+    model, tok = AutoModelForCausalLM.from_pretrained(ckpt).eval(), tokenizer_facts.get_tokenizer(ckpt)
     for i in (0, 13):
         ids = torch.tensor([data.encode_text(got[i]["prompt"], {}, tok)["prompt"]])
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -7,6 +7,7 @@ import os
 import pytest
 
 import preference_datasets as pdata
+from prefkd import tokenizer_facts
 
 REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
 
@@ -68,7 +69,7 @@ def test_a_run_reports_the_flipped_pairs_and_its_caches_are_keyed_by_them(tmp_pa
     assert splits["local/train"]["flipped"] == round(0.25 * n) and splits["local/test"]["flipped"] == 0
     assert f"labels of {round(0.25 * n)} pairs flipped (data.flip_fraction)" in capsys.readouterr().out
     json.dumps(splits)  # what data_summary.json holds
-    tok = pdata.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     noisy = output_cache._data_key(compose(over), tok)
     clean = output_cache._data_key(compose([o for o in over if "flip" not in o]), tok)
     assert noisy["data sources"]["local/train"] != clean["data sources"]["local/train"]

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from prefkd import adapters, models
+from prefkd import tokenizer_facts
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 INIT = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 67, "num_hidden_layers": 2,
@@ -30,9 +31,8 @@ def model_cfg(**kw):
 def make_checkpoints(root):
     """(archive dir: our format, tied embeddings; sharded hub-style dir with an index; a
     directory whose tensor names lack the 'model.' prefix)."""
-    import preference_datasets as data
     from safetensors.torch import save_file
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     tied = models._build_full_model(model_cfg(init_config=dict(INIT, tie_word_embeddings=True)), tok,
                                       torch.float32, seed=3)
     archive = os.path.join(root, "archive")
@@ -72,12 +72,11 @@ def worker(rank, world, port, root, paths, errors):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from prefkd import lean_loading
-    import preference_datasets as data
     import trainers
     import utils
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        tok = data.get_tokenizer("embedded")
+        tok = tokenizer_facts.get_tokenizer("embedded")
 
         class Shell:  # what FSDPTrainer.wrap needs of the trainer
             mesh = init_device_mesh("cpu", (world,))

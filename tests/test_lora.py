@@ -11,6 +11,7 @@ import torch
 
 from conftest import FAST, compose, train_run
 from prefkd import adapters, checkpoints, models
+from prefkd import tokenizer_facts
 
 SHORT = ["n_eval_examples=16", "eval_every=null", "data.check_lengths=null"]
 LORA = ["model.lora.r=8", "model.lora.alpha=16"]
@@ -31,10 +32,9 @@ def make_trainer(tmp_path, name, overrides):
 def lora_teacher(tmp_path_factory):
     """(base directory, run directory) of a tiny_teacher DPO-trained with LoRA (r=8, lr 1e-2, 4 steps,
     a checkpoint at step 2 holding only the adapter) over a random-init base saved as a local model."""
-    import preference_datasets as data
     import train
     root = tmp_path_factory.mktemp("lora_teacher")
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     base = str(root / "base")
     models.build_model(compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=5).save_pretrained(base)
     tok.save_pretrained(base)
@@ -64,14 +64,13 @@ def test_first_step_loss_equals_full_fine_tuning_while_b_is_zero(tmp_path, lora_
 def test_the_reference_is_the_base_model_exactly_and_its_cache_equals_it(tmp_path):
     import precompute as pc
     from prefkd.logprobs import token_logps
-    import trainers
     t = make_trainer(tmp_path, "r", ["loss=dpo", "lr=1e-2"] + LORA)
     assert t.frozen.reference_from_policy and isinstance(t.frozen.reference, adapters.AdaptersOff)
     batches = iter(t.batch_iterator("train"))
     t.train_step(next(batches))
     t.train_step(next(batches))  # the adapters have moved: B is no longer zero
     batch = next(batches)
-    inputs = trainers.concatenated_inputs(batch, True, 0)
+    inputs = batches.concatenated_inputs(batch, True, 0)
     model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     live = t.frozen.reference_outputs(inputs, t.logits, t.device)["reference_logps"]
     base = models.freeze(models.build_model(t.cfg.model, t.tokenizer, torch.float32, None, t.cfg.seed))

@@ -15,6 +15,9 @@ import losses as L
 import prefkd.logits as LG
 from prefkd import generation
 from prefkd import models
+from prefkd import token_terms
+from prefkd import loss_spec
+from prefkd import logprobs
 
 V, LEN, PROMPT = 7, 9, 3
 
@@ -39,7 +42,7 @@ def cfg_of(name, **kw):
 def run_spec(name, pol, ref, tea, tref, labels, **kw):
     """What the trainer hands the loss, built from the spec alone (as compute_loss does)."""
     cfg = cfg_of(name, **kw)
-    spec = L.get_loss(name)
+    spec = loss_spec.get_loss(name)
     spec.validate(cfg)
     need = spec.reference_need(cfg)
     B = labels.shape[0] // 2
@@ -48,8 +51,8 @@ def run_spec(name, pol, ref, tea, tref, labels, **kw):
     teacher = spec.teacher_features(tea, labels, cfg) if spec.teacher_features else None
     if spec.teacher_reference_need(cfg):
         teacher = spec.teacher_reference_features(tref, labels, cfg, teacher)
-    inp = L.LossInputs(policy_logits=pol, labels=labels, n_pairs=B,
-                       reference_logps=L.token_logps(ref, labels) if need == "logps" else None,
+    inp = loss_spec.LossInputs(policy_logits=pol, labels=labels, n_pairs=B,
+                       reference_logps=logprobs.token_logps(ref, labels) if need == "logps" else None,
                        reference_logits=ref if need == "logits" else None, teacher=teacher)
     return spec.compute(inp, cfg)
 
@@ -95,8 +98,8 @@ def test_simpo_matches_per_token_averaged_rewards_by_hand(beta, gamma):
     # the average matters: lengths differ between rows, so the summed log-probs give another loss
     assert len(positions(labels, 0)) != len(positions(labels, 2))
     # no reference model is loaded for it
-    assert L.get_loss("simpo").reference_need(cfg_of("simpo")) is None
-    assert not L.get_loss("simpo").reference_model_need(cfg_of("simpo"))
+    assert loss_spec.get_loss("simpo").reference_need(cfg_of("simpo")) is None
+    assert not loss_spec.get_loss("simpo").reference_model_need(cfg_of("simpo"))
 
 
 def test_simpo_pure_function_by_hand():
@@ -139,8 +142,8 @@ def test_wpo_matches_hand_computation_and_clamps_the_weight():
 
 def test_wpo_with_unit_weights_is_dpo():
     pol, ref, tea, tref, labels = make_batch(seed=3)
-    pc, pr = L.split_pairs(L.sequence_logps(L.token_logps(pol, labels), L.response_mask(labels)), 2)
-    rc, rr = L.split_pairs(L.sequence_logps(L.token_logps(ref, labels), L.response_mask(labels)), 2)
+    pc, pr = logprobs.split_pairs(logprobs.sequence_logps(logprobs.token_logps(pol, labels), logprobs.response_mask(labels)), 2)
+    rc, rr = logprobs.split_pairs(logprobs.sequence_logps(logprobs.token_logps(ref, labels), logprobs.response_mask(labels)), 2)
     ones = torch.ones(2)
     wpo, _, _, weight = L.wpo_loss(pc, pr, rc, rr, ones, ones, beta=0.2)
     dpo, _, _ = L.dpo_loss(pc, pr, rc, rr, beta=0.2)
@@ -159,9 +162,9 @@ def test_wpo_with_unit_weights_is_dpo():
 
 def run_spec_dpo(pol, ref, labels, beta):
     cfg = OmegaConf.create({"name": "dpo", "beta": beta, "label_smoothing": 0.0, "reference_free": False})
-    inp = L.LossInputs(policy_logits=pol, labels=labels, n_pairs=labels.shape[0] // 2,
-                       reference_logps=L.token_logps(ref, labels))
-    return L.get_loss("dpo").compute(inp, cfg)
+    inp = loss_spec.LossInputs(policy_logits=pol, labels=labels, n_pairs=labels.shape[0] // 2,
+                       reference_logps=logprobs.token_logps(ref, labels))
+    return loss_spec.get_loss("dpo").compute(inp, cfg)
 
 
 def test_wpo_weight_gets_no_gradient():
@@ -173,8 +176,8 @@ def test_wpo_weight_gets_no_gradient():
     grads = []
     for i in range(2):  # DPO's gradient of each pair separately, scaled by that pair's weight
         p2 = pol.clone().requires_grad_(True)
-        pc, pr = L.split_pairs(L.sequence_logps(L.token_logps(p2, labels), L.response_mask(labels)), 2)
-        rc, rr = L.split_pairs(L.sequence_logps(L.token_logps(ref, labels), L.response_mask(labels)), 2)
+        pc, pr = logprobs.split_pairs(logprobs.sequence_logps(logprobs.token_logps(p2, labels), logprobs.response_mask(labels)), 2)
+        rc, rr = logprobs.split_pairs(logprobs.sequence_logps(logprobs.token_logps(ref, labels), logprobs.response_mask(labels)), 2)
         per = L.dpo_loss(pc, pr, rc, rr, 0.5)[0]
         (per[i] * m["wpo/weight"][i] / 2).backward()
         grads.append(p2.grad)
@@ -200,7 +203,7 @@ def test_seqkd_is_the_mean_token_nll_of_the_teacher_responses():
     assert loss.item() == pytest.approx(sum(hand) / 2, rel=1e-6)
     assert m["kd/nll"].tolist() == pytest.approx(hand, rel=1e-6)
     assert L.seqkd_loss(torch.tensor([[0.0, -1.0, -3.0]]), torch.tensor([[0.0, 1.0, 1.0]])).item() == 2.0
-    spec, cfg = L.get_loss("seqkd"), cfg_of("seqkd")
+    spec, cfg = loss_spec.get_loss("seqkd"), cfg_of("seqkd")
     gen = spec.generation_need(cfg)
     # the responses are the teacher's, greedy, generated for the training prompts, replacing the target
     assert (gen.source, gen.replaces, gen.probability, gen.temperature, gen.num_beams, gen.train_only, gen.frozen) == \
@@ -227,7 +230,7 @@ def test_ddpo_matches_hand_computation():
     assert loss.item() == pytest.approx(hand_ddpo(pol, ref, tea, tref, labels, 0.2, 0.5), rel=1e-5)
     r_w = 0.5 * (seq_logp(tea, labels, 0) - seq_logp(tref, labels, 0))
     assert m["teacher_rewards/chosen"][0].item() == pytest.approx(r_w, rel=1e-5)
-    spec = L.get_loss("ddpo")
+    spec = loss_spec.get_loss("ddpo")
     assert spec.reference_need(cfg_of("ddpo")) == "logps" and spec.teacher_reference_need(cfg_of("ddpo"))
 
 
@@ -282,7 +285,7 @@ def test_dpkd_with_kd_ratio_zero_is_sft_and_h_is_zero_where_argmaxes_agree():
     pol, ref, tea, tref, labels = make_batch(seed=10)
     d, _ = run_spec("dpkd", pol, ref, tea, tref, labels, kd_ratio=0.0)
     cfg = OmegaConf.create({"name": "sft"})
-    s, _ = L.get_loss("sft").compute(L.LossInputs(policy_logits=pol[:2], labels=labels[:2], n_pairs=2), cfg)
+    s, _ = loss_spec.get_loss("sft").compute(loss_spec.LossInputs(policy_logits=pol[:2], labels=labels[:2], n_pairs=2), cfg)
     assert d.item() == pytest.approx(s.item(), abs=1e-7)
     # a student whose argmax is the teacher's at every state: h_t = 0, the term is log 2 and has no gradient
     same = tea.clone().requires_grad_(True)
@@ -350,27 +353,27 @@ def test_gkd_with_b_zero_and_lambda_zero_is_forward_kl_distillation():
     g, _ = run_spec("gkd", pol, ref, tea, tref, labels, b=0.0, lam=0.0)
     cfg = OmegaConf.merge(OmegaConf.load(os.path.join(os.path.dirname(L.__file__), "config/loss/vanillakd.yaml")),
                           {"sft_weight": 0.0, "kd_weight": 1.0})
-    spec = L.get_loss("vanillakd")
-    inp = L.LossInputs(policy_logits=pol[:2], labels=labels[:2], n_pairs=2,
+    spec = loss_spec.get_loss("vanillakd")
+    inp = loss_spec.LossInputs(policy_logits=pol[:2], labels=labels[:2], n_pairs=2,
                        teacher=spec.teacher_features(tea[:2], labels[:2], cfg))
     v, _ = spec.compute(inp, cfg)
     assert g.item() == pytest.approx(v.item(), abs=1e-7)
-    assert L.get_loss("gkd").generation_need(cfg_of("gkd", lam=0.0)) is None   # lambda = 0: the data only
+    assert loss_spec.get_loss("gkd").generation_need(cfg_of("gkd", lam=0.0)) is None   # lambda = 0: the data only
 
 
 def test_generalized_jsd_symmetry_and_limits():
     """JSD_b(P, Q) = JSD_{1-b}(Q, P); JSD_b / b -> KL(P || Q) as b -> 0 (the forward-KL end point)."""
     g = torch.Generator().manual_seed(0)
     P, Q = (torch.log_softmax(torch.randn(5, V, generator=g, dtype=torch.float64), -1) for _ in range(2))
-    assert torch.allclose(L.generalized_jsd(P, Q, 0.3), L.generalized_jsd(Q, P, 0.7), atol=1e-12)
+    assert torch.allclose(token_terms.generalized_jsd(P, Q, 0.3), token_terms.generalized_jsd(Q, P, 0.7), atol=1e-12)
     b = 1e-5
-    assert torch.allclose(L.generalized_jsd(P, Q, b) / b, L.generalized_jsd(P, Q, 0.0), rtol=1e-3)
-    assert torch.allclose(L.generalized_jsd(P, Q, 1 - b) / b, L.generalized_jsd(P, Q, 1.0), rtol=1e-3)
-    assert L.generalized_jsd(P, P, 0.5).abs().max() < 1e-12
+    assert torch.allclose(token_terms.generalized_jsd(P, Q, b) / b, token_terms.generalized_jsd(P, Q, 0.0), rtol=1e-3)
+    assert torch.allclose(token_terms.generalized_jsd(P, Q, 1 - b) / b, token_terms.generalized_jsd(P, Q, 1.0), rtol=1e-3)
+    assert token_terms.generalized_jsd(P, P, 0.5).abs().max() < 1e-12
 
 
 def test_gkd_on_policy_generation_is_declared():
-    spec = L.get_loss("gkd")
+    spec = loss_spec.get_loss("gkd")
     gen = spec.generation_need(cfg_of("gkd"))
     assert (gen.source, gen.replaces, gen.probability, gen.temperature, gen.train_only, gen.frozen) == \
         ("policy", "chosen", 0.5, 0.9, True, False)
@@ -426,7 +429,7 @@ def test_adpa_with_equal_teachers_is_sft_on_y_w_and_spec_needs():
     loss, m = run_spec("adpa", pol, ref, tea, tea, labels, w=5.0)   # A = 0 everywhere
     want = sum(-seq_logp(pol, labels, i, average=True) for i in range(2)) / 2
     assert loss.item() == pytest.approx(want, rel=1e-6) and m["kd/advantage"].abs().max() < 1e-6
-    spec, cfg = L.get_loss("adpa"), cfg_of("adpa")
+    spec, cfg = loss_spec.get_loss("adpa"), cfg_of("adpa")
     gen = spec.generation_need(cfg)
     assert (gen.source, gen.replaces, gen.probability, gen.temperature, gen.frozen) == \
         ("reference", "rejected", 1.0, None, True)
@@ -446,8 +449,8 @@ def test_adpa_gradient_raises_mass_on_positive_advantage():
     adv = torch.zeros(1, 3, V)
     adv[0, :, 0] = 1.0
     per = L.expected_advantage(torch.log_softmax(pol[1:, :-1], -1), adv[:, :-1])
-    m = L.response_mask(labels)
-    L.adpa_loss(L.token_logps(pol, labels)[:1], m[:1], per * m[1:], m[1:], w=1.0).sum().backward()
+    m = logprobs.response_mask(labels)
+    L.adpa_loss(logprobs.token_logps(pol, labels)[:1], m[:1], per * m[1:], m[1:], w=1.0).sum().backward()
     g = pol.grad[1, 0]
     assert g[0] < 0 and (g[1:] > 0).all()
     assert per[0, 0].item() == pytest.approx(1.0 / V, rel=1e-6)
@@ -465,7 +468,7 @@ def test_yaml_defaults_are_the_spec_defaults_and_validate():
         cfg = cfg_of(name)
         assert cfg.name == name
         assert {k: cfg[k] for k in cfg if k != "name"} == fields, name
-        L.get_loss(name).validate(cfg)
+        loss_spec.get_loss(name).validate(cfg)
 
 
 @pytest.mark.parametrize("name,kw,key", [
@@ -477,7 +480,7 @@ def test_yaml_defaults_are_the_spec_defaults_and_validate():
 ])
 def test_bad_values_name_the_key(name, kw, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        L.get_loss(name).validate(cfg_of(name, **kw))
+        loss_spec.get_loss(name).validate(cfg_of(name, **kw))
 
 
 # ------------------------------------------------------------------ the trainer: what the specs declare

@@ -4,6 +4,8 @@ import math
 import torch
 
 import losses as L
+from prefkd import loss_spec
+from prefkd import logprobs
 
 
 def logsig(x):
@@ -14,14 +16,14 @@ def test_token_logps_matches_log_softmax_and_masks_prompt():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 6, -100, -100]])
-    got = L.token_logps(logits, labels)
+    got = logprobs.token_logps(logits, labels)
     ref = torch.log_softmax(logits, -1)
     assert got.shape == (2, 4)
     # shifted: index j is token labels[:, j+1] predicted from position j
     assert torch.allclose(got[0, 1], ref[0, 1, 3]) and torch.allclose(got[0, 3], ref[0, 3, 1])
     assert torch.allclose(got[1, 0], ref[1, 0, 2]) and torch.allclose(got[1, 1], ref[1, 1, 6])
     assert got[0, 0] == 0 and got[1, 2] == 0 and got[1, 3] == 0
-    assert L.response_mask(labels).tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
+    assert logprobs.response_mask(labels).tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
 
 
 def test_dpo_hand_computation_and_label_smoothing():
@@ -61,10 +63,10 @@ def _inputs(seed=0, B=2, Lx=6, V=11):
 def test_registered_dpo_equals_pure_function_on_sequence_sums():
     from omegaconf import OmegaConf
     logits, ref_logits, labels = _inputs()
-    inp = L.LossInputs(policy_logits=logits, labels=labels, n_pairs=2,
-                       reference_logps=L.token_logps(ref_logits, labels))
+    inp = loss_spec.LossInputs(policy_logits=logits, labels=labels, n_pairs=2,
+                       reference_logps=logprobs.token_logps(ref_logits, labels))
     cfg = OmegaConf.create({"name": "dpo", "beta": 0.3, "label_smoothing": 0.0, "reference_free": False})
-    loss, metrics = L.get_loss("dpo").compute(inp, cfg)
+    loss, metrics = loss_spec.get_loss("dpo").compute(inp, cfg)
     full = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     rfull = torch.log_softmax(ref_logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     m = (labels[:, 1:] != -100).float()
@@ -79,4 +81,4 @@ def test_registered_dpo_equals_pure_function_on_sequence_sums():
 def test_unknown_loss_names_the_key():
     import pytest
     with pytest.raises(ValueError, match="loss.name"):
-        L.get_loss("nope")
+        loss_spec.get_loss("nope")

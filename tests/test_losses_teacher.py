@@ -13,6 +13,10 @@ from omegaconf import OmegaConf
 
 import losses as L
 import prefkd.logits as LG
+from prefkd import token_terms
+from prefkd import loss_spec
+from prefkd import logprobs
+from prefkd import logits as logits_lib
 
 V, LEN, PROMPT = 7, 9, 3
 
@@ -41,13 +45,13 @@ def cfg_of(name, **kw):
 
 def run_spec(name, pol, ref, tea, labels, **kw):
     cfg = cfg_of(name, **kw)
-    spec = L.get_loss(name)
+    spec = loss_spec.get_loss(name)
     need = spec.reference_need(cfg)
     B = labels.shape[0] // 2
     if not spec.pairwise:
         pol, ref, tea, labels, B = pol[:B], ref[:B], tea[:B], labels[:B], B
-    inp = L.LossInputs(policy_logits=pol, labels=labels, n_pairs=B,
-                       reference_logps=L.token_logps(ref, labels) if need == "logps" else None,
+    inp = loss_spec.LossInputs(policy_logits=pol, labels=labels, n_pairs=B,
+                       reference_logps=logprobs.token_logps(ref, labels) if need == "logps" else None,
                        reference_logits=ref if need == "logits" else None,
                        teacher=spec.teacher_features(tea, labels, cfg) if spec.teacher_features else None)
     return spec.compute(inp, cfg)
@@ -69,21 +73,21 @@ def test_state_potentials_by_hand():
     z = torch.tensor([1.0, -0.5, 2.0, 0.3])
     p = [math.exp(v) / sum(math.exp(u) for u in z.tolist()) for v in z.tolist()]
     tau = 0.3
-    assert L.state_potential(z, "logsumexp", tau).item() == pytest.approx(
+    assert token_terms.state_potential(z, "logsumexp", tau).item() == pytest.approx(
         tau * math.log(sum(math.exp(v / tau) for v in z.tolist())), rel=1e-6)
-    assert L.state_potential(z, "max").item() == pytest.approx(max(p), rel=1e-6)
+    assert token_terms.state_potential(z, "max").item() == pytest.approx(max(p), rel=1e-6)
     top = sorted(p, reverse=True)
-    assert L.state_potential(z, "margin").item() == pytest.approx(top[0] - top[1], rel=1e-5)
-    assert L.state_potential(z, "expectation").item() == pytest.approx(sum(a * b for a, b in zip(p, z.tolist())), rel=1e-6)
-    assert L.action_potential(z, torch.tensor(2), "logit").item() == pytest.approx(2.0)
-    assert L.action_potential(z, torch.tensor(2), "logprob").item() == pytest.approx(math.log(p[2]), rel=1e-6)
+    assert token_terms.state_potential(z, "margin").item() == pytest.approx(top[0] - top[1], rel=1e-5)
+    assert token_terms.state_potential(z, "expectation").item() == pytest.approx(sum(a * b for a, b in zip(p, z.tolist())), rel=1e-6)
+    assert token_terms.action_potential(z, torch.tensor(2), "logit").item() == pytest.approx(2.0)
+    assert token_terms.action_potential(z, torch.tensor(2), "logprob").item() == pytest.approx(math.log(p[2]), rel=1e-6)
 
 
 def test_value_from_normalised_logprobs_is_zero_at_temperature_one():
     """docs/losses.md (tvkd identities): V must come from raw logits; from stored log-probs it is 0."""
     z = torch.randn(3, 5, 11) * 4
-    assert L.state_potential(torch.log_softmax(z, -1), "logsumexp", 1.0).abs().max() < 1e-5
-    assert L.state_potential(z, "logsumexp", 1.0).abs().min() > 0.1
+    assert token_terms.state_potential(torch.log_softmax(z, -1), "logsumexp", 1.0).abs().max() < 1e-5
+    assert token_terms.state_potential(z, "logsumexp", 1.0).abs().min() > 0.1
 
 
 # ------------------------------------------------------------------ tvkd (paper)
@@ -152,7 +156,7 @@ def test_tvkd_with_alpha_zero_is_dpo():
     assert tv.item() == pytest.approx(dpo.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("potential", L.STATE_POTENTIALS)
+@pytest.mark.parametrize("potential", token_terms.STATE_POTENTIALS)
 def test_tvkd_with_gamma_one_and_zero_terminal_is_dpo(potential):
     pol, ref, tea, labels = make_batch(seed=3)
     tv, m = run_spec("tvkd", pol, ref, tea, labels, alpha=0.8, gamma=1.0, terminal_value="zero", potential=potential)
@@ -184,7 +188,7 @@ def test_chunked_equals_unchunked(monkeypatch):
     whole = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in
              [("tvkd", {}), ("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released", "top_k": 3})]]
     monkeypatch.setattr(LG, "CHUNK_ELEMENTS", 2 * V)  # one position per chunk
-    assert L.chunk_positions(4, V) == 1
+    assert logits_lib.chunk_positions(4, V) == 1
     parts = [run_spec(n, pol, ref, tea, labels, **kw)[0] for n, kw in
              [("tvkd", {}), ("tdpo", {}), ("dckd", {}), ("tvkd", {"variant": "released", "top_k": 3})]]
     for a, b in zip(whole, parts):
@@ -241,13 +245,13 @@ def test_released_variants_match_hand_computation(variant, branch):
     pol, ref, tea, labels = make_batch(seed=7)
     loss, _ = run_spec("tvkd", pol, ref, tea, labels, variant=variant, top_k=3, gamma=0.9)
     assert loss.item() == pytest.approx(hand_released(pol, tea, labels, 3, 0.9, branch), rel=1e-5)
-    assert L.get_loss("tvkd").reference_need(cfg_of("tvkd", variant=variant)) is None
+    assert loss_spec.get_loss("tvkd").reference_need(cfg_of("tvkd", variant=variant)) is None
 
 
 def test_released_teacher_value_with_authors_defaults_is_log_sum_p_to_the_07():
     z = torch.randn(2, 4, V)
     ids = z.topk(3, -1).indices
-    t = L.collapse_topk(z, ids)
+    t = logprobs.collapse_topk(z, ids)
     v = torch.logsumexp(0.0 * t + 0.7 * t, -1)
     assert torch.allclose(v, torch.log((t.exp() ** 0.7).sum(-1)), atol=1e-6)
 
@@ -360,14 +364,14 @@ def test_state_potentials_keep_the_optimum_action_potentials_move_it():
     def shaped(psi_of):
         return optimal_trajectory_policy(reward + alpha * torch.stack([psi_of(a, b) for a, b in trajs]), ref_logp, beta)
 
-    for kind in L.STATE_POTENTIALS:
-        phi = lambda z: L.state_potential(z, kind, 0.7).double()
+    for kind in token_terms.STATE_POTENTIALS:
+        phi = lambda z: token_terms.state_potential(z, kind, 0.7).double()
         # psi_1 = gamma phi(s2) - phi(s1); psi_2 = gamma * 0 - phi(s2) (terminal potential 0)
         moved = shaped(lambda a, b: (phi(z_mid[a]) - phi(z_root)) + (0.0 - phi(z_mid[a])))
         assert (moved - base).abs().max() < 1e-9, kind
-    for kind in L.ACTION_POTENTIALS:
-        moved = shaped(lambda a, b: L.action_potential(z_root, torch.tensor(a), kind).double()
-                       + L.action_potential(z_mid[a], torch.tensor(b), kind).double())
+    for kind in token_terms.ACTION_POTENTIALS:
+        moved = shaped(lambda a, b: token_terms.action_potential(z_root, torch.tensor(a), kind).double()
+                       + token_terms.action_potential(z_mid[a], torch.tensor(b), kind).double())
         assert (moved - base).abs().max() > 1e-2, kind
 
 
@@ -383,14 +387,14 @@ def test_state_potentials_keep_the_optimum_action_potentials_move_it():
 ])
 def test_tvkd_bad_config_names_the_key(kw, match):
     with pytest.raises(ValueError, match=match.replace(".", r"\.")):
-        L.get_loss("tvkd").validate(cfg_of("tvkd", **kw))
+        loss_spec.get_loss("tvkd").validate(cfg_of("tvkd", **kw))
 
 
 def test_kd_bad_config_names_the_key():
     with pytest.raises(ValueError, match=r"loss\.top_k"):
-        L.get_loss("dckd").validate(cfg_of("dckd", top_k=0))
+        loss_spec.get_loss("dckd").validate(cfg_of("dckd", top_k=0))
     with pytest.raises(ValueError, match=r"loss\.alpha"):
-        L.get_loss("tdpo").validate(cfg_of("tdpo", alpha=-1))
+        loss_spec.get_loss("tdpo").validate(cfg_of("tdpo", alpha=-1))
 
 
 # ------------------------------------------------------------------ additions: edge cases and caveats
@@ -419,17 +423,17 @@ def test_response_ending_at_the_last_position_reads_its_final_state_there():
 
 def test_teacher_features_are_one_float_per_state_and_equal_by_hand():
     pol, ref, tea, labels = make_batch(seed=13)
-    f = L.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", value_temperature=0.7))
+    f = loss_spec.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", value_temperature=0.7))
     assert set(f) == {"values"} and f["values"].shape == labels.shape
     assert torch.allclose(f["values"].double(), 0.7 * torch.logsumexp(tea.double() / 0.7, -1), atol=1e-5)
-    f = L.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", potential="logprob"))
+    f = loss_spec.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", potential="logprob"))
     assert set(f) == {"values", "psi"} and f["psi"].shape == (labels.shape[0], LEN - 1)
-    f = L.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", variant="released", top_k=3))
+    f = loss_spec.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", variant="released", top_k=3))
     assert set(f) == {"topk_ids"} and f["topk_ids"].shape == (*labels.shape, 3)
-    f = L.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", variant="released_teacher_value", top_k=3))
+    f = loss_spec.get_loss("tvkd").teacher_features(tea, labels, cfg_of("tvkd", variant="released_teacher_value", top_k=3))
     assert f["teacher_collapsed"].shape == (*labels.shape, 4)
     assert torch.allclose(f["teacher_collapsed"].exp().sum(-1), torch.ones(labels.shape), atol=1e-5)
-    f = L.get_loss("dckd").teacher_features(tea, labels, cfg_of("dckd"))
+    f = loss_spec.get_loss("dckd").teacher_features(tea, labels, cfg_of("dckd"))
     assert set(f) == {"teacher_logp"} and f["teacher_logp"].shape == tea.shape
 
 
@@ -453,7 +457,7 @@ def test_released_gradient_reaches_the_next_state_entropy():
     grads = []
     for gamma in (0.0, 1.0):
         p = pol.clone().requires_grad_(True)
-        L.released_rewards(L.collapse_topk(p, ids), None, ids, labels, gamma, "entropy")[0].backward()
+        token_terms.released_rewards(logprobs.collapse_topk(p, ids), None, ids, labels, gamma, "entropy")[0].backward()
         grads.append(p.grad)
     pos = response_positions(labels, 0)
     assert len(pos) >= 2
@@ -520,7 +524,7 @@ def test_vanillakd_topk_all_but_one_equals_full_and_metrics():
     assert full.item() == pytest.approx(sum(hand_fkl(pol, tea, labels, r) for r in range(2)) / 2, rel=1e-5)
     assert m["kd/fkl"].shape == (2,) and m["kd/nll"].tolist() == pytest.approx(
         [hand_nll(pol, labels, r) for r in range(2)], rel=1e-5)
-    assert L.get_loss("vanillakd").pairwise is False and L.get_loss("dckd").pairwise is True
+    assert loss_spec.get_loss("vanillakd").pairwise is False and loss_spec.get_loss("dckd").pairwise is True
 
 
 def test_kd_vocabulary_mismatch_is_a_clear_error():
@@ -539,11 +543,11 @@ def test_missing_alpha_names_the_key_and_yaml_defaults_validate():
     cfg = cfg_of("tvkd")
     cfg.alpha = "???"
     with pytest.raises(ValueError, match=r"loss\.alpha"):
-        L.get_loss("tvkd").validate(cfg)
+        loss_spec.get_loss("tvkd").validate(cfg)
     for name in ("tvkd", "tdpo", "vanillakd", "dckd"):
         cfg = cfg_of(name)
         assert cfg.name == name
-        L.get_loss(name).validate(cfg)
+        loss_spec.get_loss(name).validate(cfg)
     tv = cfg_of("tvkd")
     assert (tv.beta, tv.gamma, tv.value_temperature, tv.terminal_value, tv.use_reference, tv.potential, tv.variant,
             tv.top_k, tv.released_alpha0, tv.released_alpha1, tv.released_alpha_tilde) == \
@@ -553,10 +557,10 @@ def test_missing_alpha_names_the_key_and_yaml_defaults_validate():
     assert (cfg_of("dckd").lam, cfg_of("dckd").top_k) == (0.1, None)
     vk = cfg_of("vanillakd")
     assert (vk.kd_weight, vk.sft_weight, vk.top_k) == (1.0, 0.0, None)
-    spec = L.get_loss("tvkd")
+    spec = loss_spec.get_loss("tvkd")
     assert spec.reference_need(tv) == "logps"
     assert spec.reference_need(cfg_of("tvkd", use_reference=False)) is None
-    assert L.get_loss("tdpo").reference_need(td) == "logits"
+    assert loss_spec.get_loss("tdpo").reference_need(td) == "logits"
 
 
 # ------------------------------------------------------------------ policy invariance by soft value iteration
@@ -596,25 +600,25 @@ def loss_psi(phi1, phi2, phi3, gamma, terminal):
     return psi[:, 0, 0], psi[..., 1]     # psi1 depends on a only; psi2 on (a, b)
 
 
-@pytest.mark.parametrize("kind", L.STATE_POTENTIALS)
+@pytest.mark.parametrize("kind", token_terms.STATE_POTENTIALS)
 def test_soft_value_iteration_state_potentials_keep_the_policy(kind):
     r, ref1, ref2, z1, z2, z3 = tabular_problem()
     beta, alpha = 0.5, 1.0
     base = soft_vi_policies(r, ref1, ref2, torch.zeros(4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64), beta)
-    phi = lambda z: L.state_potential(z.float(), kind, 0.7).double()
+    phi = lambda z: token_terms.state_potential(z.float(), kind, 0.7).double()
     psi1, psi2 = loss_psi(phi(z1), phi(z2), phi(z3), 1.0, "zero")
     shaped = soft_vi_policies(r, ref1, ref2, alpha * psi1, alpha * psi2, beta)
     for got, want in zip(shaped, base):
         assert (got - want).abs().max() < 1e-6, kind
 
 
-@pytest.mark.parametrize("kind", L.ACTION_POTENTIALS)
+@pytest.mark.parametrize("kind", token_terms.ACTION_POTENTIALS)
 def test_soft_value_iteration_action_potentials_move_the_policy(kind):
     r, ref1, ref2, z1, z2, z3 = tabular_problem()
     beta, alpha, A = 0.5, 1.0, 4
     base = soft_vi_policies(r, ref1, ref2, torch.zeros(A, dtype=torch.float64), torch.zeros(A, A, dtype=torch.float64), beta)
-    psi1 = torch.stack([L.action_potential(z1, torch.tensor(a), kind) for a in range(A)])
-    psi2 = torch.stack([torch.stack([L.action_potential(z2[a], torch.tensor(b), kind) for b in range(A)]) for a in range(A)])
+    psi1 = torch.stack([token_terms.action_potential(z1, torch.tensor(a), kind) for a in range(A)])
+    psi2 = torch.stack([torch.stack([token_terms.action_potential(z2[a], torch.tensor(b), kind) for b in range(A)]) for a in range(A)])
     shaped = soft_vi_policies(r, ref1, ref2, alpha * psi1, alpha * psi2, beta)
     assert max((g - w).abs().max().item() for g, w in zip(shaped, base)) > 1e-2, kind
 
@@ -629,7 +633,7 @@ def test_invariance_needs_gamma_one_and_a_constant_terminal_potential():
     beta, alpha, A = 0.5, 1.0, 4
     zeros = torch.zeros(A, dtype=torch.float64), torch.zeros(A, A, dtype=torch.float64)
     base = soft_vi_policies(r, ref1, ref2, *zeros, beta)
-    phi = lambda z: L.state_potential(z.float(), "logsumexp", 0.7).double()
+    phi = lambda z: token_terms.state_potential(z.float(), "logsumexp", 0.7).double()
     for gamma, terminal in [(1.0, "teacher"), (0.9, "zero")]:
         psi1, psi2 = loss_psi(phi(z1), phi(z2), phi(z3), gamma, terminal)
         shaped = soft_vi_policies(r, ref1, ref2, alpha * psi1, alpha * psi2, beta)
@@ -646,8 +650,9 @@ PEAK_MEMORY_PROBE = r"""
 import ctypes, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import losses as L
+import losses  # registers the losses
 import prefkd.logits as LG
+from prefkd import logprobs, loss_spec
 from omegaconf import OmegaConf
 
 libc = ctypes.CDLL("libc.so.6")
@@ -674,10 +679,10 @@ labels = torch.randint(0, vocab, (n, length), generator=g)
 labels[:, :8] = -100
 LG.CHUNK_ELEMENTS = n * vocab                       # one position per chunk (0.5 MB)
 cfg = OmegaConf.create(dict(name="tdpo", alpha=0.5, beta=0.1, if_tdpo2=True))
-run = lambda: L.get_loss("tdpo").compute(
-    L.LossInputs(policy_logits=pol, labels=labels, n_pairs=n // 2, reference_logits=ref), cfg)
+run = lambda: loss_spec.get_loss("tdpo").compute(
+    loss_spec.LossInputs(policy_logits=pol, labels=labels, n_pairs=n // 2, reference_logits=ref), cfg)
 run()                                                # lazy imports
-control = peak_growth(lambda: L.token_logps(ref, labels))   # one full-size logsumexp temporary
+control = peak_growth(lambda: logprobs.token_logps(ref, labels))   # one full-size logsumexp temporary
 out = [n * length * vocab * 4 / 2 ** 20, control, peak_growth(run)]
 with torch.no_grad():                                # teacher_features run under no_grad
     for name, kw in [("tvkd", {}), ("tvkd", dict(potential="logprob")), ("tvkd", dict(variant="released_teacher_value")),
@@ -685,7 +690,7 @@ with torch.no_grad():                                # teacher_features run unde
         base = dict(tvkd=dict(alpha=0.5, beta=0.1, value_temperature=None, potential="logsumexp", variant="paper",
                               top_k=50), dckd=dict(lam=0.1, top_k=None))[name]
         c = OmegaConf.create(dict(name=name, **{**base, **kw}))
-        out.append(peak_growth(lambda: L.get_loss(name).teacher_features(ref, labels, c)))
+        out.append(peak_growth(lambda: loss_spec.get_loss(name).teacher_features(ref, labels, c)))
 print(*out)
 """
 

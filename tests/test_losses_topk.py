@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import losses as L
+from prefkd import loss_spec
+from prefkd import logprobs
 
 V = 50
 
@@ -24,10 +26,10 @@ def cfg_of(name, **kw):
 def loss_and_grad(name, pol, tea, labels, **kw):
     """The registered loss in float32 and d loss / d policy logits."""
     cfg = cfg_of(name, **kw)
-    spec = L.get_loss(name)
+    spec = loss_spec.get_loss(name)
     p = pol.float().clone().requires_grad_(True)
     n_pairs = labels.shape[0] if not spec.pairwise else labels.shape[0] // 2
-    inp = L.LossInputs(policy_logits=p, labels=labels, n_pairs=n_pairs,
+    inp = loss_spec.LossInputs(policy_logits=p, labels=labels, n_pairs=n_pairs,
                        teacher=spec.teacher_features(tea.float(), labels, cfg))
     loss, _ = spec.compute(inp, cfg)
     loss.backward()
@@ -160,7 +162,7 @@ def test_collapse_with_k_equal_to_vocabulary_is_the_full_distribution():
     for pol, tea, _ in report_draws():
         ids = tea.topk(V, -1).indices
         p = pol.clone().requires_grad_(True)
-        c = L.collapse_topk(p, ids)
+        c = logprobs.collapse_topk(p, ids)
         want = torch.log_softmax(pol.double(), -1).gather(-1, ids)
         assert (c[..., :V].double() - want).abs().max() < 1e-5
         assert torch.isfinite(c).all() and (c[..., V].exp() == 0).all(), c[..., V]
@@ -169,7 +171,7 @@ def test_collapse_with_k_equal_to_vocabulary_is_the_full_distribution():
     # a teacher whose vocabulary is padded with two rows of -inf logits, top-V of V + 2: its
     # rest slot holds nothing either, and must be as finite as the student's (no 0 * -inf)
     padded = torch.cat([tea, torch.full((*tea.shape[:-1], 2), float("-inf"))], -1).requires_grad_(True)
-    c = L.collapse_topk(padded, ids)
+    c = logprobs.collapse_topk(padded, ids)
     assert (c[..., :V].double() - torch.log_softmax(tea.double(), -1).gather(-1, ids)).abs().max() < 1e-5
     assert torch.isfinite(c).all() and (c[..., V].exp() == 0).all(), c[..., V]
     (c.exp() * c).sum().backward()
@@ -184,7 +186,7 @@ def test_collapse_rest_slot_is_exact_for_peaked_distributions(seed):
     pol, tea, _ = peaked_batch(seed)
     ids = tea.topk(5, -1).indices
     p = pol.clone().requires_grad_(True)
-    c = L.collapse_topk(p, ids)
+    c = logprobs.collapse_topk(p, ids)
     p64 = pol.double().clone().requires_grad_(True)
     c64 = slots64(torch.log_softmax(p64, -1), ids, 5)
     assert (c64[..., 5] < -15).float().mean() > 0.3    # float32 cannot represent 1 - p_rest there
@@ -265,9 +267,9 @@ def check_released(pol, tea, labels, variant, branch, kw, k, what, gamma=0.9):
              at=kw.get("released_alpha_tilde", 1.0))
     want, want_grad, R, X = released64(pol, tea, labels, k, gamma, branch, **a)
     cfg = cfg_of("tvkd", variant=variant, top_k=k, gamma=gamma, **kw)
-    spec = L.get_loss("tvkd")
+    spec = loss_spec.get_loss("tvkd")
     p = pol.clone().requires_grad_(True)
-    inp = L.LossInputs(policy_logits=p, labels=labels, n_pairs=labels.shape[0] // 2,
+    inp = loss_spec.LossInputs(policy_logits=p, labels=labels, n_pairs=labels.shape[0] // 2,
                        teacher=spec.teacher_features(tea, labels, cfg))
     loss, m = spec.compute(inp, cfg)
     loss.backward()

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import losses as L
 import prefkd.logits as LG
 import trainers
 from prefkd import packing
 from test_chunked import CASES, SMALL_CHUNKS, V, fake_trainer, loss_config, tiny_llama
+from prefkd import tokenizer_facts
+from prefkd.batches import concatenated_inputs
+from prefkd import loss_spec
+from prefkd import logprobs
 
 PROMPT = 3
 # (chosen, rejected) lengths of each pair: 4 to 44 tokens, so rows differ in length by 11x
@@ -29,7 +32,7 @@ def uneven_batch(seed=0, lengths=LENGTHS):
         width = max(pair[col] for pair in lengths)
         ids = torch.zeros(len(lengths), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, L.IGNORE_INDEX)
+        labels = torch.full_like(ids, logprobs.IGNORE_INDEX)
         for i, pair in enumerate(lengths):
             n = pair[col]
             ids[i, :n] = torch.randint(1, V, (n,), generator=g)
@@ -95,7 +98,7 @@ def test_packed_batches_equal_padded_ones(name, kw, chunking, monkeypatch):
     # tokens, several sequences in some
     assert seen and all(mask is None and ids.shape[0] == 1 and ids.shape[1] <= CAPACITY and bool((ids != 0).all())
                         for ids, mask in seen)
-    n_seq = 2 * len(LENGTHS) if L.get_loss(name).pairwise else len(LENGTHS)
+    n_seq = 2 * len(LENGTHS) if loss_spec.get_loss(name).pairwise else len(LENGTHS)
     assert len({ids.shape[1] for ids, _ in seen}) > 1 and len(seen) < 4 * n_seq
 
 
@@ -115,7 +118,7 @@ def test_no_packed_sequence_sees_another(train_mode):
     model = tiny_llama(0, layers=2).train(train_mode)
     lengths = [(20, 7), (5, 30), (12, 3)]
     batch = uneven_batch(seed=1, lengths=lengths)
-    inputs = trainers.concatenated_inputs(batch, True, 0)
+    inputs = concatenated_inputs(batch, True, 0)
     plan = packing.plan(inputs["attention_mask"], CAPACITY)
     assert any(len(row) > 1 for row in plan.rows)
     changed = inputs["input_ids"].clone()
@@ -275,8 +278,7 @@ def test_bad_packing_settings_are_refused_before_any_model_loads(overrides, mess
 
 def test_attn_implementation_reaches_the_models():
     from prefkd import models
-    import preference_datasets as data
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     for impl in ("eager", "sdpa"):
         cfg = compose([f"model.attn_implementation={impl}"])
         assert models.build_model(cfg.model, tok, torch.float32).config._attn_implementation == impl

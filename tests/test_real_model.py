@@ -26,6 +26,10 @@ if _missing:
 import trainers  # noqa: E402
 import utils  # noqa: E402
 from prefkd import gguf_import, packing  # noqa: E402
+from prefkd import tokenizer_facts
+import preference_datasets as data
+from prefkd.batches import concatenated_inputs
+from prefkd import loss_spec
 
 QUESTIONS = [(a, b) for a in range(2, 9) for b in range(3, 7)]  # 28 pairs
 
@@ -99,7 +103,6 @@ def test_a_reward_model_is_trained_and_scored_at_the_real_last_token(tmp_path, s
     """The pad id is 2 (= eos): stacked pairs must pad with it, or the shorter (chosen) side's score is
     read at a padding position. The logged held-out rewards equal plain transformers on each row
     alone, unpadded, and evaluate.py's scoring of the same texts."""
-    import losses as L
     from transformers import AutoModelForSequenceClassification
     from prefkd import reward_scoring
     short = ["max_length=48", "max_prompt_length=40"]  # the rejected answers are cut: scoring must cut them alike
@@ -113,7 +116,7 @@ def test_a_reward_model_is_trained_and_scored_at_the_real_last_token(tmp_path, s
     tok = trainers.models.load_tokenizer(cfg.model)
     alone = {"chosen": [], "rejected": []}
     padded_rows = 0
-    for batch in trainers.run_batches(cfg, tok, L.get_loss("rm"), "test"):
+    for batch in data.run_batches(cfg, tok, loss_spec.get_loss("rm"), "test"):
         for side in alone:
             for ids, mask in zip(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]):
                 with torch.no_grad():
@@ -160,22 +163,20 @@ def test_packed_batches_equal_padded_ones_on_the_real_model(tmp_path, smollm2, p
 
 def test_tvkd_with_the_real_model_as_a_cross_tokenizer_teacher_live_equals_cached(tmp_path, smollm2):
     import copy
-    import losses as L
     import precompute
-    import preference_datasets as data
     from prefkd import models, output_cache
     cfg = compose(["batch_size=4", "n_examples=8", "n_eval_examples=4", "eval_batch_size=4", "loss=tvkd",
                    "teacher=smollm2_135m", f"teacher.name_or_path={smollm2}", f"teacher.cache={tmp_path}/c"])
     manifest = precompute.precompute(cfg, "teacher", log=lambda *a: None)
     assert manifest["key"]["teacher.tokenization"] == "own"  # its own tokens and chat template
-    tok, spec = data.get_tokenizer("embedded"), L.get_loss("tvkd")
+    tok, spec = tokenizer_facts.get_tokenizer("embedded"), loss_spec.get_loss("tvkd")
     live_cfg = copy.deepcopy(cfg)
     live_cfg.teacher.cache = None
     live = models.FrozenModels(live_cfg, spec, tok)
     cached = models.FrozenModels(cfg, spec, tok, caches={"teacher": output_cache.open_for_run(cfg, "teacher", tok)})
     assert cached.teacher is None
-    batch = next(iter(trainers.run_batches(cfg, tok, spec, "train")))
-    inputs = trainers.concatenated_inputs(batch, True, 0)
+    batch = next(iter(data.run_batches(cfg, tok, spec, "train")))
+    inputs = concatenated_inputs(batch, True, 0)
     logits = lambda model, model_in: model(**model_in, use_cache=False).logits  # noqa: E731
     a = live.teacher_outputs(batch, inputs, logits, torch.device("cpu"))["teacher_sequence"]
     b = cached.teacher_outputs(batch, inputs, logits, torch.device("cpu"))["teacher_sequence"]

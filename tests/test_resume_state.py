@@ -11,10 +11,11 @@ import torch
 
 from conftest import FAST, compose, interrupt_at, read_metrics, train_run
 
-import preference_datasets as data
 import trainers
 import utils
 from prefkd import checkpoints, models, run_state
+from prefkd import tokenizer_facts
+from prefkd.data import embedded_task
 
 losses_of = lambda recs: [r["loss/train"] for r in recs if "loss/train" in r]  # noqa: E731
 
@@ -23,7 +24,7 @@ def fake_run(root, name: str, seeds) -> str:
     """A run directory of random tiny_teacher checkpoints step-1, step-2... (one per seed), LATEST
     naming the first: a teacher whose LATEST can move."""
     run = root / name
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     for i, seed in enumerate(seeds, 1):
         path = run / f"step-{i:08d}"
         models.build_model(compose(["model=tiny_teacher"]).model, tok, torch.float32, seed=seed).save_pretrained(path)
@@ -36,7 +37,7 @@ def local_pairs(root, n: int = 16) -> str:
     """n embedded pairs as a local file (plain text, TRL's columns): a data set smaller than the run."""
     path = root / "pairs.jsonl"
     with open(path, "w") as f:
-        for ex in data.load_embedded("train")[:n]:
+        for ex in embedded_task.load_embedded("train")[:n]:
             f.write(json.dumps({k: ex[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
     return str(path)
 
@@ -157,7 +158,7 @@ def test_the_chunked_reference_of_a_lora_policy_with_a_trained_output_layer_is_t
     from prefkd import logits as logits_lib
     monkeypatch.setattr(logits_lib, "CHUNK_ELEMENTS", 1000)  # chunk even these small logits
     cfg = compose(["loss=dpo", "model.lora.r=4", "+model.lora.modules_to_save=[lm_head]", "output_chunking=true"])
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     base = models.build_model(cfg.model, tok, torch.float32, seed=0)
     policy = models.build(cfg, "policy", tok)
     from prefkd import adapters

@@ -8,6 +8,10 @@ import torch
 
 import losses as L
 from conftest import FAST, compose, train_run
+from prefkd import tokenizer_facts
+import preference_datasets as data
+from prefkd.batches import concatenated_inputs
+from prefkd import loss_spec
 
 
 def test_bradley_terry_loss_and_gradient_equal_a_hand_computation():
@@ -29,12 +33,11 @@ def test_bradley_terry_loss_and_gradient_equal_a_hand_computation():
 
 def test_the_spec_declares_a_scalar_head_and_the_model_gets_one():
     from prefkd import models
-    import preference_datasets as data
-    spec = L.get_loss("rm")
+    spec = loss_spec.get_loss("rm")
     assert spec.head == "scalar" and spec.reference_need(compose(["loss=rm"]).loss) is None
     assert not spec.teacher_need(compose(["loss=rm"]).loss)
     cfg = compose(["loss=rm"])
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     rm = models.build(cfg, "policy", tok, head="scalar")
     lm = models.build(cfg, "policy", tok)
     assert type(rm).__name__ == "LlamaForSequenceClassification" and rm.config.num_labels == 1
@@ -52,7 +55,6 @@ RM_RUN = ["loss=rm", "lr=1e-3", "n_examples=1536", "batch_size=16", "eval_every=
 def test_a_reward_model_trained_on_the_embedded_pairs_ranks_held_out_pairs(tmp_path):
     """Trained from the random tiny model on the embedded task's pairs; its checkpoint, loaded with
     plain transformers, scores the held-out pairs as the run logged them."""
-    import trainers
     from transformers import AutoModelForSequenceClassification
     run_dir, records = train_run(tmp_path, RM_RUN)
     final = [r for r in records if "rewards_eval/accuracies" in r][-1]
@@ -60,13 +62,12 @@ def test_a_reward_model_trained_on_the_embedded_pairs_ranks_held_out_pairs(tmp_p
     assert final["rewards_eval/margins"] > 1.0
     ckpt = os.path.join(run_dir, open(os.path.join(run_dir, "LATEST")).read().strip())
     model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
-    import preference_datasets as data
     cfg = compose(FAST + RM_RUN)
     from prefkd import reward_scoring as rs
     scorer, tok = rs.load(ckpt, torch.device("cpu"))
     acc, margins, scored = [], [], []
-    for batch in trainers.run_batches(cfg, data.get_tokenizer(ckpt), L.get_loss("rm"), "test"):
-        inp = trainers.concatenated_inputs(batch, True, 0)
+    for batch in data.run_batches(cfg, tokenizer_facts.get_tokenizer(ckpt), loss_spec.get_loss("rm"), "test"):
+        inp = concatenated_inputs(batch, True, 0)
         with torch.no_grad():
             r = model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits[:, 0]
         b = len(batch["prompt"])
@@ -99,9 +100,8 @@ def test_what_a_scalar_head_cannot_combine_with_is_refused(overrides, key, monke
 def reward_model_dir(tmp_path, seed=0):
     """A tiny reward model with the second embedded tokenizer (byte-level BPE, its own chat
     template): not the policy's character tokenizer."""
-    import preference_datasets as data
     from transformers import LlamaConfig, LlamaForSequenceClassification
-    tok = data.get_tokenizer("embedded_bpe")
+    tok = tokenizer_facts.get_tokenizer("embedded_bpe")
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
@@ -121,11 +121,10 @@ PROMPTS = ["sort 3 1 2 =", [{"role": "user", "content": "sort 9 4 ="}], "sort 5 
 
 def test_scores_equal_a_direct_forward_on_the_reward_models_own_formatting(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    import preference_datasets as data
     from prefkd import reward_scoring as rs
     path = reward_model_dir(tmp_path)
     model, tok = rs.load(path, torch.device("cpu"))
-    assert tok.get_vocab() != data.get_tokenizer("embedded").get_vocab()  # not the policy's tokenizer
+    assert tok.get_vocab() != tokenizer_facts.get_tokenizer("embedded").get_vocab()  # not the policy's tokenizer
     records = records_of(PROMPTS, ["1 2 3", "4 9", "1 5 5 7 and some more words"])
     got = rs.score_records(model, tok, records, batch_size=2)
     plain, ptok = AutoModelForSequenceClassification.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -153,7 +152,6 @@ def test_the_win_rate_is_on_matched_prompts_and_refuses_different_ones():
 def test_bad_reward_inputs_are_refused_before_loading(tmp_path):
     import json
     import evaluate
-    import preference_datasets as data
     from transformers import LlamaConfig, LlamaForSequenceClassification
     from prefkd import reward_scoring as rs
     two = str(tmp_path / "two")
@@ -169,7 +167,7 @@ def test_bad_reward_inputs_are_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="reward_model is not"):
         evaluate.check_reward_inputs(None, str(bad))
     # no chat template and conversational prompts: refused (plain-text prompts are scored as text)
-    tok = data.get_tokenizer("embedded_bpe")
+    tok = tokenizer_facts.get_tokenizer("embedded_bpe")
     tok.chat_template = None
     assert rs.format_text(tok, "a=", "b") == "a=b"
     with pytest.raises(ValueError, match="no chat template and the prompts are conversations"):
@@ -242,8 +240,7 @@ def test_an_existing_reward_model_is_trained_padding_with_the_id_its_head_reads(
     from prefkd import models, tokenizer_facts
     path = reward_model_dir(tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(path)
-    import preference_datasets as data
-    tok = data.get_tokenizer("embedded_bpe")
+    tok = tokenizer_facts.get_tokenizer("embedded_bpe")
     model.config.pad_token_id = None
     assert models.with_scalar_head(model, tok, seed=0) is model
     assert model.config.pad_token_id == tokenizer_facts.pad_id(tok) is not None

@@ -77,7 +77,7 @@ def test_top_k_must_be_a_whole_number_within_the_vocabulary(tmp_path):
     for loss in ("gkd", "adpa", "vanillakd", "dckd"):
         with pytest.raises(ValueError, match=r"loss.top_k must be a whole number"):
             train.prepare(compose(base + [f"loss={loss}", "loss.top_k=2.5"]))
-    vocab = len(__import__("preference_datasets").get_tokenizer("embedded"))
+    vocab = len(__import__("prefkd.tokenizer_facts").tokenizer_facts.get_tokenizer("embedded"))
     with pytest.raises(ValueError, match=f"loss.top_k={vocab + 1} exceeds the vocabulary size {vocab}"):
         train.prepare(compose(base + ["loss=vanillakd", f"loss.top_k={vocab + 1}"]))
     with pytest.raises(ValueError, match="exceeds the vocabulary size"):

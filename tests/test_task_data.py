@@ -11,6 +11,8 @@ from prefkd import data_checks
 import preference_datasets as pdata
 from prefkd import scorers
 from prefkd import models
+from prefkd import tokenizer_facts
+from prefkd.data import rows as data_rows
 
 REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
 SCORER_FILE = os.path.join(REVERSE, "reverse_scorer.py")
@@ -28,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    return pdata.get_tokenizer("embedded")
+    return tokenizer_facts.get_tokenizer("embedded")
 
 
 def rows(name):
@@ -71,7 +73,7 @@ def test_train_and_test_files_by_name(name):
     # an absolute path needs no data.local.path
     only = {"local": {"train": os.path.join(REVERSE, "sft_train.jsonl"), "test": os.path.join(REVERSE, "test.jsonl")}}
     assert (len(load("train", **only)), len(load("test", **only))) == (64, 16)
-    with pytest.raises(pdata.DataError, match=r"data.local.test=nope.jsonl: no such file \(looked in "):
+    with pytest.raises(data_rows.DataError, match=r"data.local.test=nope.jsonl: no such file \(looked in "):
         load("test", **local(test="nope.jsonl"))
 
 
@@ -131,7 +133,7 @@ def test_splits_of_different_formats_are_refused_before_any_model(tmp_path, monk
     monkeypatch.setattr(models, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     over = list(FAST) + [f"runs_dir={tmp_path}/runs", "loss=dpo", "datasets=[local]", f"data.local.path={tmp_path}",
                          "exp_name=mixed"]
-    with pytest.raises(pdata.DataError) as err:
+    with pytest.raises(data_rows.DataError) as err:
         train.run(compose(over), over)
     assert ("data set 'local' is formatted inconsistently: train is plain text (strings, no chat template); test is "
             "conversational (message lists, formatted with the chat template)") in str(err.value)
@@ -141,7 +143,7 @@ def test_splits_of_different_formats_are_refused_before_any_model(tmp_path, monk
     assert len(warnings) == 1 and "formatted inconsistently" in warnings[0]
     # rows of both formats inside one split are refused the same way
     write(tmp_path / "train.jsonl", plain(rows("train.jsonl"))[:3] + rows("train.jsonl")[3:])
-    with pytest.raises(pdata.DataError, match="train is a mix of plain text and conversational rows"):
+    with pytest.raises(data_rows.DataError, match="train is a mix of plain text and conversational rows"):
         data_checks.check_formats(data_checks.dataset_formats(["local"], {"local": {"path": str(tmp_path)}}))
 
 
@@ -290,7 +292,7 @@ def test_a_non_utf8_byte_names_the_file_and_line(tmp_path):
     bad = b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'
     (tmp_path / "train.jsonl").write_bytes(b"\n".join([good, bad, good.replace(b'"p"', b'"q"')]) + b"\n")
     (tmp_path / "test.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # a byte-order mark is fine
-    with pytest.raises(pdata.DataError) as err:
+    with pytest.raises(data_rows.DataError) as err:
         load("train", local={"path": str(tmp_path)})
     assert (f"{tmp_path}/train.jsonl: line 2: not valid UTF-8 (byte 0xe9 at byte 16 of the line); save the file as "
             "UTF-8") in str(err.value)
@@ -298,8 +300,8 @@ def test_a_non_utf8_byte_names_the_file_and_line(tmp_path):
     assert [e["prompt"] for e in load("test", local={"path": str(tmp_path)})] == ["p"]
     # whole-file formats: a JSON array and CSV
     (tmp_path / "a.json").write_bytes(b'[\n' + good + b',\n' + bad + b'\n]')
-    with pytest.raises(pdata.DataError, match=r"a.json: line 3: not valid UTF-8 \(byte 0xe9"):
+    with pytest.raises(data_rows.DataError, match=r"a.json: line 3: not valid UTF-8 \(byte 0xe9"):
         load("train", local={"path": str(tmp_path / "a.json")})
     (tmp_path / "a.csv").write_bytes(b"prompt,chosen,rejected\np,a,b\ncaf\xe9,a,b\n")
-    with pytest.raises(pdata.DataError, match=r"a.csv: line 3: not valid UTF-8 \(byte 0xe9 at byte 4 of the line\)"):
+    with pytest.raises(data_rows.DataError, match=r"a.csv: line 3: not valid UTF-8 \(byte 0xe9 at byte 4 of the line\)"):
         load("train", local={"path": str(tmp_path / "a.csv")})

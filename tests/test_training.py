@@ -4,6 +4,7 @@ import os
 import torch
 
 from conftest import train_run
+from prefkd import tokenizer_facts
 
 
 def test_dpo_raises_heldout_preference_accuracy(tmp_path):
@@ -104,8 +105,7 @@ def test_tvkd_with_a_trained_teacher_raises_heldout_preference_accuracy(tmp_path
 
 def test_teacher_with_another_tokenizer_is_refused_before_training_by_a_per_token_loss(tmp_path, trained_teacher):
     import pytest
-    import preference_datasets as data
-    tok = data.get_tokenizer("embedded")
+    tok = tokenizer_facts.get_tokenizer("embedded")
     tok.add_tokens(["<|extra|>"])
     tok.save_pretrained(tmp_path / "other_tok")
     with pytest.raises(ValueError, match="loss=dckd reads the teacher per token"):
