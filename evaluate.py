@@ -57,6 +57,8 @@ import preference_datasets as data
 import utils
 from prefkd import batches, checkpoints, models, packing, run_plan, scorers, tracking
 from prefkd.logits import output_logits
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
 
 DEFAULTS = {"datasets": ["embedded"], "max_length": 48, "max_prompt_length": 24, "truncation_mode": "keep_end",
             "max_new_tokens": 16, "batch_size": 32, "beta": 0.1}
@@ -145,7 +147,7 @@ def _take(batch: Dict, n: int) -> Dict:
 def held_out_count(s: Dict, log) -> Tuple[int, int]:
     """(how many held-out rows to evaluate: s["n"] capped at the split's size (and said), the split's size)."""
     names, opts = s["datasets"], s["data"]
-    available = sum(len(data.load_dataset_checked(n, "test", opts, silent=True)[0]) for n in names)
+    available = sum(len(data_loading.load_dataset_checked(n, "test", opts, silent=True)[0]) for n in names)
     n = available if s["n"] is None else int(s["n"])
     if n > available:
         log(f"evaluate: n={n} is more than the {available} held-out examples of {names}: evaluating each of the "
@@ -210,7 +212,7 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
     baseline = check_reward_inputs(reward_model, reward_baseline)  # before any model, too
     n, available = held_out_count(s, log)
     s["n"] = n
-    pairs = data.pairs_available(names, opts)
+    pairs = data_loading.pairs_available(names, opts)
     log(f"evaluate: {path}: {n} of {available} held-out examples of {names}, max_length {s['max_length']}, "
         f"max_prompt_length {s['max_prompt_length']}, scorer {task.specs()}"
         + (f" (settings from {s['config']})" if s["config"] else ""))
@@ -339,8 +341,8 @@ def main(argv=None):
     rank = process_group()
     try:
         a = run_plan.compose_command("evaluate", argv)
-        if a.truncation_mode is not None and a.truncation_mode not in data.TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode={a.truncation_mode!r}: use one of {list(data.TRUNCATION_MODES)}")
+        if a.truncation_mode is not None and a.truncation_mode not in encoding.TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode={a.truncation_mode!r}: use one of {list(encoding.TRUNCATION_MODES)}")
         result = evaluate_checkpoint(
             str(a.checkpoint), a.reference, list(a.datasets) if a.datasets else None, a.n, a.batch_size, a.beta,
             a.max_new_tokens, a.max_length, a.max_prompt_length, a.generations,

@@ -32,10 +32,11 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import OmegaConf
 
-import preference_datasets as data
 import utils
 from prefkd import checkpoints, models, run_plan, tokenizer_facts
 from prefkd.data import rows as data_rows
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
 
 def parse_args(argv: List[str]):
     """The settings (config/generate.yaml) for key=value arguments, completed from the
@@ -75,8 +76,8 @@ def check_settings(cfg) -> None:
         raise ValueError(f"temperature={cfg.temperature!r} must be > 0")
     if not (isinstance(cfg.top_p, (int, float)) and 0 < cfg.top_p <= 1):
         raise ValueError(f"top_p={cfg.top_p!r} must be in (0, 1]")
-    if cfg.truncation_mode not in data.TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode={cfg.truncation_mode!r}: use one of {list(data.TRUNCATION_MODES)}")
+    if cfg.truncation_mode not in encoding.TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode={cfg.truncation_mode!r}: use one of {list(encoding.TRUNCATION_MODES)}")
 
 
 def run_config(ckpt: str) -> Optional[Dict]:
@@ -93,7 +94,7 @@ def unique_prompts(cfg) -> List[Dict]:
     several pairs is generated for once)."""
     seen, out = set(), []
     for name in cfg.datasets:
-        for ex in data.get_dataset(name, cfg.split, silent=True, options=cfg.data):
+        for ex in data_loading.get_dataset(name, cfg.split, silent=True, options=cfg.data):
             key = json.dumps(ex["prompt"], sort_keys=True)
             if key not in seen:
                 seen.add(key)
@@ -102,10 +103,10 @@ def unique_prompts(cfg) -> List[Dict]:
 
 
 def prompt_ids(ex: Dict, tokenizer, cfg) -> List[int]:
-    text, _ = data.format_example(ex, tokenizer, data.data_options(cfg.data)["chat_template"])
-    ids = data.encode_text(text, {}, tokenizer)["prompt"]
+    text, _ = encoding.format_example(ex, tokenizer, data_loading.data_options(cfg.data)["chat_template"])
+    ids = encoding.encode_text(text, {}, tokenizer)["prompt"]
     head = ids[:1] if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else []
-    return head + data._keep(ids[len(head):], cfg.max_prompt_length - len(head), cfg.truncation_mode)
+    return head + encoding._keep(ids[len(head):], cfg.max_prompt_length - len(head), cfg.truncation_mode)
 
 
 def completion_row(ex: Dict, text: str, generator: str) -> Dict:

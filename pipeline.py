@@ -54,6 +54,7 @@ from prefkd import tokenizer_facts
 from prefkd.data import rows as data_rows
 from prefkd import loss_spec
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
+from prefkd.data import loading as data_loading
 
 CACHE_KINDS = ("teacher", "reference")
 STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods")
@@ -275,14 +276,8 @@ def hydra_value(v) -> str:
 
 
 def flatten(settings: Dict, prefix: str = "") -> List[str]:
-    """{a: 1, data: {local: {path: x}}} -> ["a=1", "data.local.path=x"]."""
-    out = []
-    for k, v in settings.items():
-        if isinstance(v, dict) and v:
-            out += flatten(v, f"{prefix}{k}.")
-        elif not (isinstance(v, dict) and not v):
-            out.append(f"{prefix}{k}={hydra_value(v)}")
-    return out
+    """{a: 1, data: {local: {path: x}}, b: {}} -> ["a=1", "data.local.path=x"]: Hydra overrides."""
+    return [f"{k}={hydra_value(v)}" for k, v in utils.dotted(settings, prefix).items() if v != {}]
 
 
 def data_overrides(role) -> List[str]:
@@ -440,7 +435,6 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
     import hashlib
     from prefkd import output_cache
     stages: Dict[str, List[str]] = {}
-    vocab: Dict[str, int] = {}  # tokenizer -> its size (each loaded once)
     for stage, c in configs.items():
         if stage_of(stage) != "methods":
             continue
@@ -454,10 +448,8 @@ def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[st
             if not cfg.caches[kind] or kind in named:
                 continue
             if kind == output_cache.TEACHER:
-                if c.model.tokenizer not in vocab:
-                    vocab[c.model.tokenizer] = len(tokenizer_facts.get_tokenizer(c.model.tokenizer))
                 try:
-                    if not spec.teacher_need(c.loss) or output_cache.teacher_cache_problem(c, vocab[c.model.tokenizer]):
+                    if not spec.teacher_need(c.loss) or output_cache.teacher_cache_problem(c):
                         continue
                 except ValueError:  # a setting the loss refuses: the run itself says so, the others go on
                     continue
@@ -489,10 +481,9 @@ def compose_stage(overrides: List[str]):
 
 
 def describe_role(c) -> str:
-    import preference_datasets as data
     parts = []
     for name in c.datasets:
-        src = data.describe_split(name, "train", c.get("data"))["source"]
+        src = data_loading.describe_split(name, "train", c.get("data"))["source"]
         parts.append(f"{name} ({src if isinstance(src, str) else ', '.join(os.path.basename(f) for f in src)})")
     return ", ".join(parts)
 
@@ -502,7 +493,6 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
     preference data formatted differently, and load and probe the scorer. Raises ValueError
     (DataError, ScorerError) naming the file, row or key."""
     from prefkd import data_checks
-    import preference_datasets as data
     import train as train_py
     configs = {s: compose_stage(ov) for s, ov in overrides.items()}
     for stage, c in list(configs.items()):
@@ -521,7 +511,7 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
     for stage, c in configs.items():
         names, options = list(c.datasets), c.get("data")
         need_pairs = not loss_spec.get_loss(c.loss.name).sft_targets
-        data.check_datasets(names, tokenizer_facts.get_tokenizer(c.model.tokenizer), options, need_pairs=need_pairs)
+        data_loading.check_datasets(names, tokenizer_facts.get_tokenizer(c.model.tokenizer), options, need_pairs=need_pairs)
         f = data_checks.dataset_formats(names, options)
         data_checks.check_formats(f, options)
         formats[DATA_OF_STAGE[stage_of(stage)]].update(f)

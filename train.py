@@ -41,6 +41,8 @@ from prefkd import checkpoints
 from prefkd import tokenizer_facts
 from prefkd import loss_spec
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
 # that `resume=true` (or a new wandb mode) lands in the same directory as the original run.
@@ -214,9 +216,8 @@ def check_ranges(cfg: DictConfig) -> None:
     if not 1 <= cfg.max_prompt_length < cfg.max_length:
         raise ValueError(f"max_prompt_length={cfg.max_prompt_length} must be >= 1 and below "
                          f"max_length={cfg.max_length} (a response needs room)")
-    import preference_datasets as data
-    if cfg.truncation_mode not in data.TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode={cfg.truncation_mode!r}: use one of {list(data.TRUNCATION_MODES)}")
+    if cfg.truncation_mode not in encoding.TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode={cfg.truncation_mode!r}: use one of {list(encoding.TRUNCATION_MODES)}")
     need("num_threads", lambda v: v is None or v >= 1, "must be >= 1 (or null)")
 
 
@@ -291,21 +292,9 @@ RESUME_FREE = NAME_NEUTRAL | {"n_examples", "n_epochs", "eval_every", "n_eval_ex
                               "data.cache_dir", "generations"}
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def added_key_defaults(cfg: DictConfig) -> Dict:
     """{flat key: default value} of this framework's config for the run's config groups (and the
     data options' defaults): a key a checkpoint predates is no change when it is at its default."""
-    import preference_datasets as data
     groups = [f"{g}={cfg[g].name}" for g in ("loss", "model", "teacher", "trainer")]
     from hydra.core.global_hydra import GlobalHydra
     # inside train.py's Hydra app, Hydra is initialised already: compose with it
@@ -315,8 +304,8 @@ def added_key_defaults(cfg: DictConfig) -> Dict:
         base = compose(groups)
     except Exception:  # a config group of the user's own outside config/: the plain defaults
         base = compose([])
-    out = _flatten(OmegaConf.to_container(base, resolve=True))
-    out.update({f"data.{k}": v for k, v in data.DEFAULT_OPTIONS.items()})
+    out = utils.dotted(OmegaConf.to_container(base, resolve=True))
+    out.update({f"data.{k}": v for k, v in data_loading.DEFAULT_OPTIONS.items()})
     return out
 
 
@@ -335,8 +324,8 @@ def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
                          f"examples, more than n_examples={cfg.n_examples}: it cannot be resumed to a shorter run "
                          "(it would be marked DONE as trained on fewer than it was); raise n_examples, or use an "
                          "earlier checkpoint as model.archive of a new run")
-    saved = _flatten(state.get("config", {}))
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    saved = utils.dotted(state.get("config", {}))
+    now = utils.dotted(OmegaConf.to_container(cfg, resolve=True))
     free = lambda k: k in RESUME_FREE or k.split(".")[0] in RESUME_FREE  # noqa: E731
     added = {k for k in set(now) - set(saved) if not free(k)}
     if added:  # a key newer than the checkpoint, at its default, is the behaviour the checkpoint had

@@ -43,6 +43,8 @@ from prefkd.logprobs import split_pairs
 from utils import NonFiniteError, TrainingStopped, rank0_print
 from prefkd import loss_spec
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
+from prefkd.data import loading as data_loading
+from prefkd import scorers
 
 # ------------------------------------------------------------------ the basic trainer
 
@@ -51,9 +53,9 @@ class Checkpointing:
     state, saving a step, restoring the training state on resume. Mixed into BasicTrainer,
     whose state (policy, optimizer, scheduler, counters, run_dir, rank) they read."""
 
-    def full_state_dicts(self):
-        """(model state dict, optimizer state dict), full and on the CPU, on rank 0. A LoRA
-        policy's model state dict is its adapter's (peft's names)."""
+    def checkpoint_state_dicts(self):
+        """(the weights a checkpoint holds, the optimizer state dict), full and on the CPU, on rank 0.
+        The weights are the whole model's, or a LoRA policy's adapter only (peft's names)."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -71,7 +73,7 @@ class Checkpointing:
         when `final` (the end of the run) or model.lora.save_merged. Refuses non-finite weights."""
         if self.saved_step == self.step:
             return  # this step is on disk already: never write (or replace) it twice
-        model_sd, optim_sd = self.full_state_dicts()
+        model_sd, optim_sd = self.checkpoint_state_dicts()
         merged = self.merged_state_dict() if self.lora and (final or self.cfg.model.lora.get("save_merged")) else None
         finite = self.rank != 0 or checkpoints.state_is_finite(model_sd, optim_sd)
         if self.agree([not finite])[0]:
@@ -379,7 +381,7 @@ class BasicTrainer(Checkpointing):
 
     def heldout_preference(self) -> Dict[str, torch.Tensor]:
         """Loss-independent preference accuracy on held-out pairs (`heldout_logp_accuracy`)."""
-        if not data.pairs_available(list(self.cfg.datasets), self.cfg.get("data")) or self.spec.head != "lm":
+        if not data_loading.pairs_available(list(self.cfg.datasets), self.cfg.get("data")) or self.spec.head != "lm":
             return {}  # SFT-only data sets have no pairs to rank; a reward model has no log-probs
         return heldout_logp_accuracy(self.batch_iterator("test", pairs=True), lambda m_in: self.logits(self.policy, m_in),
                                      self.device, self.pad_id)
@@ -396,7 +398,6 @@ class BasicTrainer(Checkpointing):
     def sample_and_score(self) -> Dict[str, torch.Tensor]:
         """Greedy generations for held-out prompts, scored by the data set's scorer (data.scorer;
         prefkd/scorers.py) on the original prompt: logged as task/<name>."""
-        from prefkd import scorers
         scorer = scorers.for_config(self.cfg.datasets, self.cfg.get("data")).common()
         scores, self.last_samples = generation.sample_and_score(
             self.batch_iterator("test"), self.generate, self.tokenizer, scorer, self.device,
@@ -516,7 +517,7 @@ class TensorParallelTrainer(BasicTrainer):
         wrapped.generation_config = getattr(model, "generation_config", None)
         return wrapped
 
-    def full_state_dicts(self):
+    def checkpoint_state_dicts(self):
         # The wrapper's own state dict holds per-shard names; this context gathers the shards
         # back under the underlying model's names. The optimizer state stays per-shard: a
         # TensorParallel run resumes on the same number of devices.

@@ -119,6 +119,18 @@ def pad_sequences(seqs: List[List[int]], value: int, left: bool = False) -> torc
     return out
 
 
+def dotted(d: Dict, prefix: str = "") -> Dict:
+    """{a: 1, data: {local: {path: x}}, b: {}} -> {"a": 1, "data.local.path": x, "b": {}}: a nested
+    config as its dotted keys (an empty section kept as {})."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def move_batch(batch: Dict, device) -> Dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 

@@ -24,6 +24,7 @@ import torch
 import utils
 from prefkd import optimizer_state
 from utils import RunError, atomic_write_json, atomic_write_text, fsync_dir, rank0_print, remove_tree
+from prefkd import adapters
 
 
 class CheckpointWriteError(RunError):
@@ -189,7 +190,6 @@ def model_dir_problem(path: str) -> Optional[str]:
 
 
 def _adapter_dir_problem(path: str) -> Optional[str]:
-    from prefkd import adapters
     where = adapters.location(path)
     if where is None:
         return f"no config.json at {path}"

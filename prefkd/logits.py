@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from prefkd.packing import packed_forward
 
 CHUNK_ELEMENTS = 1 << 25
 
@@ -298,7 +299,6 @@ def output_logits(model, model_in: Dict[str, torch.Tensor], chunk: bool, packing
     only the output layer is swapped, for this pass, for one that returns the hidden states.
     The weight is the unsharded tensor the forward pass used, never a sharded DTensor.
     Logits of at most CHUNK_ELEMENTS entries (one chunk) are returned whole."""
-    from prefkd.packing import packed_forward
     found = output_head(model) if chunk else None
     if found is not None:
         n_positions = packing.tokens if packing is not None else model_in["input_ids"].shape[0] * model_in["input_ids"].shape[1]

@@ -23,7 +23,7 @@ from prefkd.logprobs import response_mask, token_logps
 ROLES = ("policy", "reference", "teacher", "teacher_reference")
 
 
-class Source(NamedTuple):
+class ModelOrigin(NamedTuple):
     """Where a model of a run comes from: its model config (config/model or config/teacher),
     checkpoint (None: name_or_path, else init_config), the seed of its random initialisation
     and its dtype name."""
@@ -33,19 +33,19 @@ class Source(NamedTuple):
     dtype: str
 
 
-def source(cfg, role: str) -> Source:
+def origin(cfg, role: str) -> ModelOrigin:
     """The source of the run's `role` model. The reference is the *starting* policy (never a
     resumed one). The teacher and its reference are seeded seed+1 and seed+2: randomly
     initialised ones (tests, a pipeline's first stage) then differ from the student."""
     if role in ("policy", "reference"):
         # a LoRA policy's reference is the policy with its adapters off: the policy's dtype
         own = role == "policy" or adapters.enabled(cfg.model)
-        return Source(cfg.model, cfg.model.get("archive"), int(cfg.seed),
+        return ModelOrigin(cfg.model, cfg.model.get("archive"), int(cfg.seed),
                       cfg.model.policy_dtype if own else cfg.model.reference_dtype)
     if role == "teacher":
-        return Source(cfg.teacher, cfg.teacher.get("archive"), int(cfg.seed) + 1, cfg.teacher.reference_dtype)
+        return ModelOrigin(cfg.teacher, cfg.teacher.get("archive"), int(cfg.seed) + 1, cfg.teacher.reference_dtype)
     if role == "teacher_reference":
-        return Source(cfg.teacher, cfg.teacher.get("reference_archive"), int(cfg.seed) + 2,
+        return ModelOrigin(cfg.teacher, cfg.teacher.get("reference_archive"), int(cfg.seed) + 2,
                       cfg.teacher.reference_dtype)
     raise ValueError(f"unknown model role {role!r}; one of {ROLES}")
 
@@ -72,7 +72,7 @@ def build(cfg, role: str, tokenizer, archive: Optional[str] = None, head: str = 
     starting model with adapters: initialised, or those of the resumed checkpoint. head="scalar"
     (a reward model's loss spec): the starting model with a one-output scalar head instead of its
     language-model head (`with_scalar_head`)."""
-    src = source(cfg, role)
+    src = origin(cfg, role)
     dtype = utils.get_dtype(src.dtype)
     if head == "scalar":
         return with_scalar_head(build_model(src.model_cfg, tokenizer, dtype, archive or src.archive, src.seed),
@@ -267,13 +267,11 @@ def base_location(cfg) -> Optional[str]:
 
 def describe_start(cfg) -> str:
     """Where the policy starts (and a LoRA policy's reference comes from), in words."""
-    archive = cfg.model.get("archive")
-    if archive:
-        path = checkpoints.resolve_checkpoint(archive)
-        carried = " (a LoRA run: its adapter merged into its base, as that checkpoint holds it)" \
-            if adapters.location(path) else ""
-        return f"{path}{carried}"
-    return cfg.model.name_or_path or f"the random initialisation of model={cfg.model.name} (seed {cfg.seed})"
+    start = base_location(cfg)
+    if start is None:
+        return f"the random initialisation of model={cfg.model.name} (seed {cfg.seed})"
+    carried = cfg.model.get("archive") and adapters.location(start)
+    return start + (" (a LoRA run: its adapter merged into its base, as that checkpoint holds it)" if carried else "")
 
 
 def startup_report(cfg, spec, policy, frozen) -> Dict:

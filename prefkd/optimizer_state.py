@@ -18,6 +18,7 @@ import os
 from typing import Dict, Optional
 
 import torch
+import utils
 
 # not *.safetensors: the model-file globs (fingerprints, lean loading, integrity checks) must not see it
 OPTIMIZER, TENSORS = "optimizer.pt", "optimizer.tensors"
@@ -161,7 +162,6 @@ def sent_rows(reader, name: str, param, dtype, rank: int):
 def load_streamed(policy, optimizer, ckpt: str, rank: int) -> Dict:
     """Fill `optimizer` (over the FSDP2-sharded `policy`) from the checkpoint, rank 0 reading and
     scattering one tensor at a time (see the module docstring). Returns the scheduler's state."""
-    import utils
     from torch.distributed.tensor import DTensor, distribute_tensor
     skeleton = utils.broadcast_object(read_skeleton(ckpt) if rank == 0 else None)
     reader = TensorReader(os.path.join(ckpt, TENSORS)) if rank == 0 else None

@@ -45,6 +45,9 @@ import utils
 from prefkd import checkpoints, cross_tokenizer
 from prefkd import models
 from prefkd import loss_spec
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
+from prefkd import adapters
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -102,7 +105,6 @@ def archive_fingerprint(path: str) -> str:
     """The fingerprint of the effective weights of a checkpoint: its model files, or (an adapter
     directory, prefkd/adapters.py) its adapter's files and config with its base's fingerprint,
     so that a retrained adapter over the same base is a different model."""
-    from prefkd import adapters, models
     if models.is_model_dir(path):
         return weights_fingerprint(path)
     where = adapters.location(path)
@@ -134,8 +136,7 @@ def model_fingerprint(model_cfg, archive: Optional[str], seed: int, dtype: str) 
 # ------------------------------------------------------------------ what a cache is keyed by
 
 def _data_key(cfg, tokenizer) -> Dict:
-    import preference_datasets as data
-    opts = data.data_options(cfg.get("data"))
+    opts = data_loading.data_options(cfg.get("data"))
     for k in DATA_OPTIONS_NEUTRAL:
         opts.pop(k, None)
     if not opts["flip_fraction"]:  # no label noise: the key of a cache written before the option existed
@@ -143,9 +144,9 @@ def _data_key(cfg, tokenizer) -> Dict:
     sources = {}
     for name in cfg.datasets:
         for split in ("train", "test"):
-            sources[f"{name}/{split}"] = data.load_dataset_checked(name, split, cfg.get("data"), silent=True)[1]
+            sources[f"{name}/{split}"] = data_loading.load_dataset_checked(name, split, cfg.get("data"), silent=True)[1]
     return {"datasets": list(cfg.datasets), "data": json.dumps(opts, sort_keys=True), "data sources": sources,
-            "tokenizer": data.tokenizer_fingerprint(tokenizer), "max_length": int(cfg.max_length),
+            "tokenizer": encoding.tokenizer_fingerprint(tokenizer), "max_length": int(cfg.max_length),
             "max_prompt_length": int(cfg.max_prompt_length), "truncation_mode": str(cfg.truncation_mode)}
 
 
@@ -170,7 +171,7 @@ def _files_stamp(cfg, kind: str) -> str:
     of, and of the local data files."""
     paths = []
     for role in (("teacher", "teacher_reference") if kind == TEACHER else ("reference",)):
-        src = models.source(cfg, role)
+        src = models.origin(cfg, role)
         where = checkpoints.resolve_checkpoint(src.archive) if src.archive else src.model_cfg.get("name_or_path")
         if where and os.path.isdir(os.path.expanduser(str(where))):
             d = os.path.expanduser(str(where))
@@ -208,15 +209,14 @@ def _cache_key(cfg, kind: str, tokenizer) -> Dict:
         if cross_tokenizer.teacher_tokens(cfg, tokenizer, teacher_tok) == "own":
             # rows are the teacher's own tokens of the text (prefkd/cross_tokenizer.py): the
             # teacher's tokenizer and chat template, not the student's, decide them
-            import preference_datasets as data
-            key["tokenizer"] = data.tokenizer_fingerprint(teacher_tok)
+            key["tokenizer"] = encoding.tokenizer_fingerprint(teacher_tok)
             key["teacher.tokenization"] = "own"
             key["teacher.chat_template"] = cross_tokenizer.template_of(cfg) or "<the teacher tokenizer's own>"
-        key["teacher.archive"] = model_fingerprint(*models.source(cfg, "teacher"))
+        key["teacher.archive"] = model_fingerprint(*models.origin(cfg, "teacher"))
         if spec.teacher_reference_need(cfg.loss):
-            key["teacher.reference_archive"] = model_fingerprint(*models.source(cfg, "teacher_reference"))
+            key["teacher.reference_archive"] = model_fingerprint(*models.origin(cfg, "teacher_reference"))
     else:
-        key["model.archive"] = model_fingerprint(*models.source(cfg, "reference"))
+        key["model.archive"] = model_fingerprint(*models.origin(cfg, "reference"))
     return key
 
 
@@ -238,9 +238,9 @@ def describe_differences(cached: Dict, now: Dict) -> List[str]:
 
 # ------------------------------------------------------------------ which losses can use a cache
 
-def teacher_cache_problem(cfg, vocab: Optional[int] = None) -> Optional[str]:
+def teacher_cache_problem(cfg) -> Optional[str]:
     """Why loss `cfg.loss` cannot read its teacher from a cache (None if it can): the loss's spec
-    says (LossSpec.teacher_cache_problem). `vocab` is accepted for callers that have it."""
+    says (LossSpec.teacher_cache_problem)."""
     return loss_spec.get_loss(cfg.loss.name).teacher_cache_problem(cfg.loss)
 
 
@@ -286,7 +286,7 @@ def check_config(cfg, tokenizer, check_exists: bool = True) -> None:
     validation (before any model is loaded) and by precompute.py (check_exists=False)."""
     dirs = configured(cfg)
     if TEACHER in dirs:
-        problem = teacher_cache_problem(cfg, len(tokenizer))
+        problem = teacher_cache_problem(cfg)
         if problem:
             raise CacheError(f"teacher.cache={dirs[TEACHER]}: {problem}")
     if REFERENCE in dirs:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+import utils
 
 # attention implementations that isolate packed sequences (position ids restarting, no mask)
 ISOLATING = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -76,14 +77,17 @@ def first_fit_decreasing(lengths: List[int], capacity: int) -> List[List[int]]:
 
 
 def split_to(rows: List[List[int]], lengths: List[int], count: int) -> List[List[int]]:
-    """`rows` split until there are `count` of them: the row of most tokens among those holding
-    more than one sequence is halved (by sequences) each time. count <= number of sequences."""
+    """`rows` (lists of item indices) split until there are `count` of them: the row of most
+    length (sum of `lengths` of its items) among those holding more than one item is halved each
+    time, its first half first. count <= number of items. The one halving rule: packed rows of
+    sequences (plan), and micro-batches of examples that every FSDP rank must run as many of
+    (split_sizes_to)."""
     rows = [list(r) for r in rows]
     while len(rows) < count:
         r = max((r for r in range(len(rows)) if len(rows[r]) > 1),
                 key=lambda r: sum(lengths[i] for i in rows[r]), default=None)
         if r is None:
-            raise ValueError(f"cannot split {len(rows)} packed rows of single sequences into {count}")
+            raise ValueError(f"cannot split {len(rows)} rows of {len(lengths)} items into {count}")
         half = len(rows[r]) // 2
         rows[r:r + 1] = [rows[r][:half], rows[r][half:]]
     return rows
@@ -130,10 +134,13 @@ class Planner:
         if not self.enabled:
             return None
         mask = model_in["attention_mask"]
+        # Keyed by the mask tensor itself, not its values: the models of one micro-batch read the
+        # same tensor (one plan), and every rank makes exactly as many plans, so the all_max below
+        # runs as often on each. Equal values on one rank only (two full masks in a row) must not
+        # skip a collective that another rank runs.
         if self.last is None or self.last[0] is not mask:
             packing = plan(mask, self.capacity)
             if self.sync:
-                import utils
                 count = utils.all_max([len(packing.rows)], self.device)[0]
                 packing = plan(mask, self.capacity, rows=count)
             self.last = (mask, packing)
@@ -168,13 +175,9 @@ def token_budget_split(example_lengths: List[List[int]], budget: int, padded: bo
 def split_sizes_to(sizes: List[int], count: int) -> List[int]:
     """`sizes` (examples per micro-batch) split until there are `count` micro-batches: the largest
     is halved each time (so that every rank runs as many; each stays within its budget)."""
-    sizes = list(sizes)
-    while len(sizes) < count:
-        i = max(range(len(sizes)), key=lambda j: sizes[j])
-        if sizes[i] < 2:
-            raise ValueError(f"cannot cut {sum(sizes)} examples into {count} micro-batches")
-        sizes[i:i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
-    return sizes
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    rows = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    return [len(r) for r in split_to(rows, [1] * bounds[-1], count)]
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from prefkd import tokenizer_facts
+from prefkd.data import encoding
+from prefkd import checkpoints
 
 
 def check(path: str) -> str:
@@ -27,7 +29,6 @@ def check(path: str) -> str:
     as it is), refused unless it has exactly one output; reads only its config."""
     import os
     from transformers import AutoConfig
-    from prefkd import checkpoints
     resolved = checkpoints.resolve_checkpoint(path) if os.path.exists(path) else path
     try:
         labels = getattr(AutoConfig.from_pretrained(resolved), "num_labels", None)
@@ -58,7 +59,6 @@ def training_format(path: str) -> Optional[Dict]:
     its run's config, so that `encode` scores what it was trained on; None for any other model."""
     import json
     import os
-    from prefkd import checkpoints
     state = os.path.join(checkpoints.resolve_checkpoint(path), "trainer_state.json") if os.path.exists(path) else ""
     if not os.path.isfile(state):
         return None
@@ -72,23 +72,22 @@ def encode(tokenizer, prompt, completion: str, name: str = "the reward model",
            as_trainer: Optional[Dict] = None) -> List[int]:
     """The ids the reward model scores. as_trainer (`training_format` of a loss=rm run of this
     framework): exactly the ids its trainer built for a (prompt, response) row
-    (preference_datasets.format_example with the run's data.chat_template, encode_text, then
+    (encoding.format_example with the run's data.chat_template, encode_text, then
     build_pair's truncation to the run's max_length / max_prompt_length / truncation_mode), so that
     a long generation is scored on the text the model saw in training. Otherwise: the reward
     model's chat template's text (holding its own special tokens), or, without one,
     [bos] + prompt + completion + [eos] for a plain-text prompt."""
-    import preference_datasets as data
     if as_trainer or not getattr(tokenizer, "chat_template", None):
         if not as_trainer:
             format_text(tokenizer, prompt, completion, name)  # refuses a conversation without a template
         ex = {"chat": not isinstance(prompt, str), "prompt": prompt, "chosen": completion, "rejected": None,
               "sft_target": None}
-        prompt_text, responses = data.format_example(ex, tokenizer, (as_trainer or {}).get("chat_template"))
+        prompt_text, responses = encoding.format_example(ex, tokenizer, (as_trainer or {}).get("chat_template"))
         if tokenizer.eos_token_id is not None:
-            ids = data.encode_text(prompt_text, {"r": responses["chosen"]}, tokenizer)
+            ids = encoding.encode_text(prompt_text, {"r": responses["chosen"]}, tokenizer)
             if not as_trainer:
                 return ids["prompt"] + ids["r"]
-            row = data.build_pair(ids["prompt"], ids["r"], ids["r"], tokenizer.bos_token_id, as_trainer["max_length"],
+            row = encoding.build_pair(ids["prompt"], ids["r"], ids["r"], tokenizer.bos_token_id, as_trainer["max_length"],
                                   as_trainer["max_prompt_length"], as_trainer["truncation_mode"])
             return row["chosen_input_ids"]
         return tokenizer(prompt_text + responses["chosen"], add_special_tokens=False)["input_ids"]

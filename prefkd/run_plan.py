@@ -13,6 +13,13 @@ from typing import Dict, Iterable, List, Optional
 from prefkd.loss_spec import GENERATION_SOURCES, Generation, LossSpec
 from prefkd import tokenizer_facts
 from prefkd import loss_spec
+import utils
+from prefkd import checkpoints
+from prefkd import cross_tokenizer
+from prefkd import generation
+from prefkd import models
+from prefkd import output_cache
+from prefkd.data.sources import SOURCES
 
 # Keys that were renamed: an old name on a command line is refused with the new one.
 RENAMED = {"reference_cache": "reference.cache", "trainer.cpu_devices": "trainer.cpu_workers",
@@ -33,7 +40,6 @@ class RunPlan:
 
     @classmethod
     def of(cls, cfg) -> "RunPlan":
-        from prefkd import output_cache
         spec = loss_spec.get_loss(cfg.loss.name)
         return cls(spec=spec, reference=spec.reference_need(cfg.loss), reference_model=spec.reference_model_need(cfg.loss),
                    teacher=spec.teacher_need(cfg.loss), teacher_reference=spec.teacher_reference_need(cfg.loss),
@@ -45,7 +51,6 @@ def compose(overrides: Iterable[str]):
     config/; struct mode off, as train.py runs): the one place outside a Hydra app that composes."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
-    import utils
     refuse_renamed(overrides)
     with initialize_config_dir(config_dir=os.path.join(utils.REPO_DIR, "config"), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
@@ -61,7 +66,6 @@ def compose_command(config_name: str, argv: Iterable[str], open_keys: Iterable[s
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    import utils
     argv = [str(a) for a in argv]
     bare = [a for a in argv if "=" not in a]
     if bare:
@@ -125,7 +129,6 @@ def check_models(cfg, check_archives: bool = True) -> RunPlan:
     """What the loss's spec needs of the models that the config must provide, checked before any
     model is loaded (train.validate_config calls it). check_archives=False: the
     key must be set, but its checkpoint may not exist yet (a pipeline's later stage)."""
-    from prefkd import checkpoints, cross_tokenizer, generation, models, output_cache
     plan = RunPlan.of(cfg)
     spec = plan.spec
     if plan.teacher and cfg.teacher.get("name") != "none":  # a teacher of another tokenizer: can this loss read it?
@@ -197,7 +200,6 @@ def missing_local_paths(cfg) -> List[str]:
 def hub_needs(cfg, data_names: List[str]) -> List[str]:
     """`key=hub id` of every model, tokenizer and data set this run would download (not a local path,
     not in the local hub cache)."""
-    from prefkd.data.sources import SOURCES
     needs = []
     groups = [("model", cfg.model)] + ([("teacher", cfg.teacher)] if RunPlan.of(cfg).teacher else [])
     for group, mcfg in groups:

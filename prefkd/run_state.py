@@ -22,6 +22,9 @@ from typing import Dict, List, Optional
 import torch
 
 import utils
+from prefkd.data import loading as data_loading
+from prefkd import models
+from prefkd import output_cache
 
 KEY = "fingerprint"  # in trainer_state.json
 
@@ -37,19 +40,17 @@ def code_version() -> Optional[str]:
 
 
 def data_fingerprints(cfg) -> Dict[str, str]:
-    import preference_datasets as data
-    return {f"data.{name}.{split}": data.load_dataset_checked(name, split, cfg.get("data"), silent=True)[1]
+    return {f"data.{name}.{split}": data_loading.load_dataset_checked(name, split, cfg.get("data"), silent=True)[1]
             for name in cfg.datasets for split in ("train", "test")}
 
 
 def model_fingerprints(cfg, plan) -> Dict[str, Dict]:
     """{models.<role>: {source, weights}} of the policy's start and of each frozen model `plan` loads."""
-    from prefkd import models, output_cache
     roles = ["policy"] + (["teacher"] if plan.teacher and "teacher" not in plan.caches else []) \
         + (["teacher_reference"] if plan.teacher_reference and "teacher" not in plan.caches else [])
     out = {}
     for role in roles:
-        src = models.source(cfg, role)
+        src = models.origin(cfg, role)
         fp = output_cache.model_fingerprint(src.model_cfg, src.archive, src.seed, src.dtype)
         out[f"models.{role}"] = {"source": fp["source"], "weights": fp["weights"]}
     for kind, path in plan.caches.items():  # a cache stands in for its model: its manifest is what is read
@@ -68,7 +69,6 @@ def cache_fingerprint(path: str) -> Optional[str]:
 
 def environment(cfg, processes: int) -> Dict:
     """The device, processes, threads per process (as the workers will set them) and CPU kernels."""
-    from prefkd import models
     device = models.pick_device(cfg)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if cfg.get("num_threads"):

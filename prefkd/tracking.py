@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 import utils
+from prefkd import checkpoints
 
 IDENTITY = "wandb.json"  # in the run directory
 GROUP_CHARS = 128  # wandb's limit on a group name
@@ -106,7 +107,6 @@ def evaluation_summary(result: Dict) -> Dict[str, float]:
 def run_of(checkpoint: str) -> Optional[str]:
     """The run directory of a checkpoint (a run, its LATEST file or a step-* directory) that was
     trained with wandb on (holds wandb.json), else None."""
-    from prefkd import checkpoints
     path = os.path.abspath(checkpoint)
     for d in (path if os.path.isdir(path) else os.path.dirname(path),
               os.path.dirname(checkpoints.resolve_checkpoint(path))):

@@ -25,6 +25,7 @@ import tempfile
 import time
 from prefkd import models
 from prefkd import tokenizer_facts
+from prefkd.batches import concatenated_inputs
 
 
 TEACHER_LOSSES = {
@@ -122,7 +123,7 @@ def main():
     bare_opt = torch.optim.AdamW(bare_policy.parameters(), lr=ref_run.cfg.lr, weight_decay=0.0)
     batches = {name: next(iter(t.batch_iterator("train"))) for name, t in runs.items()}
     bare_batch = batches["dpo live"]
-    bare_inputs = batches.concatenated_inputs(bare_batch, True, 0)
+    bare_inputs = concatenated_inputs(bare_batch, True, 0)
 
     def time_config(name):
         if name == "bare dpo":

@@ -16,6 +16,7 @@ import time
 
 import preference_datasets as pdata
 from prefkd import tokenizer_facts
+from prefkd.data import loading as data_loading
 
 N = 10000
 
@@ -54,7 +55,7 @@ def main():
         for label, names, options in cases:
             cache = os.path.join(root, "cache-" + names[0])
             if options:  # load once, so the passes time tokenisation and not the JSON reading
-                pdata.get_dataset(names[0], "train", silent=True, options=options)
+                data_loading.get_dataset(names[0], "train", silent=True, options=options)
             t_first, n, s1 = one_pass(names, tok, cache, options)
             t_cached, _, s2 = one_pass(names, tok, cache, options)
             t_off, _, _ = one_pass(names, tok, None, options)

@@ -44,6 +44,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
+from prefkd.data import loading as data_loading
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -119,8 +120,7 @@ BPE_CHAT_TEMPLATE = (
 
 def bpe_corpus():
     """The embedded task's train text, in its fixed order (the generator is seeded)."""
-    import preference_datasets as data
-    for ex in data.get_dataset("embedded", "train", silent=True):
+    for ex in data_loading.get_dataset("embedded", "train", silent=True):
         yield ex["prompt"]
         yield ex["chosen"]
         yield ex["rejected"]

@@ -13,6 +13,7 @@ from prefkd import tokenizer_facts
 from prefkd.batches import concatenated_inputs
 from prefkd import loss_spec
 from prefkd import logprobs
+from prefkd.data import encoding
 
 
 def saved_model(root, name: str, model: str, seed: int) -> str:
@@ -97,7 +98,7 @@ def test_cached_own_tokens_equal_the_live_teacher_and_are_keyed_by_its_tokenizer
     cfg = run_cfg(teachers, "bpe", ["loss=tvkd", "loss.gamma=0.9", f"teacher.cache={tmp_path}/c"])
     manifest = precompute.precompute(cfg, "teacher", log=lambda *a: None)
     assert manifest["key"]["teacher.tokenization"] == "own"
-    assert manifest["key"]["tokenizer"] == data.tokenizer_fingerprint(tokenizer_facts.get_tokenizer("embedded_bpe"))
+    assert manifest["key"]["tokenizer"] == encoding.tokenizer_fingerprint(tokenizer_facts.get_tokenizer("embedded_bpe"))
     spec = loss_spec.get_loss("tvkd")
     live_cfg = copy.deepcopy(cfg)
     live_cfg.teacher.cache = None

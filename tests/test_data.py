@@ -13,6 +13,8 @@ sys.path.insert(0, ROOT)
 import preference_datasets as pdata  # noqa: E402
 from prefkd import tokenizer_facts
 from prefkd.data import embedded_task
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +134,12 @@ def test_task_is_deterministic():
     a = embedded_task.make_task_examples("train", 300, seed=1)
     assert a == embedded_task.make_task_examples("train", 300, seed=1)
     assert a != embedded_task.make_task_examples("train", 300, seed=2)
-    assert pdata.get_dataset("embedded", "test", silent=True) == pdata.get_dataset("embedded", "test", silent=True)
+    assert data_loading.get_dataset("embedded", "test", silent=True) == data_loading.get_dataset("embedded", "test", silent=True)
 
 
 def test_sizes_and_split_disjointness():
-    train = pdata.get_dataset("embedded", "train", silent=True)
-    test = pdata.get_dataset("embedded", "test", silent=True)
+    train = data_loading.get_dataset("embedded", "train", silent=True)
+    test = data_loading.get_dataset("embedded", "test", silent=True)
     assert len(train) == embedded_task.EMBEDDED_TRAIN_SIZE == 20000
     assert len(test) == embedded_task.EMBEDDED_TEST_SIZE == 500
     assert len({e["prompt"] for e in test}) == 500  # distinct test prompts
@@ -152,7 +154,7 @@ def test_sizes_and_split_disjointness():
 
 
 def test_list_lengths_span_the_range():
-    train = pdata.get_dataset("embedded", "train", silent=True)
+    train = data_loading.get_dataset("embedded", "train", silent=True)
     lengths = [len(embedded_task.parse_prompt(e["prompt"])) for e in train]
     assert min(lengths) == embedded_task.EMBEDDED_MIN_LEN == 3 and max(lengths) == embedded_task.EMBEDDED_MAX_LEN == 12
     for n in range(3, 13):  # uniform over the 10 lengths
@@ -207,7 +209,7 @@ def test_flaw_and_pairs_hand_cases():
 
 
 def test_sft_targets_are_flawed_in_a_majority():
-    train = pdata.get_dataset("embedded", "train", silent=True)
+    train = data_loading.get_dataset("embedded", "train", silent=True)
     assert embedded_task.EMBEDDED_SFT_FLAW_RATE == 0.7
     n_flawed = 0
     for e in train:
@@ -220,7 +222,7 @@ def test_sft_targets_are_flawed_in_a_majority():
         rows = [e for e in train if len(embedded_task.parse_prompt(e["prompt"])) == n]
         assert 0.65 < sum(e["sft_target"] != embedded_task.gold_answer(e["prompt"]) for e in rows) / len(rows) < 0.75
     # the held-out split's sft_target is the correct answer (the reference of the held-out data)
-    test = pdata.get_dataset("embedded", "test", silent=True)
+    test = data_loading.get_dataset("embedded", "test", silent=True)
     assert all(e["sft_target"] == embedded_task.gold_answer(e["prompt"]) for e in test)
     # a flawed target (the smallest digit after the largest) is never sorted: no test answer is a training target
     assert not {e["sft_target"] for e in train} & {e["sft_target"] for e in test}
@@ -231,7 +233,7 @@ def test_sft_targets_are_flawed_in_a_majority():
 
 
 def test_preference_pairs_tell_correct_from_flawed():
-    examples = pdata.get_dataset("embedded", "train", silent=True) + pdata.get_dataset("embedded", "test", silent=True)
+    examples = data_loading.get_dataset("embedded", "train", silent=True) + data_loading.get_dataset("embedded", "test", silent=True)
     n_flaw = 0
     rejected_partials = set()
     for e in examples:
@@ -252,10 +254,10 @@ def test_preference_pairs_tell_correct_from_flawed():
 
 def test_unknown_dataset_and_split():
     with pytest.raises(ValueError, match="nope.*embedded"):
-        pdata.get_dataset("nope", "train")
+        data_loading.get_dataset("nope", "train")
     with pytest.raises(ValueError, match="validation"):
-        pdata.get_dataset("embedded", "validation")
-    assert "embedded" in pdata.DATASETS
+        data_loading.get_dataset("embedded", "validation")
+    assert "embedded" in data_loading.DATASETS
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def test_unknown_dataset_and_split():
 
 
 def test_tokenize_pair_no_truncation(tok):
-    out = pdata.tokenize_pair("12+34=", "46", "145", tok, max_length=512, max_prompt_length=128)
+    out = encoding.tokenize_pair("12+34=", "46", "145", tok, max_length=512, max_prompt_length=128)
     prompt = [1] + [char_id(c) for c in "12+34="]
     assert out["prompt_input_ids"] == prompt
     assert out["prompt_attention_mask"] == [1] * 7
@@ -283,21 +285,21 @@ def test_tokenize_pair_no_truncation(tok):
 def test_tokenize_pair_truncates_prompt_keep_end_and_keep_start(tok):
     # prompt 1+10 tokens, longer response 3+1: 15 > 10 -> prompt cut to 5 = bos + 4 chars.
     args = ("abcdefghij", "xyz", "uv", tok, 10, 5)
-    end = pdata.tokenize_pair(*args, truncation_mode="keep_end")
+    end = encoding.tokenize_pair(*args, truncation_mode="keep_end")
     assert end["prompt_input_ids"] == [1] + [char_id(c) for c in "ghij"]
     assert tok.decode(end["chosen_input_ids"]) == "<s>ghijxyz</s>"
     assert tok.decode(end["rejected_input_ids"]) == "<s>ghijuv</s>"
     assert len(end["chosen_input_ids"]) == 9 and end["chosen_labels"][:5] == [-100] * 5
-    start = pdata.tokenize_pair(*args, truncation_mode="keep_start")
+    start = encoding.tokenize_pair(*args, truncation_mode="keep_start")
     assert tok.decode(start["chosen_input_ids"]) == "<s>abcdxyz</s>"
     assert start["chosen_labels"] == [-100] * 5 + [char_id(c) for c in "xyz"] + [2]
     with pytest.raises(ValueError):
-        pdata.tokenize_pair(*args, truncation_mode="middle")
+        encoding.tokenize_pair(*args, truncation_mode="middle")
 
 
 def test_tokenize_pair_truncates_responses(tok):
     # prompt 11, chosen 11 (10 chars + eos): prompt -> bos+"hij" (4); 4 + 11 > 12 -> responses cut to 12-4 = 8.
-    out = pdata.tokenize_pair("abcdefghij", "klmnopqrst", "uv", tok, max_length=12, max_prompt_length=4)
+    out = encoding.tokenize_pair("abcdefghij", "klmnopqrst", "uv", tok, max_length=12, max_prompt_length=4)
     assert tok.decode(out["chosen_input_ids"]) == "<s>hijklmnopqr"  # eos cut off
     assert len(out["chosen_input_ids"]) == 12
     assert tok.decode(out["rejected_input_ids"]) == "<s>hijuv</s>"
@@ -306,7 +308,7 @@ def test_tokenize_pair_truncates_responses(tok):
 
 def test_no_truncation_when_it_fits_exactly(tok):
     # 1 + 6 prompt + 3 response = 10 == max_length: nothing is cut even though the prompt exceeds 5.
-    out = pdata.tokenize_pair("12+34=", "46", "45", tok, max_length=10, max_prompt_length=5)
+    out = encoding.tokenize_pair("12+34=", "46", "45", tok, max_length=10, max_prompt_length=5)
     assert len(out["prompt_input_ids"]) == 7 and len(out["chosen_input_ids"]) == 10
 
 
@@ -317,8 +319,8 @@ def test_no_truncation_when_it_fits_exactly(tok):
 
 def test_collate_pads_right_for_responses_left_for_prompts(tok):
     examples = [
-        pdata.tokenize_pair("1+2=", "3", "4", tok, 64, 32),
-        pdata.tokenize_pair("100+200=", "300", "30", tok, 64, 32),
+        encoding.tokenize_pair("1+2=", "3", "4", tok, 64, 32),
+        encoding.tokenize_pair("100+200=", "300", "30", tok, 64, 32),
     ]
     b = pdata.collate(examples, pad_token_id=tok.pad_token_id)
     assert b["prompt"] == ["1+2=", "100+200="] and b["chosen"] == ["3", "300"]
@@ -390,7 +392,7 @@ def test_batch_iterator_skip_batches_and_n_examples(tok):
 
 def test_batch_iterator_skip_does_not_tokenize(tok, monkeypatch):
     calls = []
-    real = pdata.encode_text
+    real = encoding.encode_text
     monkeypatch.setattr(pdata, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
     it = pdata.get_batch_iterator(["embedded"], tok, batch_size=8, n_examples=800, skip_batches=99,
                                   rank=1, world_size=2, silent=True)
@@ -406,7 +408,7 @@ def test_batch_iterator_epochs_sft_and_errors(tok):
     assert batches[0]["dataset"] == ["embedded"] * 100
     sft = next(pdata.get_batch_iterator(["embedded"], tok, split="test", batch_size=4, shuffle=False,
                                         sft_mode=True, silent=True))
-    test = pdata.get_dataset("embedded", "test", silent=True)
+    test = data_loading.get_dataset("embedded", "test", silent=True)
     for i in range(4):
         assert sft["chosen"][i] == sft["rejected"][i] == test[i]["sft_target"]
         labels = sft["chosen_labels"][i]

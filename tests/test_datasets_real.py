@@ -10,6 +10,8 @@ from prefkd import models
 from prefkd import tokenizer_facts
 from prefkd.data import sources as data_sources
 from prefkd.data import rows as data_rows
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 NAMED = ["hh", "shp", "se", "dpomix", "ultrafeedback", "helpsteer2", "deita"]
@@ -54,8 +56,8 @@ SIZES = {"hh": (3, 1), "shp": (2, 1), "se": (4, 1), "dpomix": (2, 1), "ultrafeed
 
 @pytest.mark.parametrize("name", NAMED)
 def test_fixture_converts_to_the_expected_examples(name):
-    train = pdata.get_dataset(name, "train", silent=True, options=opts_for(name))
-    test = pdata.get_dataset(name, "test", silent=True, options=opts_for(name))
+    train = data_loading.get_dataset(name, "train", silent=True, options=opts_for(name))
+    test = data_loading.get_dataset(name, "test", silent=True, options=opts_for(name))
     assert (len(train), len(test)) == SIZES[name]
     assert core(train[0]) == EXPECTED_TRAIN_FIRST[name]
     assert train[0]["chat"] == isinstance(EXPECTED_TRAIN_FIRST[name]["prompt"], list)
@@ -78,21 +80,21 @@ def test_hub_name_goes_through_the_same_converter(name, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     for split in ("train", "test"):
-        hub = pdata.get_dataset(name, split, silent=True)
-        local = pdata.get_dataset(name, split, silent=True, options=opts_for(name))
+        hub = data_loading.get_dataset(name, split, silent=True)
+        local = data_loading.get_dataset(name, split, silent=True, options=opts_for(name))
         assert [core(e) for e in hub] == [core(e) for e in local]
     assert calls == [(src.hub, src.splits["train"]), (src.hub, src.splits["test"])]
 
 
 def test_shp_pairs_follow_labels_and_the_ratio_filter():
-    train = pdata.get_dataset("shp", "train", silent=True, options=opts_for("shp"))
+    train = data_loading.get_dataset("shp", "train", silent=True, options=opts_for("shp"))
     # row 2 has labels=0: B preferred; row 3 has ratio 4/3 < 2: dropped (the DPO repo's filter)
     assert core(train[1]) == {"prompt": H + "Why is the sky blue?" + A, "chosen": " Light scatters off air molecules.",
                               "rejected": " Magic.", "sft_target": " Light scatters off air molecules."}
 
 
 def test_se_pairs_every_differently_scored_answer_pair():
-    train = pdata.get_dataset("se", "train", silent=True, options=opts_for("se"))
+    train = data_loading.get_dataset("se", "train", silent=True, options=opts_for("se"))
     first_q = [(e["chosen"], e["rejected"]) for e in train if "reverse" in e["prompt"]]
     slicing = " Use slicing:\n\n<code>x[::-1]</code>"
     assert first_q == [(slicing, " Write a loop."), (slicing, " Use reversed()."), (" Use reversed().", " Write a loop.")]
@@ -100,17 +102,17 @@ def test_se_pairs_every_differently_scored_answer_pair():
 
 
 def test_helpsteer2_pairs_by_helpfulness_and_drops_ties():
-    train = pdata.get_dataset("helpsteer2", "train", silent=True, options=opts_for("helpsteer2"))
+    train = data_loading.get_dataset("helpsteer2", "train", silent=True, options=opts_for("helpsteer2"))
     assert [(e["prompt"][0]["content"], e["chosen"], e["rejected"]) for e in train] == [
         ("List two primes.", "2 and 3.", "4 and 6."), ("Add 1 and 1.", "2", "3")]  # "Say yes." is a tie
 
 
 def test_deita_is_sft_only_and_keeps_the_system_turn(tok):
-    train = pdata.get_dataset("deita", "train", silent=True, options=opts_for("deita"))
+    train = data_loading.get_dataset("deita", "train", silent=True, options=opts_for("deita"))
     assert train[1]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to 3."}]
     with pytest.raises(data_rows.DataError, match="without preference pairs.*loss=sft"):
-        pdata.check_datasets(["deita"], tok, opts_for("deita"), need_pairs=True)
-    assert pdata.check_datasets(["deita"], tok, opts_for("deita"), need_pairs=False) == {
+        data_loading.check_datasets(["deita"], tok, opts_for("deita"), need_pairs=True)
+    assert data_loading.check_datasets(["deita"], tok, opts_for("deita"), need_pairs=False) == {
         "deita/train": {"examples": 2, "skipped": 0}, "deita/test": {"examples": 1, "skipped": 0}}
 
 
@@ -151,24 +153,24 @@ def test_tokenizer_without_template_uses_the_default_and_a_config_template_wins(
     saved = tok.chat_template
     try:
         tok.chat_template = None
-        prompt, resp = pdata.format_example(ex, tok)
+        prompt, resp = encoding.format_example(ex, tok)
         assert prompt == "<|user|>\nhi</s><|assistant|>\n" and resp["chosen"] == "yo</s>"
     finally:
         tok.chat_template = saved
     custom = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
-    prompt, resp = pdata.format_example(ex, tok, custom)
+    prompt, resp = encoding.format_example(ex, tok, custom)
     assert (prompt, resp["rejected"]) == ("[user]hi[assistant]", "no")
     bad = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
     with pytest.raises(data_rows.DataError, match="chat template does not render the prompt"):
-        pdata.format_example(ex, tok, bad)
+        encoding.format_example(ex, tok, bad)
 
 
 def test_truncation_keeps_bos_and_the_chosen_end_of_a_chat_prompt(tok):
     ex = {"prompt": user("x" * 50), "chosen": "ab", "rejected": "cd", "sft_target": "ab", "chat": True}
-    prompt, resp = pdata.format_example(ex, tok)
-    ids = pdata.encode_text(prompt, resp, tok)
+    prompt, resp = encoding.format_example(ex, tok)
+    ids = encoding.encode_text(prompt, resp, tok)
     for mode, tail in (("keep_end", "<|end|><|assistant|>"), ("keep_start", "<|user|>xxx")):
-        out = pdata.build_pair(ids["prompt"], ids["chosen"], ids["rejected"], tok.bos_token_id, 20, 12, mode)
+        out = encoding.build_pair(ids["prompt"], ids["chosen"], ids["rejected"], tok.bos_token_id, 20, 12, mode)
         assert len(out["prompt_input_ids"]) == 12 and out["prompt_input_ids"][0] == tok.bos_token_id
         text = tok.decode(out["prompt_input_ids"][1:])
         assert (text.endswith(tail) if mode == "keep_end" else text.startswith(tail))
@@ -192,7 +194,7 @@ def local(path, **cols):
 
 
 def load_local(path, split="train", **kw):
-    return pdata.get_dataset("local", split, silent=True, options={**local(path), **kw})
+    return data_loading.get_dataset("local", split, silent=True, options={**local(path), **kw})
 
 
 def test_local_formats(tmp_path):
@@ -228,8 +230,8 @@ def test_local_json_parquet_csv_and_renamed_columns(tmp_path):
     results = []
     for name in ("a.json", "a.parquet", "a.csv"):
         o = {"local": {"path": str(tmp_path / name), **cols}, "test_fraction": 0.25}
-        train = pdata.get_dataset("local", "train", silent=True, options=o)
-        test = pdata.get_dataset("local", "test", silent=True, options=o)
+        train = data_loading.get_dataset("local", "train", silent=True, options=o)
+        test = data_loading.get_dataset("local", "test", silent=True, options=o)
         assert len(train) + len(test) == 40 and 3 <= len(test) <= 20  # a single file: prompts held out by hash
         assert not {e["prompt"] for e in train} & {e["prompt"] for e in test}
         results.append(sorted(core(e)["prompt"] for e in test))
@@ -285,7 +287,7 @@ def test_bad_row_is_named_or_skipped(tmp_path, row, problem):
     assert __import__("re").search(problem, msg), msg
     kept = load_local(d, skip_invalid=True)
     assert [e["prompt"] for e in kept] == ["p", "q", "r"]
-    assert pdata.skipped_rows("local", "train", {**local(d), "skip_invalid": True}) == 1
+    assert data_loading.skipped_rows("local", "train", {**local(d), "skip_invalid": True}) == 1
 
 
 def test_named_data_set_row_problems_name_the_file(tmp_path):
@@ -295,7 +297,7 @@ def test_named_data_set_row_problems_name_the_file(tmp_path):
                                            {"chosen": H + "x" + A + " y"}, {"chosen": "no turns", "rejected": "n"}])
     write_jsonl(d / "test.jsonl", [{"chosen": H + "x" + A + " y", "rejected": H + "x" + A + " z"}])
     with pytest.raises(data_rows.DataError) as err:
-        pdata.get_dataset("hh", "train", silent=True, options={"paths": {"hh": str(d)}})
+        data_loading.get_dataset("hh", "train", silent=True, options={"paths": {"hh": str(d)}})
     msg = str(err.value)
     assert "3 invalid row(s)" in msg
     assert f"{path}: line 1: rejected does not continue the same dialogue" in msg
@@ -305,14 +307,14 @@ def test_named_data_set_row_problems_name_the_file(tmp_path):
 
 def test_missing_path_split_and_unknown_option(tmp_path):
     with pytest.raises(data_rows.DataError, match="needs data.local.path"):
-        pdata.get_dataset("local", "train", silent=True)
+        data_loading.get_dataset("local", "train", silent=True)
     with pytest.raises(data_rows.DataError, match="no such file"):
         load_local(tmp_path / "nope.jsonl")
     (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
     with pytest.raises(data_rows.DataError, match="no file for split 'test'"):
         load_local(tmp_path, "test")
     with pytest.raises(ValueError, match="unknown option data.skip_invalud"):
-        pdata.data_options({"skip_invalud": True})
+        data_loading.data_options({"skip_invalud": True})
 
 
 def test_bad_data_stops_train_before_any_model_is_built(tmp_path, monkeypatch):
@@ -387,7 +389,7 @@ def run_epoch(tok, cache_dir, **kw):
 def test_cache_tokenises_once_and_each_rank_only_its_share(tok, tmp_path, monkeypatch):
     from test_data import assert_batches_equal
     calls = []
-    real = pdata.encode_text
+    real = encoding.encode_text
     monkeypatch.setattr(pdata, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
     r0, s0 = run_epoch(tok, tmp_path, rank=0, world_size=2)
     r1, s1 = run_epoch(tok, tmp_path, rank=1, world_size=2)

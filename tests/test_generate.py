@@ -12,6 +12,8 @@ import generate
 import utils
 from prefkd import checkpoints
 from prefkd import tokenizer_facts
+from prefkd.data import loading as data_loading
+from prefkd.data import encoding
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +36,15 @@ def run_generate(args):
 
 def test_greedy_rows_are_the_models_own_greedy_answers_and_train_as_sft_data(tmp_path, sft_run):
     from transformers import AutoModelForCausalLM
-    import preference_datasets as data
     out = run_generate([f"checkpoint={sft_run}", f"out={tmp_path}/g.jsonl", "n=20", "batch_size=8", "split=test"])
     got = rows(out)
-    test = data.get_dataset("embedded", "test", silent=True)
+    test = data_loading.get_dataset("embedded", "test", silent=True)
     assert [r["prompt"] for r in got] == [ex["prompt"] for ex in test[:20]]
     # one prompt by hand, unpadded: the same greedy answer
     ckpt = checkpoints.resolve_checkpoint(sft_run)
     model, tok = AutoModelForCausalLM.from_pretrained(ckpt).eval(), tokenizer_facts.get_tokenizer(ckpt)
     for i in (0, 13):
-        ids = torch.tensor([data.encode_text(got[i]["prompt"], {}, tok)["prompt"]])
+        ids = torch.tensor([encoding.encode_text(got[i]["prompt"], {}, tok)["prompt"]])
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
         assert got[i]["completion"] == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
     # the run's lengths are the defaults: at most max_length - max_prompt_length = 24 new tokens

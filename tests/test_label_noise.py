@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-import preference_datasets as pdata
 from prefkd import tokenizer_facts
+from prefkd.data import loading as data_loading
 
 REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
 
@@ -25,34 +25,34 @@ def swapped(clean, noisy):
 
 @pytest.mark.parametrize("name,options", [("embedded", {}), ("local", {"local": {"path": REVERSE}})])
 def test_the_requested_share_of_train_pairs_is_flipped_deterministically(name, options):
-    clean, fp0 = pdata.load_dataset_checked(name, "train", options, silent=True)
+    clean, fp0 = data_loading.load_dataset_checked(name, "train", options, silent=True)
     by = {}
     for f in (0.2, 0.4):
-        noisy, fp = pdata.load_dataset_checked(name, "train", {**options, "flip_fraction": f}, silent=True)
+        noisy, fp = data_loading.load_dataset_checked(name, "train", {**options, "flip_fraction": f}, silent=True)
         by[f] = swapped(clean, noisy)
         assert len(by[f]) == round(f * len(clean))  # exactly the share (rounded to a whole pair)
         assert fp != fp0 and f"flip{f:g}" in fp
-        again, _ = pdata.load_dataset_checked(name, "train", {**options, "flip_fraction": f}, silent=True)
+        again, _ = data_loading.load_dataset_checked(name, "train", {**options, "flip_fraction": f}, silent=True)
         assert swapped(clean, again) == by[f]  # deterministic
     assert set(by[0.2]) < set(by[0.4])  # a larger share flips a superset
-    other, _ = pdata.load_dataset_checked(name, "train", {**options, "flip_fraction": 0.2, "flip_seed": 1}, silent=True)
+    other, _ = data_loading.load_dataset_checked(name, "train", {**options, "flip_fraction": 0.2, "flip_seed": 1}, silent=True)
     assert swapped(clean, other) != by[0.2] and len(swapped(clean, other)) == len(by[0.2])
     # the test split is untouched, and no flip leaves the fingerprint as it was
-    test, tfp = pdata.load_dataset_checked(name, "test", options, silent=True)
-    ntest, ntfp = pdata.load_dataset_checked(name, "test", {**options, "flip_fraction": 0.4}, silent=True)
+    test, tfp = data_loading.load_dataset_checked(name, "test", options, silent=True)
+    ntest, ntfp = data_loading.load_dataset_checked(name, "test", {**options, "flip_fraction": 0.4}, silent=True)
     assert ntest == test and ntfp == tfp
-    assert pdata.load_dataset_checked(name, "train", {**options, "flip_fraction": 0.0}, silent=True)[1] == fp0
-    info = pdata.describe_split(name, "train", {**options, "flip_fraction": 0.4})
-    assert info["flipped"] == len(by[0.4]) and pdata.describe_split(name, "test", {**options, "flip_fraction": 0.4}
+    assert data_loading.load_dataset_checked(name, "train", {**options, "flip_fraction": 0.0}, silent=True)[1] == fp0
+    info = data_loading.describe_split(name, "train", {**options, "flip_fraction": 0.4})
+    assert info["flipped"] == len(by[0.4]) and data_loading.describe_split(name, "test", {**options, "flip_fraction": 0.4}
                                                                    )["flipped"] == 0
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, "half"])
 def test_a_bad_share_is_refused_naming_the_key(value):
     with pytest.raises(ValueError, match="data.flip_fraction"):
-        pdata.data_options({"flip_fraction": value})
+        data_loading.data_options({"flip_fraction": value})
     with pytest.raises(ValueError, match="data.flip_seed"):
-        pdata.data_options({"flip_seed": 0.5})
+        data_loading.data_options({"flip_seed": 0.5})
 
 
 def test_a_run_reports_the_flipped_pairs_and_its_caches_are_keyed_by_them(tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_a_run_reports_the_flipped_pairs_and_its_caches_are_keyed_by_them(tmp_pa
                          "max_length=80", "max_prompt_length=64", "data.flip_fraction=0.25",
                          f"data.cache_dir={tmp_path}/cache"]
     splits = train.check_data(compose(over))["splits"]
-    n = len(pdata.load_dataset_checked("local", "train", {"local": {"path": REVERSE}}, silent=True)[0])
+    n = len(data_loading.load_dataset_checked("local", "train", {"local": {"path": REVERSE}}, silent=True)[0])
     assert splits["local/train"]["flipped"] == round(0.25 * n) and splits["local/test"]["flipped"] == 0
     assert f"labels of {round(0.25 * n)} pairs flipped (data.flip_fraction)" in capsys.readouterr().out
     json.dumps(splits)  # what data_summary.json holds

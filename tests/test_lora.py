@@ -12,6 +12,7 @@ import torch
 from conftest import FAST, compose, train_run
 from prefkd import adapters, checkpoints, models
 from prefkd import tokenizer_facts
+from prefkd.batches import concatenated_inputs
 
 SHORT = ["n_eval_examples=16", "eval_every=null", "data.check_lengths=null"]
 LORA = ["model.lora.r=8", "model.lora.alpha=16"]
@@ -70,7 +71,7 @@ def test_the_reference_is_the_base_model_exactly_and_its_cache_equals_it(tmp_pat
     t.train_step(next(batches))
     t.train_step(next(batches))  # the adapters have moved: B is no longer zero
     batch = next(batches)
-    inputs = batches.concatenated_inputs(batch, True, 0)
+    inputs = concatenated_inputs(batch, True, 0)
     model_in = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     live = t.frozen.reference_outputs(inputs, t.logits, t.device)["reference_logps"]
     base = models.freeze(models.build_model(t.cfg.model, t.tokenizer, torch.float32, None, t.cfg.seed))

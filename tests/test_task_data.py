@@ -8,11 +8,11 @@ import shutil
 import pytest
 
 from prefkd import data_checks
-import preference_datasets as pdata
 from prefkd import scorers
 from prefkd import models
 from prefkd import tokenizer_facts
 from prefkd.data import rows as data_rows
+from prefkd.data import loading as data_loading
 
 REVERSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reverse")
 SCORER_FILE = os.path.join(REVERSE, "reverse_scorer.py")
@@ -43,7 +43,7 @@ def local(**kw):
 
 
 def load(split, **options):
-    return pdata.get_dataset("local", split, silent=True, options=options)
+    return data_loading.get_dataset("local", split, silent=True, options=options)
 
 
 # ---------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def load(split, **options):
 
 def test_a_directory_reads_train_and_test_and_names_what_it_leaves_unread():
     assert (len(load("train", **local())), len(load("test", **local()))) == (48, 16)
-    info = pdata.describe_split("local", "train", local())
+    info = data_loading.describe_split("local", "train", local())
     assert info == {"source": [os.path.join(REVERSE, "train.jsonl")], "holdout": None, "rows": 48, "examples": 48,
                     "skipped": 0, "unread": ["sft_train.jsonl"], "note": None}
 
@@ -64,12 +64,12 @@ def test_train_and_test_files_by_name(name):
     opts = local(train=name, test="test.jsonl")
     train, test = load("train", **opts), load("test", **opts)
     assert [e["prompt"][0]["content"] for e in train] == words and len(test) == 16
-    assert pdata.describe_split("local", "train", opts)["unread"] == ["train.jsonl"]
+    assert data_loading.describe_split("local", "train", opts)["unread"] == ["train.jsonl"]
     # a named train file with no test file named: its prompts are split by hash, and that is said
     opts = local(train=name)
     train, test = load("train", **opts), load("test", **opts)
     assert (len(train), len(test)) == (60, 4) and not {e["where"] for e in train} & {e["where"] for e in test}
-    assert pdata.describe_split("local", "test", opts)["holdout"] == 0.05
+    assert data_loading.describe_split("local", "test", opts)["holdout"] == 0.05
     # an absolute path needs no data.local.path
     only = {"local": {"train": os.path.join(REVERSE, "sft_train.jsonl"), "test": os.path.join(REVERSE, "test.jsonl")}}
     assert (len(load("train", **only)), len(load("test", **only))) == (64, 16)
@@ -81,12 +81,12 @@ def test_a_single_file_with_a_test_file_beside_it_is_flagged(tmp_path):
     shutil.copy(os.path.join(REVERSE, "train.jsonl"), tmp_path / "train.jsonl")
     shutil.copy(os.path.join(REVERSE, "test.jsonl"), tmp_path / "test.jsonl")
     single = {"local": {"path": str(tmp_path / "train.jsonl")}}
-    info = pdata.describe_split("local", "test", single)
+    info = data_loading.describe_split("local", "test", single)
     assert info["source"] == [str(tmp_path / "train.jsonl")] and info["holdout"] == 0.05 and info["examples"] == 2
     assert "test.jsonl lies beside it: to test on it pass data.local.test=test.jsonl" in info["note"]
     # naming the split silences it: the test file, or the hash split on purpose
     assert len(load("test", local={"path": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")})) == 16
-    assert pdata.describe_split("local", "test", {"local": {"path": str(tmp_path / "train.jsonl"),
+    assert data_loading.describe_split("local", "test", {"local": {"path": str(tmp_path / "train.jsonl"),
                                                             "test": "holdout"}})["note"] is None
 
 

@@ -4,6 +4,9 @@
 * embedded_task.py: the built-in sorting task (generator, flaws, scorer);
 * sources.py: named sources, their converters and reading local files.
 
-preference_datasets.py keeps the registry, chat formatting, tokenising, the token cache,
-collation and batching; nothing here imports it.
+* encoding.py: chat formatting, tokenisation and truncation of one example, the token cache;
+* loading.py: the data sets by name, the data: options, label noise, checking every split.
+
+preference_datasets.py (above prefkd/) turns these into the batch stream a run reads; nothing
+here imports it (the layers in pyproject.toml).
 """

@@ -191,7 +191,7 @@ def convert_local(row: Dict, opts: Dict) -> List[Dict]:
                    "set data.local.<prompt|chosen|rejected|messages|completion> to your column names")
 
 
-class Source:
+class DataSource:
     """A data set: where its rows come from and how a row becomes examples."""
 
     def __init__(self, name: str, hub: Optional[str], splits: Dict[str, str], convert: Callable,
@@ -200,22 +200,22 @@ class Source:
         self.pairs, self.doc, self.grouped, self.hold_out = pairs, doc, grouped, hold_out
 
 
-SOURCES: Dict[str, Source] = {s.name: s for s in [
-    Source("hh", "Anthropic/hh-rlhf", {"train": "train", "test": "test"}, convert_hh,
+SOURCES: Dict[str, DataSource] = {s.name: s for s in [
+    DataSource("hh", "Anthropic/hh-rlhf", {"train": "train", "test": "test"}, convert_hh,
            doc="Anthropic Helpful-Harmless; Human/Assistant text kept as is"),
-    Source("shp", "stanfordnlp/SHP", {"train": "train", "test": "test"}, convert_shp,
+    DataSource("shp", "stanfordnlp/SHP", {"train": "train", "test": "test"}, convert_shp,
            doc="Stanford Human Preferences; score ratio >= 2"),
-    Source("se", "HuggingFaceH4/stack-exchange-preferences", {"train": "train", "test": "train"}, convert_se,
+    DataSource("se", "HuggingFaceH4/stack-exchange-preferences", {"train": "train", "test": "train"}, convert_se,
            hold_out="qid", doc="StackExchange; 1% of questions (by qid hash) held out as test"),
-    Source("dpomix", "argilla/dpo-mix-7k", {"train": "train", "test": "test"}, convert_pairs_conversational,
+    DataSource("dpomix", "argilla/dpo-mix-7k", {"train": "train", "test": "test"}, convert_pairs_conversational,
            doc="DPO-MIX-7K, the paper's preference data"),
-    Source("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", {"train": "train_prefs", "test": "test_prefs"},
+    DataSource("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", {"train": "train_prefs", "test": "test_prefs"},
            convert_pairs_conversational, doc="UltraFeedback binarized"),
-    Source("helpsteer2", "nvidia/HelpSteer2", {"train": "train", "test": "validation"}, convert_helpsteer2,
+    DataSource("helpsteer2", "nvidia/HelpSteer2", {"train": "train", "test": "validation"}, convert_helpsteer2,
            grouped=True, doc="HelpSteer2; consecutive responses to one prompt, higher helpfulness chosen"),
-    Source("deita", "HuggingFaceH4/deita-10k-v0-sft", {"train": "train_sft", "test": "test_sft"}, convert_deita,
+    DataSource("deita", "HuggingFaceH4/deita-10k-v0-sft", {"train": "train_sft", "test": "test_sft"}, convert_deita,
            pairs=False, doc="Deita-10k, the paper's SFT data (SFT only)"),
-    Source("local", None, {"train": "train", "test": "test"}, None,
+    DataSource("local", None, {"train": "train", "test": "test"}, None,
            doc="a local file or directory in TRL's standard formats (data.local)"),
 ]}
 SE_TEST_PERCENT = 1
@@ -331,7 +331,7 @@ def sibling_test_files(path: str) -> List[str]:
 HOLDOUT = "holdout"
 
 
-def _split_files(folder: str, src: Source, split: str) -> List[str]:
+def _split_files(folder: str, src: DataSource, split: str) -> List[str]:
     names = _data_files(folder)
     for stem in dict.fromkeys((src.splits[split], split)):
         found = [os.path.join(folder, n) for n in names if n.split(".")[0] == stem]
@@ -344,7 +344,7 @@ def _split_files(folder: str, src: Source, split: str) -> List[str]:
                     f".csv; found {names[:10]}){hint}")
 
 
-def split_plan(src: Source, split: str, opts: Dict) -> Dict:
+def split_plan(src: DataSource, split: str, opts: Dict) -> Dict:
     """Where the rows of one split come from, without reading them: {"hub": "<id>[<split>]"},
     or {"files": [paths], "holdout": the files are split by prompt hash (data.test_fraction
     of the prompts to test), "unread": data files of the directory that feed neither split,
@@ -413,14 +413,14 @@ def hub_rows(hub: str, split: str) -> Iterator[Tuple[str, object]]:
         yield f"{hub}[{split}]: row {i + 1}", row
 
 
-def local_path(src: Source, opts: Dict) -> Optional[str]:
+def local_path(src: DataSource, opts: Dict) -> Optional[str]:
     path = opts["local"]["path"] if src.name == "local" else (opts.get("paths") or {}).get(src.name)
     if src.name == "local" and not path and not opts["local"].get("train"):
         raise DataError("datasets=[local] needs data.local.path=<file or directory> (or data.local.train=<file>)")
     return os.path.abspath(os.path.expanduser(str(path))) if path else None
 
 
-def source_fingerprint(src: Source, split: str, opts: Dict) -> str:
+def source_fingerprint(src: DataSource, split: str, opts: Dict) -> str:
     """What the examples of `split` are made from: the hub id and split, or the local files
     with their sizes and modification times (a changed file is a new fingerprint), plus the
     options that change the conversion (column names, the held-out share), since the token
@@ -433,7 +433,7 @@ def source_fingerprint(src: Source, split: str, opts: Dict) -> str:
     return json.dumps([files, extra], sort_keys=True)
 
 
-def source_rows(src: Source, split: str, opts: Dict) -> Tuple[Iterator[Tuple[str, object]], bool]:
+def source_rows(src: DataSource, split: str, opts: Dict) -> Tuple[Iterator[Tuple[str, object]], bool]:
     """(rows, holdout): the rows of `split`, and whether they must still be split into train
     and test by prompt hash."""
     plan = split_plan(src, split, opts)
@@ -446,7 +446,7 @@ def _hash_percent(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10000 / 100.0
 
 
-def convert_rows(src: Source, rows: Iterator[Tuple[str, object]], opts: Dict) -> Iterator[Tuple[str, object]]:
+def convert_rows(src: DataSource, rows: Iterator[Tuple[str, object]], opts: Dict) -> Iterator[Tuple[str, object]]:
     """(where, example or RowError) for every example of every row."""
     for where, row in rows:
         if isinstance(row, RowError):
