@@ -393,7 +393,7 @@ def test_batch_iterator_skip_batches_and_n_examples(tok):
 def test_batch_iterator_skip_does_not_tokenize(tok, monkeypatch):
     calls = []
     real = encoding.encode_text
-    monkeypatch.setattr(pdata, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(encoding, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
     it = pdata.get_batch_iterator(["embedded"], tok, batch_size=8, n_examples=800, skip_batches=99,
                                   rank=1, world_size=2, silent=True)
     batch = next(it)

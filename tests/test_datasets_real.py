@@ -390,7 +390,7 @@ def test_cache_tokenises_once_and_each_rank_only_its_share(tok, tmp_path, monkey
     from test_data import assert_batches_equal
     calls = []
     real = encoding.encode_text
-    monkeypatch.setattr(pdata, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(encoding, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
     r0, s0 = run_epoch(tok, tmp_path, rank=0, world_size=2)
     r1, s1 = run_epoch(tok, tmp_path, rank=1, world_size=2)
     assert s0 == {"hits": 0, "misses": 250} and s1 == {"hits": 0, "misses": 250} and len(calls) == 500
