@@ -12,8 +12,8 @@ loop, evaluation, sampling, checkpoints, resume, logging) is shared.
 
 Jobs kept apart, one module each: the models, frozen ones and their features included
 (prefkd/models.py), the chunked output layer (prefkd/logits.py), generated responses
-(prefkd/generation.py) and checkpoint I/O (prefkd/checkpoints.py); this module is the loop,
-the step and evaluation.
+(prefkd/generation.py), what a checkpoint holds (prefkd/run_checkpoints.py) and its file I/O
+(prefkd/checkpoints.py); this module is the loop, the step and evaluation.
 
 Stopping. A non-finite loss or gradient norm stops the run naming the step (or, with
 ``max_nonfinite_steps=N``, skips up to N such steps in a row), so no non-finite weights are
@@ -29,11 +29,11 @@ import time
 from typing import Dict, Iterator, List, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import preference_datasets as data
 import utils
-from prefkd import (adapters, checkpoints, lean_loading, models, optimizer_state, output_cache, packing, run_plan,
+from prefkd import (adapters, checkpoints, lean_loading, models, output_cache, packing, run_checkpoints, run_plan,
                     run_state, tokenizer_facts)
 from prefkd import batches as batches_lib
 from prefkd import logits as logits_lib
@@ -48,76 +48,9 @@ from prefkd import scorers
 
 # ------------------------------------------------------------------ the basic trainer
 
-class Checkpointing:
-    """The trainer's checkpoint methods (prefkd/checkpoints.py does the I/O): gathering the
-    state, saving a step, restoring the training state on resume. Mixed into BasicTrainer,
-    whose state (policy, optimizer, scheduler, counters, run_dir, rank) they read."""
-
-    def checkpoint_state_dicts(self):
-        """(the weights a checkpoint holds, the optimizer state dict), full and on the CPU, on rank 0.
-        The weights are the whole model's, or a LoRA policy's adapter only (peft's names)."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = adapters.trainable_state(self.policy) if self.lora else get_model_state_dict(self.policy, options=opts)
-        return model_sd, get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
-
-    def merged_state_dict(self) -> Dict:
-        """A LoRA policy's merged model (plain transformers names), full, on rank 0 ({} elsewhere)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return adapters.merged_state_dict(full, self.policy) if self.rank == 0 else {}
-
-    def save(self, final: bool = False):
-        """Write <run>/step-N (prefkd/checkpoints.py); a LoRA run's adapter, and its merged model
-        when `final` (the end of the run) or model.lora.save_merged. Refuses non-finite weights."""
-        if self.saved_step == self.step:
-            return  # this step is on disk already: never write (or replace) it twice
-        model_sd, optim_sd = self.checkpoint_state_dicts()
-        merged = self.merged_state_dict() if self.lora and (final or self.cfg.model.lora.get("save_merged")) else None
-        finite = self.rank != 0 or checkpoints.state_is_finite(model_sd, optim_sd)
-        if self.agree([not finite])[0]:
-            raise NonFiniteError(f"the weights or optimizer state at step {self.step} are not finite: checkpoint "
-                                 f"step-{self.step:08d} not written (LATEST still names "
-                                 f"{checkpoints.latest_name(self.run_dir)})")
-        checkpoints.save(self.run_dir, self.step, self.rank, self.agree,
-                         lambda tmp: self.write_checkpoint_files(tmp, model_sd, optim_sd, merged), self.cfg.keep_checkpoints,
-                         rank_state={"generation": self.generation.state()})
-        self.saved_step = self.step
-        self.last_save_time = time.time()
-
-    def write_checkpoint_files(self, tmp: str, model_sd: Dict, optim_sd: Dict, merged: Optional[Dict] = None) -> None:
-        if self.lora:  # the adapter in peft's format; the model files only when merged
-            adapters.write_adapter(os.path.join(tmp, adapters.ADAPTER_DIR), model_sd, self.policy,
-                                   models.base_location(self.cfg))
-            model_sd = merged
-        checkpoints.write_files(tmp, model_sd, {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
-                                self.policy, self.tokenizer, {
-                                    "step": self.step, "examples_seen": self.examples_seen,
-                                    "world_size": self.world_size, run_state.KEY: self.fingerprint,
-                                    "config": OmegaConf.to_container(self.cfg, resolve=True)})
-
-    def load_training_state(self, ckpt: str):
-        """Restore optimizer, scheduler, counters and RNG from a checkpoint (the weights were
-        loaded when the policy was built)."""
-        state = checkpoints.load_state(ckpt, self.rank, self.world_size, rank_state=("generation",))
-        self.generation.load_state(state["generation"])
-        self.scheduler.load_state_dict(self.load_optimizer_state(ckpt))
-        self.step, self.examples_seen = state["step"], state["examples_seen"]
-        self.saved_step = self.step
-        rank0_print(f"resumed from {ckpt} at step {self.step} ({self.examples_seen} examples)")
-
-    def load_optimizer_state(self, ckpt: str) -> Dict:
-        """Fill the optimizer from checkpoint `ckpt` (its full state, read whole); returns the
-        scheduler's state."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        blob = optimizer_state.read_full(ckpt)
-        set_optimizer_state_dict(self.policy, self.optimizer, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
-        return blob["scheduler"]
-
-
-class BasicTrainer(Checkpointing):
+class BasicTrainer:
     """Single process; also the base of the distributed trainers."""
+    checkpointing = run_checkpoints.RunCheckpoints  # what its checkpoints hold and how they are read back
 
     def __init__(self, cfg: DictConfig, run_dir: str, rank: int = 0, world_size: int = 1,
                  plan: Optional[run_plan.RunPlan] = None):
@@ -131,12 +64,11 @@ class BasicTrainer(Checkpointing):
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.pad_id = tokenizer_facts.pad_id(self.tokenizer)
         self.examples_seen, self.step = 0, 0
-        self.saved_step = None  # the step of the newest checkpoint written or resumed from
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb_run = None  # set by train.py on rank 0 when wandb is on
         self.last_samples = []  # the last evaluation's (prompt, completion) pairs, for wandb
-        self.last_save_time = self.t0 = time.time()
-        self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.t0 = time.time()
+        self.nonfinite = NonFiniteSteps(int(cfg.get("max_nonfinite_steps") or 0))
         self.resume_ckpt = checkpoints.agreed_resume_checkpoint(run_dir, log=rank0_print) if cfg.resume else None
         self.lora = adapters.enabled(cfg.model)  # LoRA adapters train, the base is frozen (prefkd/adapters.py)
         # padding-free packed forwards (prefkd/packing.py); under FSDP the ranks agree on the row count
@@ -151,8 +83,11 @@ class BasicTrainer(Checkpointing):
             [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over cfg.warmup_steps
             self.optimizer, lambda s, w=cfg.warmup_steps: min(1.0, (s + 1) / (w + 1)))
+        self.checkpoints = self.checkpointing(
+            cfg, run_dir, rank, world_size, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+            tokenizer=self.tokenizer, generation=self.generation, fingerprint=self.fingerprint, agree=self.agree)
         if self.resume_ckpt is not None:
-            self.load_training_state(self.resume_ckpt)
+            self.step, self.examples_seen = self.checkpoints.restore(self.resume_ckpt)
         if cfg.resume and self.rank == 0:  # no checkpoint: the run starts over, none of its records stay
             checkpoints.trim_metrics(self.metrics_path, self.step if self.resume_ckpt else -1)
 
@@ -246,11 +181,12 @@ class BasicTrainer(Checkpointing):
         if cfg.do_first_eval and self.step == 0:
             self.evaluate()
         last_saved, evaluated_last = self.examples_seen, False
-        self.last_save_time = self.t0 = time.time()
+        self.t0 = time.time()
+        self.checkpoints.restart_clock()
         with StopSignals() as signals:
             for batch, last in utils.with_last(batches):
                 logged = self.train_step(batch)
-                stop, time_due = self.agree([signals.received is not None, self.save_time_due()])
+                stop, time_due = self.agree([signals.received is not None, self.checkpoints.time_due()])
                 # a skipped non-finite step (logged None) still counts its examples: the evaluation,
                 # save or stop due at this boundary happens all the same
                 if bar is not None and logged is not None:
@@ -264,7 +200,7 @@ class BasicTrainer(Checkpointing):
                 # the last step is saved after the loop, as the run's final checkpoint (a LoRA run's
                 # holds the merged model): a save here would make that one a no-op
                 if stop or (not last and (time_due or (cfg.save_every and self.examples_seen - last_saved >= cfg.save_every))):
-                    self.save(final=last)
+                    self.checkpoints.save(self.step, self.examples_seen, final=last)
                     last_saved = self.examples_seen
                 if stop:
                     raise TrainingStopped(f"stopped by {signals.name or 'a signal on another rank'} at step "
@@ -274,7 +210,7 @@ class BasicTrainer(Checkpointing):
             bar.close()
         if not evaluated_last:
             self.evaluate()
-        self.save(final=True)
+        self.checkpoints.save(self.step, self.examples_seen, final=True)
         if self.rank == 0:
             checkpoints.mark_done(self.run_dir, self.step, self.examples_seen, self.cfg.n_examples, self.cfg.n_epochs)
 
@@ -301,7 +237,7 @@ class BasicTrainer(Checkpointing):
         self.examples_seen += cfg.batch_size
         if nonfinite:
             return self.skip_nonfinite_step(local_loss, grad_norm)
-        self.nonfinite_in_a_row = 0
+        self.nonfinite.in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -309,8 +245,8 @@ class BasicTrainer(Checkpointing):
         logged["grad_norm"] = grad_norm
         logged["lr"] = self.scheduler.get_last_lr()[0]
         logged["examples_per_second"] = cfg.batch_size / max(1e-9, time.time() - self.t0)
-        if self.nonfinite_total:
-            logged["nonfinite_skipped"] = self.nonfinite_total
+        if self.nonfinite.total:
+            logged["nonfinite_skipped"] = self.nonfinite.total
         self.t0 = time.time()
         self.log(logged)
         return logged
@@ -328,20 +264,10 @@ class BasicTrainer(Checkpointing):
     def skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
         """Drop this step's gradients; stop (NonFiniteError) past max_nonfinite_steps in a row."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        allowed = int(self.cfg.get("max_nonfinite_steps") or 0)
         what = f"non-finite loss or gradient norm at step {self.step} (loss {loss}, grad_norm {grad_norm} on rank {self.rank})"
-        if self.nonfinite_in_a_row > allowed:
-            raise NonFiniteError(nonfinite_stop_message(what, checkpoints.latest_name(self.run_dir), self.cfg.lr, allowed))
-        rank0_print(f"warning: {what}: step skipped ({self.nonfinite_in_a_row} in a row, "
-                    f"{self.nonfinite_total} in all; max_nonfinite_steps={allowed})")
-        self.log({"nonfinite_skipped": self.nonfinite_total})
+        rank0_print(self.nonfinite.skip(what, checkpoints.latest_name(self.run_dir), self.cfg.lr))
+        self.log({"nonfinite_skipped": self.nonfinite.total})
         return None
-
-    def save_time_due(self) -> bool:
-        minutes = self.cfg.get("save_every_minutes")
-        return bool(minutes) and self.rank == 0 and time.time() - self.last_save_time >= 60.0 * float(minutes)
 
     def agree(self, flags: List[bool]) -> List[bool]:
         """utils.agree on this trainer's device: every rank skips, saves or stops together."""
@@ -409,6 +335,27 @@ class BasicTrainer(Checkpointing):
             write_log(self.metrics_path, self.wandb_run, self.step, self.examples_seen, metrics, eval_samples)
 
 
+class NonFiniteSteps:
+    """The run's count of non-finite steps: with max_nonfinite_steps=N up to N in a row are
+    skipped (their gradients dropped), one more stops the run."""
+
+    def __init__(self, allowed: int):
+        self.allowed, self.in_a_row, self.total = allowed, 0, 0
+
+    def skip(self, what: str, latest: Optional[str], lr: float) -> str:
+        """Count one skipped step; raise NonFiniteError past the allowance, else return the warning."""
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row > self.allowed:
+            raise NonFiniteError(
+                f"{what}: training stopped, nothing of this step was applied or saved"
+                + (f" (the last checkpoint, {latest}, is finite)" if latest else "")
+                + f". Lower lr (now {lr}) or check the data; max_nonfinite_steps=N skips up to N such "
+                  f"steps in a row" + (f" ({self.allowed} allowed now)" if self.allowed else ""))
+        return (f"warning: {what}: step skipped ({self.in_a_row} in a row, {self.total} in all; "
+                f"max_nonfinite_steps={self.allowed})")
+
+
 class StopSignals:
     """While active, SIGINT and SIGTERM only set `received`: the loop saves a checkpoint at the
     next step boundary and stops. A third signal interrupts at once."""
@@ -443,6 +390,7 @@ class FSDPTrainer(BasicTrainer):
     """FSDP2: ``fully_shard`` on every decoder block, then on the root, for the policy, the
     reference and the teacher alike. bf16 mixed precision with fp32 gradient reduction when
     ``model.fsdp_policy_mp=bfloat16``."""
+    checkpointing = run_checkpoints.ShardedRunCheckpoints
 
     def pick_device(self):
         device = super().pick_device()
@@ -471,19 +419,6 @@ class FSDPTrainer(BasicTrainer):
             rank0_print(f"{model_cfg.name}: loaded lean ({strategy})")
         return model
 
-    def load_optimizer_state(self, ckpt: str) -> Dict:
-        # Several ranks: rank 0 streams the state into the ranks' shards one tensor at a time, rather
-        # than every rank reading a whole copy (prefkd/optimizer_state.py); older checkpoints as before.
-        if self.world_size == 1:  # one process reads it whole anyway: optimizer.pt is not read twice
-            return super().load_optimizer_state(ckpt)
-        skeleton = optimizer_state.read_skeleton(ckpt) if self.rank == 0 else None
-        stream = utils.broadcast_object(optimizer_state.can_stream(ckpt, self.policy, skeleton) if self.rank == 0 else None)
-        del skeleton
-        if stream:
-            rank0_print(f"{ckpt}: optimizer state streamed from rank 0 into the {self.world_size} ranks' shards")
-            return optimizer_state.load_streamed(self.policy, self.optimizer, ckpt, self.rank)
-        return super().load_optimizer_state(ckpt)
-
     def sync_context(self, last: bool):
         # Accumulate unreduced gradients locally and reduce-scatter once, on the last micro-batch.
         self.policy.set_requires_gradient_sync(last)
@@ -500,6 +435,7 @@ class TensorParallelTrainer(BasicTrainer):
     """One process; the policy split over several devices by ``tensor_parallel.TensorParallel``.
     Its ``tensor_parallel()`` entry point cannot shard HF Llama on transformers 5 (see README),
     so the generic module wrapper is used. The reference and teacher stay unsharded."""
+    checkpointing = run_checkpoints.TensorParallelRunCheckpoints
 
     def chunkable(self, model) -> bool:
         # the wrapper splits the policy's output layer over devices: its full logits are used
@@ -516,20 +452,6 @@ class TensorParallelTrainer(BasicTrainer):
         wrapped.config = model.config
         wrapped.generation_config = getattr(model, "generation_config", None)
         return wrapped
-
-    def checkpoint_state_dicts(self):
-        # The wrapper's own state dict holds per-shard names; this context gathers the shards
-        # back under the underlying model's names. The optimizer state stays per-shard: a
-        # TensorParallel run resumes on the same number of devices.
-        import tensor_parallel as tp
-        with tp.save_tensor_parallel(self.policy):
-            model_sd = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
-        return model_sd, self.optimizer.state_dict()
-
-    def load_optimizer_state(self, ckpt: str) -> Dict:
-        blob = optimizer_state.read_full(ckpt)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        return blob["scheduler"]
 
 
 TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer, "TensorParallelTrainer": TensorParallelTrainer}
@@ -571,13 +493,6 @@ def write_log(path: str, wandb_run, step: int, examples: int, metrics: Dict[str,
             import wandb
             payload["samples"] = wandb.Table(columns=["prompt", "completion"], data=[list(s) for s in eval_samples])
         wandb_run.log(payload, step=examples)
-
-
-def nonfinite_stop_message(what: str, latest: Optional[str], lr: float, allowed: int) -> str:
-    return (f"{what}: training stopped, nothing of this step was applied or saved"
-            + (f" (the last checkpoint, {latest}, is finite)" if latest else "")
-            + f". Lower lr (now {lr}) or check the data; max_nonfinite_steps=N skips up to N such "
-              f"steps in a row" + (f" ({allowed} allowed now)" if allowed else ""))
 
 
 def describe_models(cfg, frozen, report: Dict, device) -> str:

@@ -74,7 +74,7 @@ def trainer_losses(tmp_path, name, overrides):
     cfg = train.prepare(compose(TINY + [f"runs_dir={tmp_path}", f"exp_name={name}"] + overrides))
     os.makedirs(train.run_dir_of(cfg))
     t = trainers.BasicTrainer(cfg, train.run_dir_of(cfg))
-    t.t0, t.nonfinite_in_a_row, t.nonfinite_total = 0.0, 0, 0
+    t.t0 = 0.0
     steps = [t.train_step(batch)["loss/train"] for batch in t.batch_iterator("train")]
     t.policy.eval()
     held_out = [float(t.compute_loss(batch, train=False)[0]) for batch in t.batch_iterator("test")]

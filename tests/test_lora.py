@@ -25,7 +25,7 @@ def make_trainer(tmp_path, name, overrides):
     cfg = train.prepare(compose(FAST + SHORT + [f"runs_dir={tmp_path}", f"exp_name={name}"] + overrides))
     os.makedirs(train.run_dir_of(cfg), exist_ok=True)
     t = trainers.BasicTrainer(cfg, train.run_dir_of(cfg))
-    t.t0, t.nonfinite_in_a_row, t.nonfinite_total = 0.0, 0, 0
+    t.t0 = 0.0
     return t
 
 

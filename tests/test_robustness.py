@@ -13,7 +13,7 @@ from conftest import FAST, REPO, compose, read_metrics, train_run
 
 import trainers
 import utils
-from prefkd import checkpoints
+from prefkd import checkpoints, run_checkpoints
 from prefkd import models
 
 losses_of = lambda recs: [r["loss/train"] for r in recs if "loss/train" in r]
@@ -27,12 +27,12 @@ def latest(run_dir):
 
 def count_writes(monkeypatch):
     written = []
-    real = trainers.BasicTrainer.write_checkpoint_files
+    real = run_checkpoints.RunCheckpoints.write_files
 
-    def counting(self, tmp, *args):
-        written.append(self.step)
-        return real(self, tmp, *args)
-    monkeypatch.setattr(trainers.BasicTrainer, "write_checkpoint_files", counting)
+    def counting(self, tmp, model_sd, optim_sd, merged, counters):
+        written.append(counters["step"])
+        return real(self, tmp, model_sd, optim_sd, merged, counters)
+    monkeypatch.setattr(run_checkpoints.RunCheckpoints, "write_files", counting)
     return written
 
 
