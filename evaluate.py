@@ -55,7 +55,7 @@ from omegaconf import OmegaConf
 from prefkd import generation as gen
 import preference_datasets as data
 import utils
-from prefkd import batches, checkpoints, models, packing, run_plan, scorers, tracking
+from prefkd import batches, checkpoints, config_compose, models, packing, reward_scoring, scorers, tracking
 from prefkd.logits import output_logits
 from prefkd.data import loading as data_loading
 from prefkd.data import encoding
@@ -221,21 +221,7 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
     ref = models.load_checkpoint(reference, dtype)[0].to(device) if reference and pairs else None
     model.to(device)
     generator = model_id or model_name(path)
-    stream = data.get_batch_iterator(names, tokenizer, split="test", batch_size=s["batch_size"], shuffle=False,
-                                     max_length=s["max_length"], max_prompt_length=s["max_prompt_length"],
-                                     truncation_mode=s["truncation_mode"], n_epochs=1, silent=True,
-                                     sft_mode=not pairs, options=opts)
-    done, mine = 0, []  # under torchrun each process takes every world-th batch: the same batches as one process
-    for i, batch in enumerate(stream):
-        if done >= n:
-            break
-        batch = _take(batch, n - done)
-        if i % world == rank:
-            sums, records = {}, []
-            score_batch(model, ref, tokenizer, batch, s, task, pairs, sums, records, generator, first_id=done)
-            mine.append((i, sums, records))
-        done += len(batch["prompt"])
-    sums, records = merge_batches(mine, world)
+    sums, records = score_held_out(model, ref, tokenizer, s, task, pairs, generator, rank, world)
     del model, ref  # the reward model gets the memory (three 8B models would not fit one GPU together)
     torch.cuda.empty_cache()  # a no-op where CUDA was never used
     if reward_model:
@@ -250,6 +236,28 @@ def evaluate_checkpoint(path: str, reference: Optional[str] = None, datasets: Op
                                                                        "generator": generator,
                                                                        "device": device.type, "dtype": str(dtype)}
     return result
+
+
+def score_held_out(model, ref, tokenizer, s: Dict, task, pairs: bool, generator: str, rank: int,
+                   world: int) -> Tuple[Dict, List[Dict]]:
+    """(metric sums, one record per prompt) over the first s["n"] held-out examples, in order.
+    Under torchrun each process takes every world-th batch: the same batches as one process,
+    merged in batch order."""
+    stream = data.get_batch_iterator(s["datasets"], tokenizer, split="test", batch_size=s["batch_size"],
+                                     shuffle=False, max_length=s["max_length"],
+                                     max_prompt_length=s["max_prompt_length"], truncation_mode=s["truncation_mode"],
+                                     n_epochs=1, silent=True, sft_mode=not pairs, options=s["data"])
+    done, mine = 0, []
+    for i, batch in enumerate(stream):
+        if done >= s["n"]:
+            break
+        batch = _take(batch, s["n"] - done)
+        if i % world == rank:
+            sums, records = {}, []
+            score_batch(model, ref, tokenizer, batch, s, task, pairs, sums, records, generator, first_id=done)
+            mine.append((i, sums, records))
+        done += len(batch["prompt"])
+    return merge_batches(mine, world)
 
 
 def evaluation_device(rank: int = 0):
@@ -302,7 +310,6 @@ def check_reward_inputs(reward_model: Optional[str], baseline_path: Optional[str
         raise ValueError("reward_baseline is set but reward_model is not: the win rate needs a reward model")
     if not reward_model:
         return None
-    from prefkd import reward_scoring
     reward_scoring.check(reward_model)
     if not baseline_path:
         return None
@@ -315,7 +322,6 @@ def reward_metrics(records: List[Dict], reward_model: str, baseline: Optional[Li
                    batch_size: int, log) -> Dict[str, float]:
     """Each record's reward (written into its scores as `reward`), their mean and standard error,
     and the win rate against the baseline's generations on the same prompts."""
-    from prefkd import reward_scoring
     device = models.pick_device(None, dist.get_rank() if dist.is_initialized() else 0)
     rm, tok = reward_scoring.load(reward_model, device)
     here = reward_scoring.training_format(reward_model)  # a loss=rm run: its training's formatting
@@ -340,7 +346,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     rank = process_group()
     try:
-        a = run_plan.compose_command("evaluate", argv)
+        a = config_compose.compose_command("evaluate", argv)
         if a.truncation_mode is not None and a.truncation_mode not in encoding.TRUNCATION_MODES:
             raise ValueError(f"truncation_mode={a.truncation_mode!r}: use one of {list(encoding.TRUNCATION_MODES)}")
         result = evaluate_checkpoint(

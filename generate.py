@@ -33,7 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 import utils
-from prefkd import checkpoints, models, run_plan, tokenizer_facts
+from prefkd import checkpoints, config_compose, models, tokenizer_facts
 from prefkd.data import rows as data_rows
 from prefkd.data import loading as data_loading
 from prefkd.data import encoding
@@ -41,7 +41,7 @@ from prefkd.data import encoding
 def parse_args(argv: List[str]):
     """The settings (config/generate.yaml) for key=value arguments, completed from the
     checkpoint's run config and checked; a ValueError names the bad argument."""
-    cfg = run_plan.compose_command("generate", argv)
+    cfg = config_compose.compose_command("generate", argv)
     if not cfg.checkpoint:
         raise ValueError("name a checkpoint: python generate.py checkpoint=<run dir, LATEST or step-* dir> out=<file>")
     if not cfg.out:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from prefkd.logits import LazyLogits, chunk_positions, chunked, log_softmax_f32
 from prefkd.logprobs import (check_teacher_vocab, chunked_token_logps, collapse_topk, gather_next, last_token_mask,
                              sequence_logps, shifted_targets, split_pairs, teacher_topk_ids)
-from prefkd.loss_spec import Generation, LossInputs, Metrics, register, require, teacher_sequence
+from prefkd.loss_spec import (Generation, LossInputs, check_top_k_vocab, pair_logps, preference_metrics,
+                              register, require, reward_metrics, teacher_sequence, validate_generation)
 from prefkd.token_terms import (ACTION_POTENTIALS, STATE_POTENTIALS, action_potential, generalized_jsd,
                                 log_sum_squared_probs, released_rewards, state_potential, tdpo_token_terms,
                                 token_divergence, token_fkl)
@@ -76,39 +77,6 @@ def ipo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: t
     """
     h = (policy_chosen_avg_logps - reference_chosen_avg_logps) - (policy_rejected_avg_logps - reference_rejected_avg_logps)
     return (h - 1.0 / (2.0 * beta)) ** 2
-
-
-# ------------------------------------------------------------------ shared by the preference losses
-
-def reward_metrics(chosen_rewards, rejected_rewards) -> Metrics:
-    """The reward metrics every preference loss logs (docs/losses.md); per-example [B] tensors."""
-    c, r = chosen_rewards.detach(), rejected_rewards.detach()
-    return {"rewards/chosen": c, "rewards/rejected": r, "rewards/accuracies": (c > r).float(), "rewards/margins": c - r}
-
-
-def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> Metrics:
-    """reward_metrics plus the policy's summed log-probs."""
-    return {**reward_metrics(chosen_rewards, rejected_rewards), "logps/chosen": policy_chosen_logps.detach(),
-            "logps/rejected": policy_rejected_logps.detach()}
-
-
-def pair_logps(inp: LossInputs, average: bool = False):
-    """(policy chosen, policy rejected, reference chosen, reference rejected) summed log-probs, [B] each.
-    The reference ones are zeros when the loss has no reference."""
-    pol = sequence_logps(inp.policy_logps, inp.mask, average)
-    ref = (sequence_logps(inp.reference_logps, inp.mask, average) if inp.reference_logps is not None
-           else torch.zeros_like(pol))
-    return (*split_pairs(pol, inp.n_pairs), *split_pairs(ref, inp.n_pairs))
-
-
-def _check_top_k_vocab(cfg, vocab: int) -> None:
-    """loss.top_k (when it is read) keeps at most the whole vocabulary."""
-    k = cfg.get("top_k")
-    if k is None or cfg.get("variant") == "paper":  # tvkd's paper variant reads no top-k
-        return
-    if int(k) > vocab:
-        raise ValueError(f"loss.top_k={k} exceeds the vocabulary size {vocab} of the tokenizer (model.tokenizer): "
-                             f"choose K <= {vocab}, or null for the full vocabulary")
 
 
 # ------------------------------------------------------------------ sft / dpo / ipo
@@ -190,6 +158,10 @@ def _tdpo(inp: LossInputs, cfg):
 
 TVKD_VARIANTS = ("paper", "released", "released_teacher_value")
 TERMINAL_VALUES = ("teacher", "zero")
+# psi_t = beta_T (log pi_T(y_t|s_t) - log pi_Tref(y_t|s_t)): the DPO teacher's per-token implicit
+# reward against its own SFT model (teacher.reference_archive), as ddpo reads it
+IMPLICIT_REWARD = "implicit_reward"
+TVKD_POTENTIALS = STATE_POTENTIALS + ACTION_POTENTIALS + (IMPLICIT_REWARD,)
 
 
 def tvkd_tau(cfg) -> float:
@@ -242,11 +214,27 @@ def _tvkd_teacher_features(teacher_logits: torch.Tensor, labels: torch.LongTenso
     potential, tau = cfg.get("potential", "logsumexp"), tvkd_tau(cfg)
     state_kind = potential if potential in STATE_POTENTIALS else "logsumexp"
     out = {"values": chunked(lambda z: state_potential(z, state_kind, tau).unsqueeze(-1), teacher_logits).squeeze(-1)}
-    if potential in ACTION_POTENTIALS:
+    if potential == IMPLICIT_REWARD:  # psi needs the teacher's reference: _tvkd_teacher_reference_features
+        out["teacher_logps"] = chunked_token_logps(teacher_logits, labels)
+    elif potential in ACTION_POTENTIALS:
         tokens = shifted_targets(labels).unsqueeze(-1)
         out["psi"] = chunked(lambda z, a: action_potential(z, a.squeeze(-1), potential).unsqueeze(-1),
                              teacher_logits[:, :-1], tokens).squeeze(-1)
     return out
+
+
+def _tvkd_teacher_reference_features(teacher_reference_logits, labels, cfg, teacher) -> Dict[str, torch.Tensor]:
+    """potential=implicit_reward: psi [N, L-1] = beta_T (log pi_T - log pi_Tref) of each response
+    token, from the teacher's log-probs and its reference's logits (the teacher's log-probs are
+    consumed: the cache holds psi)."""
+    teacher = dict(teacher)
+    ref = chunked_token_logps(teacher_reference_logits, labels)
+    teacher["psi"] = float(cfg.teacher_beta) * (teacher.pop("teacher_logps") - ref)
+    return teacher
+
+
+def _tvkd_reads_teacher_reference(cfg) -> bool:
+    return cfg.get("variant", "paper") == "paper" and cfg.get("potential", "logsumexp") == IMPLICIT_REWARD
 
 
 def _tvkd_sequence(teacher: Dict[str, torch.Tensor], mask: torch.Tensor, cfg) -> Dict[str, torch.Tensor]:
@@ -271,7 +259,9 @@ def _validate_tvkd(cfg):
     require(cfg, "beta", positive=True)
     require(cfg, "gamma", nonnegative=True)
     require(cfg, "variant", choices=TVKD_VARIANTS)
-    require(cfg, "potential", choices=STATE_POTENTIALS + ACTION_POTENTIALS)
+    require(cfg, "potential", choices=TVKD_POTENTIALS)
+    if cfg.get("potential") == IMPLICIT_REWARD:
+        require(cfg, "teacher_beta", positive=True)
     require(cfg, "terminal_value", choices=TERMINAL_VALUES)
     tau = cfg.get("value_temperature")
     if tau is not None and not tau > 0:
@@ -286,7 +276,8 @@ def _tvkd_feature_settings(cfg) -> Dict:
     variant = cfg.get("variant", "paper")
     if variant != "paper":
         return {"variant": variant, "top_k": int(cfg.get("top_k", 50))}
-    return {"variant": variant, "potential": cfg.get("potential", "logsumexp"), "value_temperature": tvkd_tau(cfg)}
+    out = {"variant": variant, "potential": cfg.get("potential", "logsumexp"), "value_temperature": tvkd_tau(cfg)}
+    return {**out, "teacher_beta": float(cfg.teacher_beta)} if out["potential"] == IMPLICIT_REWARD else out
 
 
 def _tvkd_reference(cfg):
@@ -294,7 +285,8 @@ def _tvkd_reference(cfg):
 
 
 @register("tvkd", reference=_tvkd_reference, teacher_features=_tvkd_teacher_features, validate=_validate_tvkd,
-          teacher_feature_settings=_tvkd_feature_settings, check_vocab=_check_top_k_vocab,
+          teacher_reference_features=_tvkd_teacher_reference_features, teacher_reference=_tvkd_reads_teacher_reference,
+          teacher_feature_settings=_tvkd_feature_settings, check_vocab=check_top_k_vocab,
           sequence_teacher=_tvkd_sequence, sequence_teacher_problem=_tvkd_sequence_problem)
 def _tvkd(inp: LossInputs, cfg):
     pol = sequence_logps(inp.policy_logps, inp.mask)
@@ -359,7 +351,7 @@ def _kd_cache_hint(cfg) -> Optional[str]:
 
 # What the top-K / full-vocabulary KD losses declare (feature settings, cacheability, top_k's old name)
 KD_TOP_K = dict(teacher_feature_settings=_kd_feature_settings, vocab_sized_features=_kd_vocab_sized,
-                cache_hint=_kd_cache_hint, check_vocab=_check_top_k_vocab, renamed={"teacher_top_k": "top_k"})
+                cache_hint=_kd_cache_hint, check_vocab=check_top_k_vocab, renamed={"teacher_top_k": "top_k"})
 
 
 def kd_loss(nll: torch.Tensor, fkl: torch.Tensor, sft_weight: float, kd_weight: float) -> torch.Tensor:
@@ -406,21 +398,6 @@ def _dckd(inp: LossInputs, cfg):
 # ================================================================== Table 1 baselines
 # simpo, wpo (preference losses), ddpo, dpkd, gkd (teacher losses), seqkd and adpa (trained on
 # generated responses); each declares what it needs in its LossSpec.
-
-
-def _validate_generation(cfg, sampled: bool = False):
-    """The decoding fields shared by the losses that train on generated responses."""
-    t = cfg.get("temperature")
-    if sampled:
-        require(cfg, "temperature", positive=True)
-    elif t is not None and not t > 0:
-        raise ValueError(f"loss.temperature must be > 0 (or null: greedy decoding), got {t}")
-    n = cfg.get("max_new_tokens")
-    if n is not None and not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"loss.max_new_tokens must be a positive integer or null (up to max_length), got {n}")
-    beams = cfg.get("num_beams", 1)
-    if not (isinstance(beams, int) and beams >= 1):
-        raise ValueError(f"loss.num_beams must be a positive integer, got {beams}")
 
 
 # ------------------------------------------------------------------ simpo
@@ -513,7 +490,7 @@ def _seqkd_generation(cfg) -> Generation:
                       max_new_tokens=cfg.get("max_new_tokens"))
 
 
-@register("seqkd", pairwise=False, sft_targets=True, generation=_seqkd_generation, validate=_validate_generation)
+@register("seqkd", pairwise=False, sft_targets=True, generation=_seqkd_generation, validate=validate_generation)
 def _seqkd(inp: LossInputs, cfg):
     losses = seqkd_loss(inp.policy_logps, inp.mask)
     return losses.mean(), {"kd/nll": losses.detach(),
@@ -668,7 +645,7 @@ def _validate_gkd(cfg):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"loss.{key} must be in [0, 1], got {v}")
     _validate_kd(cfg, ())
-    _validate_generation(cfg, sampled=cfg.lam > 0)
+    validate_generation(cfg, sampled=cfg.lam > 0)
 
 
 @register("gkd", pairwise=False, teacher_features=_kd_teacher_features, generation=_gkd_generation,
@@ -742,11 +719,11 @@ def _adpa_generation(cfg) -> Generation:
 def _validate_adpa(cfg):
     require(cfg, "w", nonnegative=True)
     _validate_kd(cfg, ())
-    _validate_generation(cfg)
+    validate_generation(cfg)
 
 
 @register("adpa", teacher_features=_adpa_teacher_features, teacher_reference_features=_adpa_teacher_reference_features,
-          generation=_adpa_generation, validate=_validate_adpa, check_vocab=_check_top_k_vocab,
+          generation=_adpa_generation, validate=_validate_adpa, check_vocab=check_top_k_vocab,
           renamed={"teacher_top_k": "top_k"})
 def _adpa(inp: LossInputs, cfg):
     B, t = inp.n_pairs, inp.teacher

@@ -39,29 +39,28 @@ refused. Any other key=value is passed to every train.py
 stage (e.g. trainer=FSDPTrainer, data.scorer=mytask:score, max_length=256); the stage's own
 settings, then the pipeline's chaining keys, are applied after it.
 """
+import difflib
+import importlib
+import itertools
 import json
 import os
 import re
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-import utils
-from prefkd import checkpoints, stage_process
-from prefkd import tokenizer_facts
-from prefkd.data import rows as data_rows
-from prefkd import loss_spec
+import evaluate
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
+import report
+import train as train_py
+import utils
+from prefkd import (checkpoints, config_compose, data_checks, loss_spec, output_cache, pipeline_stages,
+                    reward_scoring, stage_process, tokenizer_facts, tracking)
 from prefkd.data import loading as data_loading
+from prefkd.data import rows as data_rows
 
-CACHE_KINDS = ("teacher", "reference")
-STAGES = ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods")
-DATA_OF_STAGE = {"teacher_sft": "sft_data", "student_sft": "sft_data", "teacher_dpo": "pref_data",
-                 "reward_model": "pref_data", "methods": "pref_data"}
-DATA_KEYS = {"datasets", "path", "train", "test", "options"}
-EMPTY_DATA = {"datasets": None, "path": None, "train": None, "test": None, "options": {}}
 
 
 # ---------------------------------------------------------------- arguments
@@ -86,51 +85,6 @@ def _as_dict(node, what: str) -> Dict:
     raise ValueError(f"{what} must be key: value settings, got {node!r}")
 
 
-METHOD_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def variant_overrides(node, what: str) -> List[str]:
-    """A variant's train.py overrides, kept as written: a list of key=value strings (a group
-    choice such as loss=tvkd and its keys such as loss.potential=margin side by side), or a
-    mapping of override keys to values."""
-    if isinstance(node, (list, ListConfig)):
-        items = [str(x) for x in node]
-        bad = [x for x in items if "=" not in x]
-        if bad:
-            raise ValueError(f"{what}: {bad[0]!r} is not key=value")
-        return items
-    if isinstance(node, (dict, DictConfig)):
-        return [f"{k}={hydra_value(v)}" for k, v in OmegaConf.to_container(node, resolve=True).items()] \
-            if isinstance(node, DictConfig) else [f"{k}={hydra_value(v)}" for k, v in node.items()]
-    raise ValueError(f"{what} must be a list of key=value overrides, got {node!r}")
-
-
-def method_overrides(cfg) -> Dict[str, List[str]]:
-    """{method: its train.py overrides}, in the order of `methods`. A method is a loss name
-    (loss=<name>) or a name in `variants` (its own list of overrides, which names a loss):
-    e.g. variants: {tvkd_margin: [loss=tvkd, loss.potential=margin]}."""
-    variants = cfg.get("variants") or {}
-    out = {}
-    for m in cfg.methods:
-        m = str(m)
-        if not METHOD_NAME.match(m):
-            raise ValueError(f"methods: {m!r} is not a valid method name (letters, digits, _ . -)")
-        if m in out:
-            raise ValueError(f"methods: {m!r} is listed twice")
-        if m in variants:
-            ov = variant_overrides(variants[m], f"variants.{m}")
-            if not any(o.startswith("loss=") for o in ov):
-                raise ValueError(f"variants.{m} names no loss: add loss=<name> to its overrides")
-        else:
-            ov = [f"loss={m}"]
-        loss = next(o.split("=", 1)[1] for o in ov if o.startswith("loss="))
-        try:
-            loss_spec.get_loss(loss)
-        except ValueError as e:
-            raise ValueError(f"method {m!r}: {e}" + ("" if m in variants else
-                             f"; or define it as a variant: 'variants.{m}=[loss=<name>,...]'")) from None
-        out[m] = ov
-    return out
 
 
 PRESETS = os.path.join(utils.REPO_DIR, "config", "pipeline")
@@ -170,7 +124,7 @@ def hydra_overrides(arg: str) -> List[str]:
     key = key.lstrip("+")
     listed = value.startswith("[") and value.endswith("]") and "=" in value
     if listed and (key == "common" or (key.startswith("stages.") and key.count(".") == 1)):
-        return [f"~{key}", f"+{key}={hydra_value(_pairs_to_dict(_split_list(value), key))}"]
+        return [f"~{key}", f"+{key}={pipeline_stages.hydra_value(_pairs_to_dict(_split_list(value), key))}"]
     if listed:
         value = "[" + ",".join("'" + x.replace("\\", "\\\\").replace("'", "\\'") + "'"
                                for x in _split_list(value)) + "]"
@@ -198,7 +152,6 @@ def compose_preset(preset: str, overrides: List[str]) -> DictConfig:
 def split_arguments(argv: List[str], preset_keys, train_keys) -> tuple:
     """(the pipeline's own arguments, the train.py arguments passed to every stage). A key that
     is neither is refused naming both key sets."""
-    import difflib
     own, passthrough = [], []
     for a in argv:
         if "=" not in a:
@@ -214,10 +167,10 @@ def split_arguments(argv: List[str], preset_keys, train_keys) -> tuple:
                                  "key (config/config.yaml)" + (f"; did you mean {near[0]!r}?" if near else ""))
             passthrough.append(a)
             continue
-        if top == "stages" and (len(parts) < 2 or parts[1] not in STAGES):
-            raise ValueError(f"{key}: unknown stage; the stages are {list(STAGES)} (e.g. stages.teacher_sft.lr=3e-4)")
-        if top in ("sft_data", "pref_data") and len(parts) > 1 and parts[1] not in DATA_KEYS:
-            raise ValueError(f"{key}: unknown key; {top} has {sorted(DATA_KEYS)} (options holds any data.* key)")
+        if top == "stages" and (len(parts) < 2 or parts[1] not in pipeline_stages.STAGES):
+            raise ValueError(f"{key}: unknown stage; the stages are {list(pipeline_stages.STAGES)} (e.g. stages.teacher_sft.lr=3e-4)")
+        if top in ("sft_data", "pref_data") and len(parts) > 1 and parts[1] not in pipeline_stages.DATA_KEYS:
+            raise ValueError(f"{key}: unknown key; {top} has {sorted(pipeline_stages.DATA_KEYS)} (options holds any data.* key)")
         own.append(a)
     return own, passthrough
 
@@ -225,259 +178,39 @@ def split_arguments(argv: List[str], preset_keys, train_keys) -> tuple:
 def parse_args(argv: List[str]):
     """Split key=value arguments into the pipeline's config (the preset composed by Hydra with
     its overrides) and pass-through train.py overrides."""
-    from prefkd import run_plan
     preset = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("preset=")), "embedded")
     preset_keys = set(compose_preset(preset, []).keys()) | {"preset"}
-    train_keys = set(run_plan.compose([]).keys()) | {"hydra"}
+    train_keys = set(config_compose.compose([]).keys()) | {"hydra"}
     own, passthrough = split_arguments(argv, preset_keys, train_keys)
     cfg = compose_preset(preset, own)
     for role in ("sft_data", "pref_data"):
-        cfg[role] = OmegaConf.merge(EMPTY_DATA, cfg.get(role) or {})
+        cfg[role] = OmegaConf.merge(pipeline_stages.EMPTY_DATA, cfg.get(role) or {})
     cfg.common = _as_dict(cfg.get("common"), "common")
-    cfg.stages = {s: _as_dict((cfg.get("stages") or {}).get(s), f"stages.{s}") for s in STAGES}
+    cfg.stages = {s: _as_dict((cfg.get("stages") or {}).get(s), f"stages.{s}") for s in pipeline_stages.STAGES}
     if int(cfg.seeds) < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1")
-    cfg.caches = OmegaConf.merge({k: True for k in CACHE_KINDS}, _as_dict(cfg.get("caches"), "caches"))
+    cfg.caches = OmegaConf.merge({k: True for k in pipeline_stages.CACHE_KINDS}, _as_dict(cfg.get("caches"), "caches"))
     for k, v in cfg.caches.items():
-        if k not in CACHE_KINDS or not isinstance(v, bool):
-            raise ValueError(f"caches.{k}={v}: caches has the keys {list(CACHE_KINDS)}, each true or false")
-    method_overrides(cfg)  # every method resolves to a known loss
+        if k not in pipeline_stages.CACHE_KINDS or not isinstance(v, bool):
+            raise ValueError(f"caches.{k}={v}: caches has the keys {list(pipeline_stages.CACHE_KINDS)}, each true or false")
+    pipeline_stages.method_overrides(cfg)  # every method resolves to a known loss
+    if cfg.get("baseline") and str(cfg.baseline) not in [str(m) for m in cfg.methods]:
+        print(f"note: baseline={cfg.baseline} is not one of methods {list(cfg.methods)}: the table has no paired "
+              "differences", flush=True)
     cfg.out = os.path.abspath(cfg.out)
     for role in ("sft_data", "pref_data"):
         given = [o for o in passthrough if o.split("=", 1)[0].lstrip("+") in ("datasets", "data.local.path")]
         if given and (cfg[role].datasets or cfg[role].path or cfg[role].train):
-            stages = [s for s in STAGES if DATA_OF_STAGE[s] == role]
+            stages = [s for s in pipeline_stages.STAGES if pipeline_stages.DATA_OF_STAGE[s] == role]
             print(f"note: {role} sets the data of {' and '.join(stages)}: {' '.join(given)} is overridden there",
                   flush=True)
     return cfg, passthrough
 
 
-# ---------------------------------------------------------------- train.py overrides
-
-SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:+\-~@]+$")
-
-
-def hydra_value(v) -> str:
-    """A config value written as a Hydra override value."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(hydra_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
-    s = str(v)
-    if SAFE_VALUE.match(s) or s.startswith("${"):
-        return s
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def flatten(settings: Dict, prefix: str = "") -> List[str]:
-    """{a: 1, data: {local: {path: x}}, b: {}} -> ["a=1", "data.local.path=x"]: Hydra overrides."""
-    return [f"{k}={hydra_value(v)}" for k, v in utils.dotted(settings, prefix).items() if v != {}]
-
-
-def data_overrides(role) -> List[str]:
-    """train.py overrides of sft_data / pref_data: datasets, data.local.path/train/test and
-    data.<option> for each of `options`. A path or train file means the local files:
-    datasets=[local], unless `datasets` already names local (e.g. [dpomix, local] mixes)."""
-    r = OmegaConf.to_container(role, resolve=True)
-    out = []
-    datasets = list(r.get("datasets") or [])
-    if (r.get("path") or r.get("train")) and "local" not in datasets:
-        datasets = ["local"]
-    if datasets:
-        out.append(f"datasets={hydra_value(list(datasets))}")
-    if r.get("path"):
-        out.append(f"data.local.path={hydra_value(os.path.abspath(os.path.expanduser(str(r['path']))))}")
-    for k in ("train", "test"):
-        if r.get(k):
-            out.append(f"data.local.{k}={hydra_value(r[k])}")
-    out += flatten(r.get("options") or {}, "data.")
-    return out
-
-
-def merge_overrides(*groups: List[str]) -> List[str]:
-    """Later key=value pairs replace earlier ones with the same key (Hydra refuses duplicates)."""
-    merged: Dict[str, str] = {}
-    for group in groups:
-        for o in group:
-            merged[o.split("=", 1)[0]] = o
-    return list(merged.values())
-
-
-def stage_dirs(cfg) -> Dict[str, str]:
-    """The run directory of each teacher / SFT stage: <out>/<stage>, or the run `reuse` names."""
-    reuse = cfg.get("reuse") or {}
-    return {name: str(reuse.get(name) or os.path.join(cfg.out, name)) for name in ("teacher_sft", "teacher_dpo",
-                                                                                   "student_sft", "reward_model")}
-
-
-def reward_model_of(cfg) -> Optional[str]:
-    """eval.reward_model: None (no RM column), the reward_model stage's run ("train"), or a model."""
-    rm = (cfg.get("eval") or {}).get("reward_model")
-    return None if rm is None else stage_dirs(cfg)["reward_model"] if rm == "train" else str(rm)
-
-
-def method_runs(cfg) -> List[str]:
-    return [os.path.join(cfg.out, "methods", f"{m}_seed{s}") for m in cfg.methods for s in range(int(cfg.seeds))]
-
-
-def stage_of(key: str) -> str:
-    """The stage of an overrides key: `methods/<method>` belongs to the methods stage."""
-    return key.split("/", 1)[0]
-
-
-def start_points(cfg) -> Dict[str, str]:
-    """{method: the method whose run of the same seed it starts from} (`start_from`; every other
-    method starts from the SFT student). The source must be one of `methods`, listed before it
-    (it runs first), and may not itself start from another method's run."""
-    starts = {str(k): str(v) for k, v in (cfg.get("start_from") or {}).items()}
-    methods = [str(m) for m in cfg.methods]
-    for m, src in starts.items():
-        if m not in methods:
-            continue  # a preset's start point for a method this command does not run
-        if src not in methods or methods.index(src) > methods.index(m):
-            raise ValueError(f"start_from.{m}={src}: {m} starts from the {src} run of each seed, so {src} must be "
-                             f"one of methods, listed before {m} (methods={methods})")
-        if src in starts:
-            raise ValueError(f"start_from.{m}={src}: {src} itself starts from {starts[src]}; chain one step only")
-    return {m: src for m, src in starts.items() if m in methods}
-
-
-def stage_overrides(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
-    """The train.py arguments of every stage, in running order: common, the pass-through
-    arguments, the stage's data (sft_data / pref_data), the stage's settings, then (for a
-    method) the method's own overrides, then the chaining keys. Each method is its own
-    multirun over the seeds, under the key `methods/<method>`."""
-    d = stage_dirs(cfg)
-    base = ["resume=true", f"runs_dir={cfg.out}", "seed=0"]
-    fixed = {
-        "teacher_sft": [f"model={cfg.teacher}", "exp_name=teacher_sft"],
-        "teacher_dpo": [f"model={cfg.teacher}", "exp_name=teacher_dpo", f"model.archive={d['teacher_sft']}"],
-        "student_sft": [f"model={cfg.model}", "exp_name=student_sft"],
-    }
-    if (cfg.get("eval") or {}).get("reward_model") == "train":  # a Bradley-Terry RM from the SFT student
-        fixed["reward_model"] = [f"model={cfg.model}", "exp_name=reward_model", "loss=rm",
-                                 f"model.archive={d['student_sft']}", "padding_free=false",  # a scalar head
-                                 "sample_during_eval=false"]  # refuses both (a global setting stays the others')
-    # wandb: one group per pipeline, the stage as the job type (prefkd/tracking.py)
-    group = f"wandb.group={hydra_value(str(cfg.out))}"
-    fixed = {s: ov + [group, f"wandb.job_type={s}", f"wandb.method={s}"] for s, ov in fixed.items()}
-    common = flatten(OmegaConf.to_container(cfg.common, resolve=True))
-    settings = lambda s: flatten(OmegaConf.to_container(cfg.stages[s], resolve=True))  # noqa: E731
-    reused = set(cfg.get("reuse") or {})  # trained by another group (or another command): not run here
-    out = {s: merge_overrides(common, passthrough, base, data_overrides(cfg[DATA_OF_STAGE[s]]), settings(s), fixed[s])
-           for s in fixed if s not in reused}
-    seeds = "seed=" + ",".join(str(k) for k in range(int(cfg.seeds)))
-    starts = start_points(cfg)
-    for m, own in method_overrides(cfg).items():
-        start = os.path.join(cfg.out, "methods", f"{starts[m]}_seed${{seed}}") if m in starts else d["student_sft"]
-        chain = [f"model={cfg.model}", f"model.archive={start}", f"teacher={cfg.teacher}",
-                 f"teacher.archive={d['teacher_dpo']}", f"teacher.reference_archive={d['teacher_sft']}",
-                 f"runs_dir={os.path.join(cfg.out, 'methods')}", seeds,
-                 f"exp_name={m}_seed${{seed}}", group, "wandb.job_type=method", f"wandb.method={m}"]
-        out[f"methods/{m}"] = merge_overrides(common, passthrough, base, data_overrides(cfg.pref_data),
-                                              settings("methods"), own, chain)
-    return out
-
-
-def generation_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[str, List[str]]:
-    """The stages in running order with a generation stage before the methods for every model a
-    method's loss generates with (seqkd: the DPO teacher; adpa: the SFT student). generate.py
-    runs once per generating model and decoding, over the train and test splits of the
-    preference data, and is shared by every seed and method that needs it; those methods read
-    the files (`generations=`). A generation stage's key is `generate/<name>.<split>`."""
-    d = stage_dirs(cfg)
-    gens: Dict[str, List[str]] = {}
-    for stage, c in configs.items():
-        if stage_of(stage) != "methods" or c.get("generations"):
-            continue
-        gen = loss_spec.get_loss(c.loss.name).generation_need(c.loss)
-        if gen is None or not gen.frozen or gen.num_beams != 1:
-            continue  # on-policy sampling (gkd) or beam search stays in the run
-        source = d["teacher_dpo"] if gen.source == "teacher" else d["student_sft"]
-        max_new = int(gen.max_new_tokens or (c.max_length - c.max_prompt_length))
-        decoding = (["do_sample=false"] if gen.temperature is None else
-                    ["do_sample=true", f"temperature={float(gen.temperature)}", "top_p=1.0"])
-        tag = os.path.basename(source) + ("_greedy" if gen.temperature is None else f"_t{float(gen.temperature):g}") \
-            + f"_n{max_new}"
-        files = []
-        for split in ("train", "test"):
-            path = os.path.join(cfg.out, "generations", f"{tag}.{split}.jsonl")
-            files.append(path)
-            gens[f"generate/{tag}.{split}"] = (
-                [f"checkpoint={source}", f"out={path}", f"split={split}", f"datasets={hydra_value(list(c.datasets))}",
-                 f"max_new_tokens={max_new}", f"max_prompt_length={c.max_prompt_length}",
-                 f"truncation_mode={c.truncation_mode}"] + decoding
-                + flatten(OmegaConf.to_container(c.data, resolve=True), "data."))
-        overrides[stage] = overrides[stage] + [f"generations={hydra_value(files)}"]
-    if not gens:
-        return overrides
-    first = [k for k in overrides if stage_of(k) != "methods"]
-    return {**{k: overrides[k] for k in first}, **gens, **{k: v for k, v in overrides.items() if k not in first}}
-
-
-def cache_stages(cfg, overrides: Dict[str, List[str]], configs: Dict) -> Dict[str, List[str]]:
-    """The stages in running order with a precompute stage before the methods for every teacher
-    and reference cache the methods can read (prefkd/output_cache.py): the DPO teacher's features for
-    a teacher-based loss that can read them from a cache (tvkd, ddpo, top-K KD; not full-vocabulary
-    KD or losses that generate), the SFT student's log-probs for the losses that read only the
-    reference's log-probs (dpo, wpo, tvkd...; not tdpo). A cache covers every seed's examples,
-    so it is computed once for all seeds (more seeds later: it is recomputed); methods whose
-    cache would hold the same content share it (one reference cache for all of them, one
-    teacher cache per loss and feature setting). caches.teacher / caches.reference = false
-    keep the live models. A stage's key is `precompute/<name>`; the methods read the caches
-    through teacher.cache / reference.cache."""
-    import hashlib
-    from prefkd import output_cache
-    stages: Dict[str, List[str]] = {}
-    for stage, c in configs.items():
-        if stage_of(stage) != "methods":
-            continue
-        spec, named = loss_spec.get_loss(c.loss.name), output_cache.configured(c)
-        # what the examples and their rows depend on (the seeds are not: a cache grows to more seeds)
-        plan = {k: c.get(k) for k in ("batch_size", "n_examples", "n_epochs", "n_eval_examples", "eval_batch_size",
-                                      "datasets", "max_length", "max_prompt_length", "truncation_mode")}
-        plan.update(data=OmegaConf.to_container(c.data, resolve=True), rows=[spec.pairwise, spec.sft_targets])
-        add = []
-        for kind in CACHE_KINDS:
-            if not cfg.caches[kind] or kind in named:
-                continue
-            if kind == output_cache.TEACHER:
-                try:
-                    if not spec.teacher_need(c.loss) or output_cache.teacher_cache_problem(c):
-                        continue
-                except ValueError:  # a setting the loss refuses: the run itself says so, the others go on
-                    continue
-                what = {"loss": c.loss.name, "features": output_cache.feature_settings(c.loss),
-                        "teacher": OmegaConf.to_container(c.teacher)}
-            else:
-                if spec.reference_need(c.loss) != "logps" or output_cache.reference_cache_problem(c):
-                    continue
-                what = {"model": OmegaConf.to_container(c.model)}
-            digest = hashlib.sha256(json.dumps({**plan, **what}, sort_keys=True, default=str).encode()).hexdigest()
-            name = (f"teacher_{c.loss.name}_" if kind == output_cache.TEACHER else "reference_") + digest[:8]
-            path = os.path.join(cfg.out, "caches", name)
-            stages.setdefault(f"precompute/{name}", [kind] + overrides[stage] + [
-                f"{output_cache.CONFIG_KEY[kind]}={path}"])
-            add.append(f"{output_cache.CONFIG_KEY[kind]}={path}")
-        overrides[stage] = overrides[stage] + add
-    if not stages:
-        return overrides
-    first = [k for k in overrides if stage_of(k) != "methods"]
-    return {**{k: overrides[k] for k in first}, **stages, **{k: v for k, v in overrides.items() if k not in first}}
-
-
-# ---------------------------------------------------------------- checks before training
 
 def compose_stage(overrides: List[str]):
     """The config train.py will see for these arguments (first method / seed of a multirun)."""
-    from prefkd import run_plan
-    return run_plan.compose([re.sub(r"^(loss|seed)=([^,]*),.*$", r"\1=\2", o) for o in overrides])
+    return config_compose.compose([re.sub(r"^(loss|seed)=([^,]*),.*$", r"\1=\2", o) for o in overrides])
 
 
 def describe_role(c) -> str:
@@ -492,17 +225,15 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
     """Before any stage trains: load and validate every stage's data, refuse SFT and
     preference data formatted differently, and load and probe the scorer. Raises ValueError
     (DataError, ScorerError) naming the file, row or key."""
-    from prefkd import data_checks
-    import train as train_py
     configs = {s: compose_stage(ov) for s, ov in overrides.items()}
     for stage, c in list(configs.items()):
         try:  # every stage's and every method's settings, before the first one trains
             train_py.validate_config(c, check_archives=False)
         except ValueError as e:
-            if not (cfg.get("skip_refused") and stage_of(stage) == "methods"):
+            if not (cfg.get("skip_refused") and stage.kind == pipeline_stages.METHODS):
                 raise ValueError(f"stage {stage}: {e}") from None
             # skip_refused (a study over settings some methods cannot run in): the row says why
-            method = stage.split("/", 1)[1]
+            method = stage.method
             print(f"pipeline: {method} is not run here: {e}", flush=True)
             cfg.absent = {**(cfg.get("absent") or {}), method: str(e)}
             cfg.methods = [m for m in cfg.methods if m != method]
@@ -514,9 +245,9 @@ def preflight(cfg, overrides: Dict[str, List[str]]) -> Dict:
         data_loading.check_datasets(names, tokenizer_facts.get_tokenizer(c.model.tokenizer), options, need_pairs=need_pairs)
         f = data_checks.dataset_formats(names, options)
         data_checks.check_formats(f, options)
-        formats[DATA_OF_STAGE[stage_of(stage)]].update(f)
+        formats[stage.data_role].update(f)
     sft = configs.get("teacher_sft") or configs.get("student_sft") or next(iter(configs.values()))
-    pref = configs.get("teacher_dpo") or next(c for s, c in configs.items() if DATA_OF_STAGE[stage_of(s)] == "pref_data")
+    pref = configs.get("teacher_dpo") or next(c for s, c in configs.items() if s.data_role == "pref_data")
     kinds = {role: data_checks.role_format(f) for role, f in formats.items() if f}
     if len(kinds) == 2 and kinds["sft_data"] != kinds["pref_data"]:
         msg = (f"the SFT data ({describe_role(sft)}) is {data_checks.FORMAT_NAMES[kinds['sft_data']]}, but the "
@@ -547,8 +278,6 @@ def train(overrides: List[str], multirun: bool = False) -> int:
 def train_in_process(overrides: List[str], multirun: bool = False):
     """The same runs in this process (in_process=true): no interpreter start-up per stage, for
     tiny runs and tests. A multirun's comma lists (loss=a,b seed=0,1) become one run each."""
-    import itertools
-    import train as train_py
     sweep = {o.split("=", 1)[0]: o.split("=", 1)[1].split(",") for o in overrides
              if multirun and o.split("=", 1)[0] in ("loss", "seed")}
     failures = 0
@@ -575,7 +304,6 @@ def script_stage(script: str, args: List[str], in_process: bool) -> int:
     """One run of generate.py (a generation stage: an existing complete file is kept) or
     precompute.py (a cache stage, with --if-needed: a cache with the same key and examples is kept)."""
     if in_process:
-        import importlib
         print(f"\n$ {script}.py " + " ".join(args), flush=True)
         return importlib.import_module(script).main(args)
     cmd = [sys.executable, os.path.join(utils.REPO_DIR, f"{script}.py")] + args
@@ -584,38 +312,42 @@ def script_stage(script: str, args: List[str], in_process: bool) -> int:
 
 
 def run_stages(cfg, overrides: Dict[str, List[str]]) -> None:
-    """The stages in order. A failed teacher, SFT, generation or cache stage stops the pipeline
-    (everything after it needs it); a failed method does not: the others are still evaluated
-    and reported."""
+    """The stages in order, each run by its kind. A failed teacher, SFT, generation or cache stage
+    stops the pipeline (everything after it needs it); a failed method does not: the others are
+    still evaluated and reported."""
+    in_process = bool(cfg.get("in_process"))
     for stage, ov in overrides.items():
-        if stage_of(stage) == "generate":
-            if script_stage("generate", ov, bool(cfg.get("in_process"))):
+        if stage.kind == pipeline_stages.GENERATE:
+            if script_stage("generate", ov, in_process):
                 raise utils.RunError(f"stage {stage} failed; fix the cause and run the same command again "
                                      "(a generation resumes where it stopped)")
-            continue
-        if stage_of(stage) == "precompute":
-            readers = [key for key, o in overrides.items()
-                       if stage_of(key) == "methods" and ov[-1] in o]
-            runs = [os.path.join(cfg.out, "methods", f"{m.split('/', 1)[1]}_seed{k}") for m in readers
-                    for k in range(int(cfg.seeds))]
-            if all(os.path.exists(os.path.join(run, "DONE")) for run in runs):
-                print(f"\nstage {stage}: every run that reads it is complete (DONE); not computed", flush=True)
-                for key in readers:  # so they are not checked against a cache that was never written
-                    overrides[key] = [o for o in overrides[key] if o != ov[-1]]
-                continue
-            if script_stage("precompute", ov + ["--if-needed"], bool(cfg.get("in_process"))):
-                raise utils.RunError(f"stage {stage} failed; fix the cause and run the same command again, or "
-                                     f"pass caches.{ov[0]}=false to run the methods with the live {ov[0]} model")
-            continue
-        method = stage_of(stage) == "methods"
-        rc = (train_in_process if cfg.get("in_process") else train)(ov, multirun=method)
-        if rc and not method:
-            raise utils.RunError(f"stage {stage} failed (exit code {rc}); fix the cause and run the same command "
-                                 "again: complete stages are skipped, an interrupted one resumes")
+        elif stage.kind == pipeline_stages.PRECOMPUTE:
+            run_cache_stage(cfg, stage, overrides)
+        else:
+            method = stage.kind == pipeline_stages.METHODS
+            rc = (train_in_process if in_process else train)(ov, multirun=method)
+            if rc and not method:
+                raise utils.RunError(f"stage {stage} failed (exit code {rc}); fix the cause and run the same "
+                                     "command again: complete stages are skipped, an interrupted one resumes")
+
+
+def run_cache_stage(cfg, stage, overrides: Dict[str, List[str]]) -> None:
+    """precompute.py for one cache, unless every run that reads it is already complete: then the
+    readers drop the cache setting (so they are not checked against a cache never written)."""
+    readers = [key for key, o in overrides.items() if key.kind == pipeline_stages.METHODS and stage.setting in o]
+    runs = pipeline_stages.method_runs(cfg, [key.method for key in readers])
+    if all(os.path.exists(os.path.join(run, "DONE")) for run in runs):
+        print(f"\nstage {stage}: every run that reads it is complete (DONE); not computed", flush=True)
+        for key in readers:
+            overrides[key] = [o for o in overrides[key] if o != stage.setting]
+        return
+    if script_stage("precompute", overrides[stage] + ["--if-needed"], bool(cfg.get("in_process"))):
+        raise utils.RunError(f"stage {stage} failed; fix the cause and run the same command again, or pass "
+                             f"caches.{stage.cache_kind}=false to run the methods with the live {stage.cache_kind} model")
 
 
 def failed_methods(cfg) -> List[str]:
-    return [run for run in method_runs(cfg) if not os.path.exists(os.path.join(run, "DONE"))]
+    return [run for run in pipeline_stages.method_runs(cfg) if not os.path.exists(os.path.join(run, "DONE"))]
 
 
 def evaluate_all(cfg, passthrough=None) -> None:
@@ -625,11 +357,9 @@ def evaluate_all(cfg, passthrough=None) -> None:
     model's files included). Generations are written beside it: generations.jsonl,
     alpaca_eval.json, mt_bench.jsonl. With eval.reward_model, every model's answers are scored by
     it, with the win rate against the SFT student's answers (evaluated first)."""
-    import evaluate
-    from prefkd import tracking
-    d = stage_dirs(cfg)
+    d = pipeline_stages.stage_dirs(cfg)
     jobs = [(d["student_sft"], None), (d["teacher_sft"], None), (d["teacher_dpo"], d["teacher_sft"])]
-    jobs += [(run, d["student_sft"]) for run in method_runs(cfg)]
+    jobs += [(run, d["student_sft"]) for run in pipeline_stages.method_runs(cfg)]
     pref_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(d["teacher_dpo"], "config.yaml")), resolve=True)
     names = list(cfg.eval.get("datasets") or pref_cfg["datasets"])
     n = cfg.eval.get("n")
@@ -637,7 +367,7 @@ def evaluate_all(cfg, passthrough=None) -> None:
     held_out = {k: v for k, v in pref_cfg["data"].items() if k not in ("flip_fraction", "flip_seed")}
     settings = {"datasets": names, "data": held_out, "n": n, "batch_size": int(cfg.eval.batch_size),
                 "beta": float(cfg.eval.beta), "max_new_tokens": int(cfg.eval.max_new_tokens)}
-    rm = reward_model_of(cfg)
+    rm = pipeline_stages.reward_model_of(cfg)
     if rm is not None:
         settings["reward_model"] = reward_model_key(rm)
     device, dtype = evaluate.evaluation_device()
@@ -678,7 +408,6 @@ def reward_model_key(rm: str) -> Dict[str, str]:
     """What the evaluations' cache key holds of the reward model: its name and, for a local one, a
     fingerprint of its weights (a retrained reward model is noticed). Its held-out accuracy, when it
     is a run of this pipeline, is printed."""
-    from prefkd import checkpoints, output_cache
     if not os.path.exists(rm):
         return {"name": rm}
     path = checkpoints.resolve_checkpoint(rm)
@@ -717,24 +446,23 @@ def group_configs(cfg) -> List[DictConfig]:
             earlier = {x.group: x for x in out}
             if source not in earlier:
                 checkpoints.check_finished_run(f"groups.{name}.reuse.{stage}", source)
-            g.reuse[stage] = stage_dirs(earlier[source])[stage] if source in earlier else os.path.abspath(source)
-        method_overrides(g)
+            g.reuse[stage] = pipeline_stages.stage_dirs(earlier[source])[stage] if source in earlier else os.path.abspath(source)
+        pipeline_stages.method_overrides(g)
         out.append(g)
     return out
 
 
 def prepare(cfg, passthrough: List[str]) -> Dict[str, List[str]]:
     """Every stage's train.py arguments, checked (config and data) before anything trains."""
-    overrides = stage_overrides(cfg, passthrough)
-    rm = reward_model_of(cfg)
+    overrides = pipeline_stages.stage_overrides(cfg, passthrough)
+    rm = pipeline_stages.reward_model_of(cfg)
     if rm is not None and cfg.eval.reward_model != "train":  # a named reward model: readable before anything trains
-        from prefkd import reward_scoring
         try:
             reward_scoring.check(rm)
         except ValueError as e:
             raise ValueError(f"eval.reward_model: {e}") from None
     configs = preflight(cfg, overrides)
-    return cache_stages(cfg, generation_stages(cfg, overrides, configs), configs)
+    return pipeline_stages.cache_stages(cfg, pipeline_stages.generation_stages(cfg, overrides, configs), configs)
 
 
 def execute(cfg, overrides: Dict[str, List[str]], argv: List[str]) -> int:
@@ -753,7 +481,6 @@ def execute(cfg, overrides: Dict[str, List[str]], argv: List[str]) -> int:
         print(f"{getattr(e, 'kind', 'error')}: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     evaluate_all(cfg, argv)
-    import report
     table = report.write_report(cfg.out, dict(cfg.get("reuse") or {}))
     print(f"\n{table}\nwall time {time.time() - t0:.0f} s; results in {cfg.out}/results.md, results.csv, results.png")
     failed = failed_methods(cfg)
@@ -778,7 +505,6 @@ def main(argv=None) -> int:
         if rc == 130:  # interrupted: no further group, no study table
             return rc
     if len(plans) > 1:
-        import report
         where = os.path.abspath(str(cfg.get("report") or os.path.join(cfg.out, "study")))
         table = report.write_group_report(where, [g for g, _ in plans], cfg.get("plot_x"))
         print(f"\n{table}\nthe study's table and plot: {where}/results.md, results.csv, results.png")

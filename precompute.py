@@ -32,20 +32,21 @@ the batches (the same rows, and the same values, as one process).
 """
 import copy
 import os
+import shutil
 import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
+import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from prefkd import output_cache
-import utils
-from prefkd import models, packing, run_plan, tokenizer_facts
-import preference_datasets as data
-from prefkd import batches
-from prefkd import loss_spec
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
+import preference_datasets as data
+import train
+import utils
+from prefkd import batches, config_compose, loss_spec, models, output_cache, packing, tokenizer_facts
+from prefkd.logits import output_logits
 
 KINDS = (output_cache.TEACHER, output_cache.REFERENCE)
 USAGE = ("usage: python precompute.py {teacher|reference} <train.py overrides> "
@@ -56,13 +57,12 @@ PLAN_KEYS = ("batch_size", "n_examples", "n_epochs", "n_eval_examples", "eval_ba
 
 def compose(overrides: List[str]):
     """The config train.py would see for these command-line overrides."""
-    return run_plan.compose(overrides)
+    return config_compose.compose(overrides)
 
 
 def check(cfg, kind: str, tokenizer) -> str:
     """Validate the run's config (as train.py does) and that loss `cfg.loss` can read a `kind`
     cache; returns the cache directory. Raises ValueError naming the key."""
-    import train
     if kind not in KINDS:
         raise ValueError(f"unknown cache kind {kind!r}: {USAGE}")
     path = output_cache.configured(cfg).get(kind)
@@ -97,7 +97,6 @@ def features(frozen: "models.FrozenModels", kind: str, inputs: Dict[str, torch.T
     """What a `kind` cache stores for one batch: the features the loss would read (full logits:
     the cache stores what a run without output chunking computes), on padded rows or, with a
     `packer` (padding_free=true), on packed ones (the same numbers)."""
-    from prefkd.logits import output_logits
 
     def logits(model, model_in):
         return output_logits(model, model_in, chunk=False, packing=packer.of(model_in) if packer else None)
@@ -200,8 +199,6 @@ def part_worker(rank: int, world: int, cfg_container: Dict, kind: str, seeds: Li
 
 def compute_in_parallel(cfg, kind: str, seeds: List[int], writer, key: Dict, world: int) -> Dict[str, int]:
     """`world` processes compute disjoint rows into caches of their own, appended to `writer`."""
-    import shutil
-    import torch.multiprocessing as mp
     parts = f"{writer.path}.parts-{os.getpid()}"
     shutil.rmtree(parts, ignore_errors=True)
     os.makedirs(parts)
@@ -227,7 +224,6 @@ def precompute(cfg, kind: str, log=print, seeds: Optional[List[int]] = None, if_
     """Write the `kind` cache ("teacher" or "reference") that the run `cfg` names, covering the
     examples of `cfg` run with each of `seeds` (default: cfg.seed); returns its manifest. With
     `if_needed`, an existing cache with the same key that covers those plans is kept."""
-    import train
     seeds = [int(cfg.seed)] if seeds is None else [int(s) for s in seeds]
     cfg = copy.deepcopy(cfg)
     cfg.seed = seeds[0]

@@ -22,6 +22,11 @@ import statistics
 import sys
 from typing import Dict, List, Optional
 
+from omegaconf import OmegaConf
+
+import utils
+from prefkd import comparison
+
 # Task columns come first, one per score name found in the eval.json files (task_<name>:
 # the data set's scorer, see prefkd/scorers.py); then these.
 COLUMNS = [("logp_accuracy", "held-out logp acc."), ("pref_accuracy", "pref. acc. (vs ref)"),
@@ -51,7 +56,8 @@ def collect(root: str, dirs: Optional[Dict[str, str]] = None) -> Dict[str, List[
         method, seed = re.match(r"^(.*?)(?:_seed(\d+))?$", run).groups()
         if order and (method not in order or (seed is not None and int(seed) >= n_seeds)):
             continue  # another pipeline command's run in the same directory
-        found.setdefault(method, []).append({**load_json(path), **train_margins(os.path.dirname(path))})
+        found.setdefault(method, []).append({**load_json(path), **train_margins(os.path.dirname(path)),
+                                             "seed": int(seed or 0)})
     # the pipeline's order of methods (the paper's row order in the presets), else by name
     for method in sorted(found, key=lambda m: (order.index(m) if m in order else len(order), m)):
         rows[method] = found[method]
@@ -79,13 +85,17 @@ def pipeline_methods(root: str):
     (its pipeline.yaml), or ([], 0, {}): the table shows what that command asked for, though
     several commands (the embedded table and the table5 ablation, say) share the directory and
     its finished runs."""
-    path = os.path.join(root, "pipeline.yaml")
-    if not os.path.exists(path):
+    cfg = pipeline_record(root)
+    if cfg is None:
         return [], 0, {}
-    from omegaconf import OmegaConf
-    cfg = OmegaConf.load(path)
     labels = {str(k): str(v) for k, v in (cfg.get("labels") or {}).items()}
     return [str(m) for m in (cfg.get("methods") or [])], int(cfg.get("seeds") or 1), labels
+
+
+def pipeline_record(root: str):
+    """The config the last pipeline command wrote to <root>/pipeline.yaml, or None."""
+    path = os.path.join(root, "pipeline.yaml")
+    return OmegaConf.load(path) if os.path.exists(path) else None
 
 
 def mean_std(values: List[float]):
@@ -230,12 +240,48 @@ def plot(root: str, summary: List[dict], path: str, cols: List[tuple]) -> List[s
     return [a.get_title() for a in axes]
 
 
+def paired_lines(rows: Dict[str, List[dict]], key: str, title: str, baseline: Optional[str],
+                 labels: Dict[str, str]) -> List[str]:
+    """The paired differences of `key` against the baseline method (prefkd/comparison.py): a table
+    of each method's mean difference and 95% interval over the seeds both ran (* where it
+    excludes 0), and the design's smallest resolvable and detectable differences; a line saying
+    why not where there is no baseline or fewer than 2 seeds."""
+    if not baseline:
+        return []
+    if baseline not in rows:
+        return [f"No paired differences: the baseline {baseline} is not a row of this table (set baseline=<method>)."]
+    base = {r["seed"]: r[key] for r in rows[baseline] if key in r}
+    diffs = {m: comparison.paired({r["seed"]: r[key] for r in results if key in r}, base)
+             for m, results in rows.items() if m != baseline and all("seed" in r for r in results)}
+    diffs = {m: d for m, d in diffs.items() if d is not None}
+    n = min((d.n for d in diffs.values()), default=0)
+    if n < 2:
+        return [f"No paired differences against {baseline}: they need at least 2 seeds (seeds=5 for the studies)."]
+    lines = [f"Paired differences in {title} against {labels.get(baseline, baseline)} (same seed: same data order "
+             f"and start; 95% t interval over the seeds; * the interval excludes 0):", "",
+             f"| method | seeds | Δ {title} | 95% interval |", "|---|---|---|---|"]
+    for m, d in diffs.items():
+        mark = " *" if d.resolved else ""
+        lines.append(f"| {labels.get(m, m)} | {d.n} | {d.mean:+.3f}{mark} | [{d.low:+.3f}, {d.high:+.3f}] |")
+    sds = [d.sd for d in diffs.values() if d.sd is not None]
+    lines += ["", f"The design ({n} seeds, pooled spread of the differences {comparison.pooled_sd(sds):.3f}) resolves "
+              f"an observed difference of {comparison.resolvable(sds, n):.3f} (the interval's half-width) and "
+              f"detects a true one of {comparison.detectable(sds, n):.3f} with 80% power."]
+    return lines
+
+
 def write_report(root: str, dirs: Optional[Dict[str, str]] = None) -> str:
-    """results.md / .csv / .png of one pipeline directory (`dirs`: its stages run elsewhere)."""
+    """results.md / .csv / .png of one pipeline directory (`dirs`: its stages run elsewhere); under
+    the table, the paired differences of the headline score against the pipeline's `baseline`."""
     rows = collect(root, dirs)
     cols = columns(rows)
     summary = summarise(rows)
-    table = markdown(summary, cols, pipeline_methods(root)[2])
+    labels = pipeline_methods(root)[2]
+    table = markdown(summary, cols, labels)
+    record = pipeline_record(root)
+    key = plot_key(summary, cols)
+    paired = paired_lines(rows, key, dict(cols).get(key, key), record.get("baseline") if record else None, labels)
+    table += "\n\n" + "\n".join(paired) if paired else ""
     with open(os.path.join(root, "results.md.tmp"), "w") as f:
         f.write(table + "\n")
     os.replace(os.path.join(root, "results.md.tmp"), os.path.join(root, "results.md"))
@@ -256,17 +302,20 @@ GROUP_COLUMNS = [("pref_margin", "pref. margin"), ("shaping_margin", "shaping ma
 def write_group_report(where: str, groups: List, plot_x: Optional[str] = None) -> str:
     """One table over a study's pipelines (`groups`: their configs, as pipeline.py resolved them):
     a row per model, per group the task score (the first task column), the preference margin and
-    the shaping margin; a method a group refused shows why below the table. Writes results.md,
+    the shaping margin; a method a group refused shows why below the table, and under it each group's
+    paired differences against its `baseline` (with 2 seeds or more). Writes results.md,
     results.csv and results.png (the task score against `plot_x`, a setting of each group, else
     bars per group) in `where`."""
-    import utils
-    per = []
+    per, sections = [], []
     for g in groups:
-        rows = collect(g.out, dict(g.get("reuse") or {}))  # a reused stage's run (pipeline.stage_dirs)
+        rows = collect(g.out, dict(g.get("reuse") or {}))  # a reused stage's run (prefkd/pipeline_stages.stage_dirs)
         cols = columns(rows)
         task = next((k for k, _ in cols if k.startswith("task_")), "logp_accuracy")
         title = f"{g.group} ({g.teacher} → {g.model})"
         per.append((g, title, {r["method"]: r for r in summarise(rows, GROUP_COLUMNS)}, [(task, dict(cols)[task])] + GROUP_COLUMNS))
+        group_labels = {str(k): str(v) for k, v in (g.get("labels") or {}).items()}
+        paired = paired_lines(rows, task, dict(cols)[task], g.get("baseline"), group_labels)
+        sections += [f"**{title}**", ""] + paired + [""] if len(paired) > 1 else []
     names = list(dict.fromkeys(m for _, _, s, _ in per for m in s))
     names += [m for g, *_ in per for m in (g.get("absent") or {}) if m not in names]
     head = [f"{title}: {t}" for _, title, _, cols in per for _, t in cols]
@@ -283,7 +332,7 @@ def write_group_report(where: str, groups: List, plot_x: Optional[str] = None) -
         lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
     for g, title, *_ in per:
         notes += [f"- {m} in {g.group}: {why}" for m, why in (g.get("absent") or {}).items()]
-    table = "\n".join(lines + ([""] + notes if notes else []))
+    table = "\n".join(lines + ([""] + notes if notes else []) + ([""] + sections if sections else []))
     os.makedirs(where, exist_ok=True)
     utils.atomic_write_text(os.path.join(where, "results.md"), table + "\n")
     fields = ["group", "method", "seeds"] + [x for k, _ in per[0][3] for x in (k, k + "_std")]
@@ -302,7 +351,6 @@ def plot_groups(per: List, names: List[str], path: str, plot_x: Optional[str]) -
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from omegaconf import OmegaConf
     key, title = per[0][3][0]
     fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / max(1, len(names))

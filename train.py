@@ -22,6 +22,7 @@ Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary: `resume
 continues from it.
 """
 import hashlib
+import json
 import math
 import os
 import re
@@ -35,14 +36,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
-import utils
-from prefkd import adapters, models, packing, run_plan, run_state, tracking
-from prefkd import checkpoints
-from prefkd import tokenizer_facts
-from prefkd import loss_spec
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
-from prefkd.data import loading as data_loading
+import trainers
+import utils
+from prefkd import (adapters, checkpoints, config_compose, data_checks, hub_access, loss_spec, models, packing,
+                    run_plan, run_state, tokenizer_facts, tracking)
 from prefkd.data import encoding
+from prefkd.data import loading as data_loading
 
 # Overrides that do not change what is computed: they stay out of the derived run name so
 # that `resume=true` (or a new wandb mode) lands in the same directory as the original run.
@@ -77,13 +77,40 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
     tracking.check(cfg)  # wandb.tags
     spec = loss_spec.get_loss(cfg.loss.name)
     models.check_head(cfg, spec)  # a reward model's scalar head
-    if spec.validate is not None:
-        try:
-            spec.validate(cfg.loss)
-        except TypeError as e:  # a value of the wrong type reached a comparison
-            raise ValueError(f"loss={cfg.loss.name}: a loss.* value has the wrong type ({e}); "
-                             f"loss is {OmegaConf.to_container(cfg.loss)}") from None
-    run_plan.check_hub_access(cfg)
+    check_loss_settings(cfg, spec)
+    hub_access.check_hub_access(cfg)
+    check_loss_needs(cfg, spec)
+    check_batch_sizes(cfg)
+    if not hasattr(torch.optim, str(cfg.optimizer)):
+        raise ValueError(f"optimizer={cfg.optimizer!r} is not a torch.optim class")
+    if check_archives:
+        check_archive_dirs(cfg)
+    if cfg.model.name_or_path is None and cfg.model.get("init_config") is None:
+        raise ValueError(f"model={cfg.model.name}: set model.name_or_path or model.init_config")
+    if adapters.enabled(cfg.model):
+        adapters.check(cfg, models.policy_config(cfg, check_archives))
+    plan = run_plan.check_models(cfg, check_archives=check_archives)
+    if cfg.trainer.name not in trainers.TRAINERS:
+        raise ValueError(f"unknown trainer {cfg.trainer.name!r}; choose one of {sorted(trainers.TRAINERS)}")
+    if cfg.wandb.mode not in WANDB_MODES:
+        raise ValueError(f"wandb.mode={cfg.wandb.mode!r}: use online, offline or disabled")
+    return plan
+
+
+def check_loss_settings(cfg: DictConfig, spec) -> None:
+    """The loss's own validation of its loss.* keys (its spec's `validate`)."""
+    if spec.validate is None:
+        return
+    try:
+        spec.validate(cfg.loss)
+    except TypeError as e:  # a value of the wrong type reached a comparison
+        raise ValueError(f"loss={cfg.loss.name}: a loss.* value has the wrong type ({e}); "
+                         f"loss is {OmegaConf.to_container(cfg.loss)}") from None
+
+
+def check_loss_needs(cfg: DictConfig, spec) -> None:
+    """What the loss needs of the rest of the run: a vocabulary its top-K fits, preference pairs
+    for label noise to act on, a teacher with weights."""
     if spec.check_vocab is not None:
         spec.check_vocab(cfg.loss, len(tokenizer_facts.get_tokenizer(cfg.model.tokenizer)))
     if spec.sft_targets and float((cfg.get("data") or {}).get("flip_fraction") or 0):
@@ -96,6 +123,10 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
     if spec.teacher_need(cfg.loss) and cfg.teacher.get("name_or_path") is None and not cfg.teacher.get("archive"):
         raise ValueError(f"teacher={cfg.teacher.name} is built with random weights unless teacher.archive is set: "
                          "pass teacher.archive=<a DPO-trained run>/LATEST")
+
+
+def check_batch_sizes(cfg: DictConfig) -> None:
+    """batch_size divides over the processes and accumulation steps; eval_batch_size over the processes."""
     world = world_size_for(cfg)
     for key in ("batch_size", "eval_batch_size"):
         per = world * (cfg.gradient_accumulation_steps if key == "batch_size" else 1)
@@ -103,27 +134,19 @@ def validate_config(cfg: DictConfig, check_archives: bool = True) -> run_plan.Ru
             raise ValueError(f"{key}={cfg[key]} must be a positive multiple of world size ({world})"
                              + (f" x gradient_accumulation_steps ({cfg.gradient_accumulation_steps})"
                                 if key == "batch_size" else ""))
-    if not hasattr(torch.optim, str(cfg.optimizer)):
-        raise ValueError(f"optimizer={cfg.optimizer!r} is not a torch.optim class")
+
+
+def check_archive_dirs(cfg: DictConfig) -> None:
+    """model.archive / teacher.archive, where set, resolve to a complete checkpoint directory."""
     for key in ("model", "teacher"):
         archive = cfg[key].get("archive")
-        if archive and check_archives:
-            path = checkpoints.resolve_checkpoint(archive)
-            problem = checkpoints.model_dir_problem(path) if os.path.isdir(path) else f"no directory {path}"
-            if problem:
-                raise ValueError(f"{key}.archive={archive!r} is not a usable checkpoint: {problem}; point it at a "
-                                 "run directory, its LATEST file or a complete step-* directory")
-    if cfg.model.name_or_path is None and cfg.model.get("init_config") is None:
-        raise ValueError(f"model={cfg.model.name}: set model.name_or_path or model.init_config")
-    if adapters.enabled(cfg.model):
-        adapters.check(cfg, models.policy_config(cfg, check_archives))
-    import trainers
-    plan = run_plan.check_models(cfg, check_archives=check_archives)
-    if cfg.trainer.name not in trainers.TRAINERS:
-        raise ValueError(f"unknown trainer {cfg.trainer.name!r}; choose one of {sorted(trainers.TRAINERS)}")
-    if cfg.wandb.mode not in WANDB_MODES:
-        raise ValueError(f"wandb.mode={cfg.wandb.mode!r}: use online, offline or disabled")
-    return plan
+        if not archive:
+            continue
+        path = checkpoints.resolve_checkpoint(archive)
+        problem = checkpoints.model_dir_problem(path) if os.path.isdir(path) else f"no directory {path}"
+        if problem:
+            raise ValueError(f"{key}.archive={archive!r} is not a usable checkpoint: {problem}; point it at a "
+                             "run directory, its LATEST file or a complete step-* directory")
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -228,7 +251,6 @@ def check_data(cfg: DictConfig):
     (files per split, counts, formats, truncation, model length, scorer)."""
     if int(os.environ.get("RANK", 0)) != 0:
         return None
-    from prefkd import data_checks
     spec = loss_spec.get_loss(cfg.loss.name)
     tokenizer = tokenizer_facts.get_tokenizer(cfg.model.tokenizer)
     return data_checks.startup_report(cfg, tokenizer, need_pairs=not spec.sft_targets, sft_mode=spec.sft_targets)
@@ -299,7 +321,7 @@ def added_key_defaults(cfg: DictConfig) -> Dict:
     from hydra.core.global_hydra import GlobalHydra
     # inside train.py's Hydra app, Hydra is initialised already: compose with it
     compose = (lambda o: hydra.compose(config_name="config", overrides=o)) if GlobalHydra.instance().is_initialized() \
-        else run_plan.compose
+        else config_compose.compose
     try:
         base = compose(groups)
     except Exception:  # a config group of the user's own outside config/: the plain defaults
@@ -315,7 +337,6 @@ def check_resume_settings(cfg: DictConfig, run_dir: str) -> None:
     ckpt = checkpoints.find_resume_checkpoint(run_dir, log=lambda *a: None)
     if ckpt is None:
         return
-    import json
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
     # the last step may pass n_examples (whole batches): only more than the run's batches is refused
@@ -354,7 +375,6 @@ def is_done(run_dir: str, cfg: DictConfig) -> bool:
     path = os.path.join(run_dir, "DONE")
     if not os.path.exists(path):
         return False
-    import json
     with open(path) as f:
         done = json.load(f)
     return done.get("n_examples") == cfg.n_examples and done.get("n_epochs") == cfg.n_epochs
@@ -375,7 +395,6 @@ def worker(rank: int, world_size: int, cfg: DictConfig, run_dir: str):
     self-launched workers get their rank from mp.spawn. Each worker loads its own models."""
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    import trainers
     cls = trainers.TRAINERS[cfg.trainer.name]
     if cls is trainers.FSDPTrainer and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -567,7 +586,7 @@ def main(cfg: DictConfig):
 
 if __name__ == "__main__":
     try:  # before Hydra composes: an old key name would otherwise be a "not in struct" error
-        run_plan.refuse_renamed(a for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
+        config_compose.refuse_renamed(a for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 from typing import Dict, List, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
@@ -312,3 +313,14 @@ def agree(flags, device=None):
     t = torch.tensor([float(f) for f in flags], device=device or "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(x) for x in t.tolist()]
+
+
+RESULT = "RESULT"  # the prefix of a benchmark case's one result line (scripts/bench_*.py)
+
+
+def case_result(cmd: List[str], cwd: Optional[str] = None) -> Tuple[Optional[Dict], str]:
+    """Run one benchmark case in a fresh process (its memory and threads its own) and return (the
+    JSON of its RESULT line, or None if it printed none, the end of its stderr)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    line = next((x for x in out.stdout.splitlines() if x.startswith(RESULT)), None)
+    return (None if line is None else json.loads(line[len(RESULT):])), out.stderr[-3000:]

@@ -232,6 +232,24 @@ def absolute_data_paths(cfg) -> None:
 
 # ---------------------------------------------------------------- the report
 
+def split_lines(key: str, s: Dict) -> List[str]:
+    """The report's lines on one split (`key` = <name>/<split>): its source, rows and examples,
+    format, skipped and flipped rows, truncation, and files in its directory no split reads."""
+    src = s["source"] if isinstance(s["source"], str) else ", ".join(s["source"])
+    held = f" ({100 * s['holdout']:g}% of its prompts by hash)" if s["holdout"] else ""
+    skipped = (f", {s['skipped']} invalid rows skipped (data.skip_invalid=true)" if s["skipped"] else "") + (
+        f", labels of {s['flipped']} pairs flipped (data.flip_fraction)" if s.get("flipped") else "")
+    t = s["truncation"]
+    trunc = "" if not t else (f"; truncated: {t['truncated']}/{t['checked']}" +
+                              (f" checked of {t['of']}" if t["checked"] < t["of"] else ""))
+    lines = [f"data: {key} <- {src}{held}: {s['rows']} rows -> {s['examples']} examples, "
+             f"{FORMAT_SHORT[s['format']]}{skipped}{trunc}"]
+    if s["unread"] and key.endswith("/test"):
+        lines.append(f"data: {key.split('/')[0]}: also in its directory, read by no split: {', '.join(s['unread'])} "
+                     "(name a file with data.local.train / data.local.test)")
+    return lines
+
+
 def startup_report(cfg, tokenizer, need_pairs: bool, sft_mode: bool, echo=print) -> Dict:
     """Validate and describe the run's data (see the module docstring); raises DataError /
     ScorerError (ValueErrors naming the file, row or config key) on bad input."""
@@ -271,18 +289,8 @@ def startup_report(cfg, tokenizer, need_pairs: bool, sft_mode: bool, echo=print)
                      "training (evaluate.py scores each data set with its own)")
 
     for key, s in splits.items():
-        src = s["source"] if isinstance(s["source"], str) else ", ".join(s["source"])
-        held = f" ({100 * s['holdout']:g}% of its prompts by hash)" if s["holdout"] else ""
-        skipped = (f", {s['skipped']} invalid rows skipped (data.skip_invalid=true)" if s["skipped"] else "") + (
-            f", labels of {s['flipped']} pairs flipped (data.flip_fraction)" if s.get("flipped") else "")
-        t = s["truncation"]
-        trunc = "" if not t else (f"; truncated: {t['truncated']}/{t['checked']}" +
-                                  (f" checked of {t['of']}" if t["checked"] < t["of"] else ""))
-        echo(f"data: {key} <- {src}{held}: {s['rows']} rows -> {s['examples']} examples, "
-             f"{FORMAT_SHORT[s['format']]}{skipped}{trunc}")
-        if s["unread"] and key.endswith("/test"):
-            echo(f"data: {key.split('/')[0]}: also in its directory, read by no split: {', '.join(s['unread'])} "
-                 "(name a file with data.local.train / data.local.test)")
+        for line in split_lines(key, s):
+            echo(line)
     for line in notes:
         echo(f"data: {line}")
     for w in warnings:

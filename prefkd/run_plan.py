@@ -2,29 +2,16 @@
 or data set loads, handed to the trainer and to precompute.py.
 
 `RunPlan.of(cfg)` reads the loss's spec (prefkd/loss_spec.py) once; the checks here are the ones
-that do not belong to one key's range (train.py's check_types / check_ranges): renamed keys, the
-run name, hub models and data sets that cannot be reached offline.
+that do not belong to one key's range (train.py's check_types / check_ranges): the run name and
+the models, caches and generation files the loss needs. Composing a config is
+prefkd/config_compose.py's job, reaching the hub prefkd/hub_access.py's.
 """
 import os
-import socket
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Optional
 
+from prefkd import checkpoints, cross_tokenizer, generation, loss_spec, models, output_cache
 from prefkd.loss_spec import GENERATION_SOURCES, Generation, LossSpec
-from prefkd import tokenizer_facts
-from prefkd import loss_spec
-import utils
-from prefkd import checkpoints
-from prefkd import cross_tokenizer
-from prefkd import generation
-from prefkd import models
-from prefkd import output_cache
-from prefkd.data.sources import SOURCES
-
-# Keys that were renamed: an old name on a command line is refused with the new one.
-RENAMED = {"reference_cache": "reference.cache", "trainer.cpu_devices": "trainer.cpu_workers",
-           "wandb.enabled": "wandb.mode (wandb.mode=disabled turns wandb off)"}
-
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -44,72 +31,6 @@ class RunPlan:
         return cls(spec=spec, reference=spec.reference_need(cfg.loss), reference_model=spec.reference_model_need(cfg.loss),
                    teacher=spec.teacher_need(cfg.loss), teacher_reference=spec.teacher_reference_need(cfg.loss),
                    generation=spec.generation_need(cfg.loss), caches=output_cache.configured(cfg))
-
-
-def compose(overrides: Iterable[str]):
-    """The config train.py would see for these command-line overrides (Hydra's compose API, on
-    config/; struct mode off, as train.py runs): the one place outside a Hydra app that composes."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    refuse_renamed(overrides)
-    with initialize_config_dir(config_dir=os.path.join(utils.REPO_DIR, "config"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    OmegaConf.set_struct(cfg, False)
-    return cfg
-
-
-def compose_command(config_name: str, argv: Iterable[str], open_keys: Iterable[str] = ("data",)):
-    """The config of a command other than train.py (config/<config_name>.yaml) for its
-    key=value arguments, with Hydra's override grammar (datasets=[a,b], x=null). Keys under
-    `open_keys` (free-form sections such as data.*) may be new. A bare argument, an unknown key or
-    a required key left unset is a ValueError naming it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    argv = [str(a) for a in argv]
-    bare = [a for a in argv if "=" not in a]
-    if bare:
-        raise ValueError(f"argument {bare[0]!r} is not key=value: {config_name}.py takes Hydra-style key=value "
-                         f"arguments, e.g. checkpoint={bare[0]}")
-    path = os.path.join(utils.REPO_DIR, "config", f"{config_name}.yaml")
-    known = sorted(OmegaConf.load(path).keys())
-    tops = [a.lstrip("+~").split("=", 1)[0].split(".")[0] for a in argv]
-    unknown = [t for t in tops if t not in known]
-    if unknown:
-        raise ValueError(f"unknown argument {unknown[0]!r}: the keys of {config_name}.py are {known} "
-                         f"(config/{config_name}.yaml)")
-    overrides = [("++" + a.lstrip("+")) if t in tuple(open_keys) else a for a, t in zip(argv, tops)]
-    try:
-        with initialize_config_dir(config_dir=os.path.dirname(path), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=overrides)
-    except HydraException as e:
-        raise ValueError(f"{config_name}.py: {e}".rstrip(".") + f". The keys of {config_name}.py are {known} "
-                         f"(config/{config_name}.yaml)") from None
-    missing = [k for k in cfg if OmegaConf.is_missing(cfg, k)]
-    if missing:
-        raise ValueError(f"{config_name}.py: {missing[0]}=<...> is required (config/{config_name}.yaml says what it is)")
-    OmegaConf.set_struct(cfg, False)
-    return cfg
-
-
-def renamed_keys() -> Dict[str, str]:
-    """{old key: new key} of every renamed key, the losses' own (LossSpec.renamed) included."""
-    out = dict(RENAMED)
-    for name, spec in loss_spec.LOSSES.items():
-        for old, new in spec.renamed.items():
-            out.setdefault(f"loss.{old}", f"loss.{new}")
-    return out
-
-
-def refuse_renamed(overrides: Iterable[str]) -> None:
-    """A command-line override naming a renamed key gets a message naming the new key."""
-    renamed = renamed_keys()
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key in renamed:
-            new = renamed[key]
-            example = "" if " " in new else f" (e.g. {new}={o.split('=', 1)[1] if '=' in o else '...'})"
-            raise ValueError(f"{key} was renamed: use {new}{example}")
 
 
 def check_run_name(cfg) -> None:
@@ -157,77 +78,3 @@ def check_models(cfg, check_archives: bool = True) -> RunPlan:
     if output_cache.configured(cfg):  # teacher.cache / reference.cache: usable by this loss, and up to date
         output_cache.check_config(cfg, models.load_tokenizer(cfg.model), check_exists=check_archives)
     return plan
-
-
-# ------------------------------------------------------------------ hub access
-
-def _is_local(path) -> bool:
-    """A local path, or a shipped tokenizer ("embedded", "embedded_bpe": tokenizer_facts.get_tokenizer)."""
-    return path is None or path in tokenizer_facts.EMBEDDED_TOKENIZERS or os.path.exists(os.path.expanduser(str(path)))
-
-
-def _hub_cached(repo: str, filename: str, repo_type: str = "model") -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(repo, filename, repo_type=repo_type), str)
-    except Exception:
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def missing_local_paths(cfg) -> List[str]:
-    """`key=path` of every model or tokenizer the run names by a filesystem path (absolute, or
-    starting with ~ or .) that does not exist: never a hub id, so refused whether or not the hub is up."""
-    out = []
-    groups = [("model", cfg.model)] + ([("teacher", cfg.teacher)] if RunPlan.of(cfg).teacher else [])
-    for group, mcfg in groups:
-        for key in ("name_or_path", "tokenizer"):
-            value = None if key == "name_or_path" and mcfg.get("archive") else mcfg.get(key)
-            if value and str(value).startswith(("/", "~", ".")) and not _is_local(value):
-                out.append(f"{group}.{key}={value}")
-    return out
-
-
-def hub_needs(cfg, data_names: List[str]) -> List[str]:
-    """`key=hub id` of every model, tokenizer and data set this run would download (not a local path,
-    not in the local hub cache)."""
-    needs = []
-    groups = [("model", cfg.model)] + ([("teacher", cfg.teacher)] if RunPlan.of(cfg).teacher else [])
-    for group, mcfg in groups:
-        if mcfg.get("archive"):
-            continue  # a checkpoint of ours: loaded from disk
-        for key, file in (("name_or_path", "config.json"), ("tokenizer", "tokenizer_config.json")):
-            value = mcfg.get(key)
-            if value and not _is_local(value) and not _hub_cached(str(value), file):
-                needs.append(f"{group}.{key}={value}")
-    paths = (cfg.get("data") or {}).get("paths") or {}
-    for name in data_names:
-        src = SOURCES.get(name)
-        if src is not None and src.hub and not paths.get(name) and not _hub_cached(src.hub, "README.md", "dataset"):
-            needs.append(f"data.paths.{name} (hub data set {src.hub})")
-    return needs
-
-
-def check_hub_access(cfg) -> None:
-    """Offline (no route to the hub, or HF_HUB_OFFLINE=1), a run that would download a model or data
-    set is refused naming the keys that point at a local copy, before anything loads."""
-    missing = missing_local_paths(cfg)
-    if missing:
-        raise ValueError("no such local directory: " + "; ".join(missing) + ". A model converted from a GGUF "
-                         "file (config/model/smollm2_135m.yaml) is written by `python scripts/import_gguf.py` "
-                         "(docs/configuration.md#quantised-community-models)")
-    needs = hub_needs(cfg, list(cfg.get("datasets") or []))
-    if needs and not _hub_reachable():
-        raise ValueError("the Hugging Face hub cannot be reached from here, and this run would download: "
-                         + "; ".join(needs) + ". Point each key at a local copy (a directory or file), "
-                         "e.g. model.name_or_path=/models/Llama-3.2-1B model.tokenizer=/models/Llama-3.2-1B "
-                         "data.paths.dpomix=/data/dpo-mix-7k")

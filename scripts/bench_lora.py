@@ -20,12 +20,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from prefkd.batches import concatenated_inputs
 from prefkd import loss_spec
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
+import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -146,11 +146,10 @@ def run_case(loss: str, lora_r, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", loss, str(lora_r or 0), "--layers", str(a.layers),
            "--pairs", str(a.pairs), "--length", str(a.length), "--steps", str(a.steps), "--threads", str(a.threads),
            "--features", a.features]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
-    if line is None:
-        raise SystemExit(f"{loss} r={lora_r}: failed\n{out.stderr[-3000:]}")
-    return json.loads(line[len("RESULT"):])
+    result, err = utils.case_result(cmd)
+    if result is None:
+        raise SystemExit(f"{loss} r={lora_r}: failed\n{err}")
+    return result
 
 
 def main():

@@ -16,12 +16,12 @@ shows an estimate, linear in L from the largest measured length (the [N, L, V] t
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from prefkd import loss_spec
 from prefkd import logprobs
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
+import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, HIDDEN, LAYERS, PAIRS, PROMPT = 128256, 64, 2, 2, 16
@@ -117,12 +117,10 @@ def main():
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(a.threads),
                        "--one", loss, str(length), "1" if chunking else "0"]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
-                if line is None:
-                    print(f"{loss} L={length} chunking={chunking}: failed\n{out.stderr[-2000:]}", flush=True)
+                r, err = utils.case_result(cmd)
+                if r is None:
+                    print(f"{loss} L={length} chunking={chunking}: failed\n{err}", flush=True)
                     continue
-                r = json.loads(line[len("RESULT"):])
                 r.update(loss=loss, length=length, chunking=chunking)
                 results[(loss, length, chunking)] = r
                 if a.results:

@@ -27,13 +27,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from prefkd.batches import concatenated_inputs
 from prefkd import loss_spec
 from prefkd import logits as logits_lib
 import losses  # noqa: F401  (registers every loss: prefkd.loss_spec.LOSSES)
+import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 32000
@@ -194,11 +194,10 @@ def run_case(loss: str, padding_free: bool, max_length: int, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", loss, str(int(padding_free)), str(max_length),
            "--layers", str(a.layers), "--pairs", str(a.pairs), "--steps", str(a.steps), "--threads", str(a.threads),
            "--features", a.features]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
-    if line is None:
-        raise SystemExit(f"{loss} padding_free={padding_free} max_length={max_length}: failed\n{out.stderr[-3000:]}")
-    return json.loads(line[len("RESULT"):])
+    result, err = utils.case_result(cmd, cwd=REPO)
+    if result is None:
+        raise SystemExit(f"{loss} padding_free={padding_free} max_length={max_length}: failed\n{err}")
+    return result
 
 
 def main():

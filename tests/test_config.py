@@ -17,12 +17,12 @@ def options(group):
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(group, monkeypatch):
     import train
-    from prefkd import run_plan
+    from prefkd import hub_access
     # the hub models (model=llama1b) are checked as if the hub were reachable: the offline refusal
     # has its own tests (test_run_plan.py)
-    monkeypatch.setattr(run_plan, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub_access, "_hub_reachable", lambda timeout=3.0: True)
     # likewise a converted model's directory (model=smollm2_135m): its absence is refused in test_run_plan.py
-    monkeypatch.setattr(run_plan, "missing_local_paths", lambda cfg: [])
+    monkeypatch.setattr(hub_access, "missing_local_paths", lambda cfg: [])
     opts = options(group)
     assert opts, group
     for opt in opts:

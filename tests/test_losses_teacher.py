@@ -149,6 +149,40 @@ def test_tvkd_matches_hand_computation(kw):
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
+def test_tvkd_implicit_reward_potential_matches_hand_computation():
+    """psi_t = beta_T (log p_T(y_t|s_t) - log p_Tref(y_t|s_t)), the teacher's reference read only for
+    this potential; summed over a pair it is ddpo's teacher reward margin."""
+    pol, ref, tea, labels = make_batch(seed=3)
+    tref = torch.randn(tea.shape, generator=torch.Generator().manual_seed(9)) * 2
+    alpha, beta, beta_t = 0.6, 0.1, 0.25
+    cfg = cfg_of("tvkd", alpha=alpha, beta=beta, potential="implicit_reward", teacher_beta=beta_t)
+    spec = loss_spec.get_loss("tvkd")
+    assert spec.teacher_reference_need(cfg) and not spec.teacher_reference_need(cfg_of("tvkd"))
+    teacher = spec.teacher_reference_features(tref, labels, cfg, spec.teacher_features(tea, labels, cfg))
+    inp = loss_spec.LossInputs(policy_logits=pol, labels=labels, n_pairs=2, teacher=teacher,
+                               reference_logps=logprobs.token_logps(ref, labels))
+    loss, metrics = spec.compute(inp, cfg)
+    g = []
+    for row in range(4):
+        total = 0.0
+        for p in response_positions(labels, row):
+            y = labels[row, p]
+            psi = beta_t * (lsm(tea[row, p - 1])[y].item() - lsm(tref[row, p - 1])[y].item())
+            total += beta * (lsm(pol[row, p - 1])[y].item() - lsm(ref[row, p - 1])[y].item()) - alpha * psi
+        g.append(total)
+    want = sum(-math.log(1 / (1 + math.exp(-(g[i] - g[2 + i])))) for i in range(2)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    # the shaping margin is alpha times ddpo's teacher reward margin on the same pair
+    d_teacher = loss_spec.get_loss("ddpo")
+    dcfg = cfg_of("ddpo", teacher_beta=beta_t)
+    feats = d_teacher.teacher_reference_features(tref, labels, dcfg, d_teacher.teacher_features(tea, labels, dcfg))
+    _, dm = d_teacher.compute(loss_spec.LossInputs(policy_logits=pol, labels=labels, n_pairs=2, teacher=feats,
+                                                   reference_logps=logprobs.token_logps(ref, labels)), dcfg)
+    assert torch.allclose(metrics["shaping/margin"], alpha * dm["teacher_rewards/margins"], atol=1e-5)
+    with pytest.raises(ValueError, match="loss.teacher_beta"):
+        spec.validate(cfg_of("tvkd", potential="implicit_reward", teacher_beta=0.0))
+
+
 def test_tvkd_with_alpha_zero_is_dpo():
     pol, ref, tea, labels = make_batch(seed=2)
     tv, _ = run_spec("tvkd", pol, ref, tea, labels, alpha=0.0, beta=0.2)

@@ -8,7 +8,7 @@ import torch
 
 import pipeline
 import report
-from prefkd import checkpoints
+from prefkd import checkpoints, pipeline_stages
 
 TINY_STAGES = [
     "stages.teacher_sft.lr=2e-3", "stages.teacher_sft.n_examples=64",          # one key at a time
@@ -225,7 +225,7 @@ def test_pipeline_on_a_task_of_ones_own(tmp_path, capfd, restore_threads):
         assert mt[3]["choices"] == [{"index": 0, "turns": [gens[3]["completion"]]}]
     assert "lr: 0.003" in (out / "teacher_sft" / "config.yaml").read_text()      # the one key changed ...
     assert "n_examples: 16" in (out / "teacher_sft" / "config.yaml").read_text()  # ... the others kept
-    table = (out / "results.md").read_text().splitlines()
+    table = (out / "results.md").read_text().split("\n\n")[0].splitlines()  # the table, not the notes under it
     assert table[0] == ("| method | seeds | task correct | task letters | held-out logp acc. | pref. acc. (vs ref) "
                         "| pref. margin (common β = 0.1) |")
     assert [r.split("|")[1].strip() for r in table[2:]] == ["DPO teacher", "SFT teacher", "SFT student", "dpo"]
@@ -288,7 +288,8 @@ def test_method_variants_run_in_row_order_and_a_failed_method_does_not_stop_the_
     assert "1 method run(s) failed" in err and "broken_seed0" in err
     assert "beta: 0.5" in (out / "methods/dpo_b_seed0/config.yaml").read_text()
     assert (out / "methods/dpo_seed0/DONE").exists() and not (out / "methods/broken_seed0/DONE").exists()
-    rows = lambda: [r.split("|")[1].strip() for r in (out / "results.md").read_text().splitlines()[2:]]  # noqa: E731
+    rows = lambda: [r.split("|")[1].strip()  # noqa: E731
+                    for r in (out / "results.md").read_text().split("\n\n")[0].splitlines()[2:]]
     assert rows() == ["DPO teacher", "SFT teacher", "SFT student", "dpo_b", "dpo"]  # the order of `methods`
     # another command in the same directory reuses the finished runs; its table shows what it asked for
     assert pipeline.main(base + ["methods=[dpo]"]) == 0
@@ -322,11 +323,11 @@ def test_a_misspelt_pipeline_key_is_refused_naming_it(capsys):
 def test_table1_has_both_tvkd_rows_and_the_paper_preset_the_authors_recipe():
     for preset in ("embedded", "paper"):
         cfg, _ = pipeline.parse_args([f"preset={preset}"])
-        methods = list(pipeline.method_overrides(cfg))
+        methods = list(pipeline_stages.method_overrides(cfg))
         assert methods[:12] == ["dpo", "simpo", "wpo", "tdpo", "vanillakd", "seqkd", "ddpo", "dpkd", "gkd", "dckd",
                                 "adpa", "tvkd"] and methods[12] == "tvkd_released"
-        assert pipeline.method_overrides(cfg)["tvkd_released"] == ["loss=tvkd", "loss.variant=released"]
-        ov = pipeline.stage_overrides(cfg, [])
+        assert pipeline_stages.method_overrides(cfg)["tvkd_released"] == ["loss=tvkd", "loss.variant=released"]
+        ov = pipeline_stages.stage_overrides(cfg, [])
         assert f"model.archive={cfg.out}/student_sft" in ov["methods/tvkd_released"]  # the same start as every row
         assert "paper's equation" in cfg.labels.tvkd and "authors'" in cfg.labels.tvkd_released
     authors = ov["methods/tvkd_authors"]  # the paper preset's: the authors' whole recipe
@@ -340,17 +341,41 @@ def test_the_paper_table2_preset_has_the_papers_three_pairs():
     groups = pipeline.group_configs(cfg)
     assert [(g.teacher, g.model) for g in groups] == [("mistral7b", "danube500m"), ("mistral7b", "llama1b"),
                                                       ("llama8b", "llama3b")]
-    assert groups[1].reuse.teacher_dpo == pipeline.stage_dirs(groups[0])["teacher_dpo"]  # one Mistral teacher
-    assert list(pipeline.method_overrides(groups[2])) == ["dpo", "simpo", "dckd", "tvkd", "tvkd_released"]
+    assert groups[1].reuse.teacher_dpo == pipeline_stages.stage_dirs(groups[0])["teacher_dpo"]  # one Mistral teacher
+    assert list(pipeline_stages.method_overrides(groups[2])) == ["dpo", "simpo", "dckd", "tvkd", "tvkd_released"]
 
 
 def test_the_table5_preset_is_the_paper_ablation_over_the_embedded_preset():
     cfg, _ = pipeline.parse_args(["preset=table5"])
-    methods = pipeline.method_overrides(cfg)
-    assert list(methods) == ["tvkd_logit", "tvkd_logprob", "tvkd_max", "tvkd_margin", "tvkd_expectation", "tvkd"]
+    methods = pipeline_stages.method_overrides(cfg)
+    assert list(methods) == ["tvkd_logit", "tvkd_logprob", "tvkd_max", "tvkd_margin", "tvkd_expectation", "tvkd_implicit",
+                            "tvkd_tau1", "tvkd"]
     assert methods["tvkd_margin"] == ["loss=tvkd", "loss.potential=margin"] and methods["tvkd"] == ["loss=tvkd"]
     embedded, _ = pipeline.parse_args([])
-    assert cfg.stages == embedded.stages and cfg.out == embedded.out and int(cfg.seeds) == 3
+    assert cfg.stages == embedded.stages and cfg.out == embedded.out and int(cfg.seeds) == 5 and cfg.baseline == "tvkd"
+
+
+def test_every_stage_carries_its_kind_and_a_cache_stage_the_setting_its_readers_get(tmp_path):
+    """The runner dispatches on Stage.kind, never on the key's spelling: each key of the plan is a
+    Stage whose kind, method and (a cache) the override its readers get agree with its arguments."""
+    cfg, passthrough = pipeline.parse_args(REVERSE_ARGS + [f"out={tmp_path}", "methods=[dpo,tvkd,seqkd]"])
+    plan = pipeline.prepare(cfg, passthrough)
+    kinds = {str(k): k.kind for k in plan}
+    assert [k for k, kind in kinds.items() if kind == pipeline_stages.TRAIN] == ["teacher_sft", "teacher_dpo",
+                                                                              "student_sft"]
+    methods = [k for k in plan if k.kind == pipeline_stages.METHODS]
+    assert [m.method for m in methods] == ["dpo", "tvkd", "seqkd"] and [m.data_role for m in methods] == ["pref_data"] * 3
+    assert [k for k in plan if k.kind == pipeline_stages.GENERATE] == ["generate/teacher_dpo_greedy_n16.train",
+                                                                     "generate/teacher_dpo_greedy_n16.test"]
+    caches = [k for k in plan if k.kind == pipeline_stages.PRECOMPUTE]
+    assert sorted(c.cache_kind for c in caches) == ["reference", "teacher"]  # seqkd reads neither: it generates
+    for c in caches:
+        assert plan[c][0] == c.cache_kind and plan[c][-1] == c.setting
+        assert c.setting.startswith(f"{c.cache_kind}.cache={tmp_path}/caches/")
+        readers = [m.method for m in methods if c.setting in plan[m]]
+        assert readers == (["dpo", "tvkd"] if c.cache_kind == "reference" else ["tvkd"])  # one reference cache
+    order = [k.kind for k in plan]  # every generation and cache stage before the first method
+    assert order.index(pipeline_stages.METHODS) > max(i for i, k in enumerate(order) if k != pipeline_stages.METHODS)
 
 
 def test_generation_stages_run_once_per_generating_model_and_are_shared_by_seeds(tmp_path, capfd,

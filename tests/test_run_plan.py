@@ -11,7 +11,7 @@ import torch
 
 import train
 from conftest import REPO, compose
-from prefkd import output_cache, run_plan
+from prefkd import hub_access, output_cache, run_plan
 from prefkd.logprobs import collapse_topk
 
 
@@ -67,7 +67,7 @@ def test_a_model_path_that_does_not_exist_is_refused_naming_the_keys_and_the_con
     with pytest.raises(ValueError, match=r"no such local directory: model.name_or_path=.*/none/smollm2-135m-instruct; "
                                          r"model.tokenizer=.*scripts/import_gguf.py"):
         train.validate_config(cfg)
-    monkeypatch.setattr(run_plan, "_hub_reachable", lambda timeout=3.0: True)  # not a hub id, even online
+    monkeypatch.setattr(hub_access, "_hub_reachable", lambda timeout=3.0: True)  # not a hub id, even online
     with pytest.raises(ValueError, match="no such local directory"):
         train.validate_config(cfg)
 

@@ -14,7 +14,7 @@ import evaluate
 import pipeline
 import train
 from conftest import FAST, compose, read_metrics
-from prefkd import run_plan, tracking
+from prefkd import pipeline_stages, run_plan, tracking
 
 
 class Recorder(types.ModuleType):
@@ -109,7 +109,7 @@ def test_a_sweep_is_one_group_and_a_pipeline_gives_its_out_and_each_stage_as_job
     long = tracking.sweep_group([f"loss.alpha={'1,' * 80}2"])
     assert len(long) == tracking.GROUP_CHARS and long != tracking.sweep_group([f"loss.alpha={'1,' * 81}2"])
     cfg, _ = pipeline.parse_args(["out=/tmp/study_a", "eval.reward_model=train", "methods=[dpo,tvkd]"])
-    ov = pipeline.stage_overrides(cfg, ["padding_free=true"])
+    ov = pipeline_stages.stage_overrides(cfg, ["padding_free=true"])
     # a global padding_free (which a scalar head refuses) stays the other stages'
     assert "padding_free=false" in ov["reward_model"] and "padding_free=true" in ov["methods/dpo"]
     for stage in ("teacher_sft", "teacher_dpo", "student_sft", "reward_model", "methods/dpo", "methods/tvkd"):
@@ -117,7 +117,7 @@ def test_a_sweep_is_one_group_and_a_pipeline_gives_its_out_and_each_stage_as_job
         assert f"wandb.job_type={'method' if stage.startswith('methods') else stage}" in ov[stage]
         assert f"wandb.method={stage.split('/')[-1]}" in ov[stage]  # the row: tagged method=<name>
     cfg, _ = pipeline.parse_args(["out='/tmp/a=b,c'"])  # Hydra's grammar: quoted, one value, not a sweep
-    assert "wandb.group='/tmp/a=b,c'" in pipeline.stage_overrides(cfg, [])["student_sft"]
+    assert "wandb.group='/tmp/a=b,c'" in pipeline_stages.stage_overrides(cfg, [])["student_sft"]
     cfg = compose(["loss=tvkd", "wandb.method=tvkd_released"])
     assert tracking.tags(cfg, True)[-1] == "method=tvkd_released"
 
