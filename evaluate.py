@@ -28,6 +28,9 @@ Metrics (one JSON object on stdout, and returned by `evaluate_checkpoint`):
 * `pref_accuracy`, `pref_margin`: with a reference, the implicit-reward accuracy
   beta [log pi(y_w) - log ref(y_w)] > beta [log pi(y_l) - log ref(y_l)] and its mean
   margin: the paper's "Margin Acc.".
+* `kl_ref`: with a reference, how far the model has moved from it where it answers: the
+  per-token KL(pi || ref) of the full next-token distributions at every state of its own greedy
+  answer (through its eos), averaged per answer, then over answers.
 * `reward`, `reward_stderr` (with reward_model=<hub id or directory>): the mean and standard error
   of a reward model's scores of the generations (prefkd/reward_scoring.py: its own tokenizer and
   chat template; written per row into the generations' scores); `reward_win_rate` (with
@@ -55,7 +58,7 @@ from omegaconf import OmegaConf
 from prefkd import generation as gen
 import preference_datasets as data
 import utils
-from prefkd import batches, checkpoints, config_compose, models, packing, reward_scoring, scorers, tracking
+from prefkd import batches, checkpoints, config_compose, logprobs, models, packing, reward_scoring, scorers, tracking
 from prefkd.logits import output_logits
 from prefkd.data import loading as data_loading
 from prefkd.data import encoding
@@ -174,6 +177,8 @@ def score_batch(model, ref, tokenizer, batch: Dict, s: Dict, task, pairs: bool, 
         sums.setdefault("pref_margin", []).extend((r[:b] - r[b:]).tolist())
     out = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
                          do_sample=False, max_new_tokens=s["max_new_tokens"], pad_token_id=tokenizer.pad_token_id)
+    if ref is not None:
+        sums.setdefault("kl_ref", []).extend(own_answer_kl(model, ref, batch, out, tokenizer).tolist())
     for i, ids in enumerate(out[:, batch["prompt_input_ids"].shape[1]:]):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         name, original = batch["dataset"][i], batch["original_prompt"][i]
@@ -184,6 +189,26 @@ def score_batch(model, ref, tokenizer, batch: Dict, s: Dict, task, pairs: bool, 
                         "prompt_text": gen.prompt_text(original), "model_input": batch["prompt"][i],
                         "completion": text, "reference": batch["reference"][i], "generator": generator,
                         "scores": score or {}})
+
+
+@torch.no_grad()
+def own_answer_kl(model, ref, batch: Dict, generated: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[B] the per-token KL(model || ref) on the model's own greedy answers (`generated`: the
+    prompts and answers model.generate returned): each prompt without its left padding, then its
+    answer through the first eos, right-padded, so that positions count from 0 as in training;
+    the states that predict an answer token are averaged."""
+    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"].bool()
+    answers = gen.through_eos(generated[:, prompt_ids.shape[1]:], tokenizer.eos_token_id)
+    prompts = [ids[m].tolist() for ids, m in zip(prompt_ids, prompt_mask)]
+    rows = [p + a.tolist() for p, a in zip(prompts, answers)]
+    device = prompt_ids.device
+    model_in = {"input_ids": utils.pad_sequences(rows, tokenizer.pad_token_id).to(device),
+                "attention_mask": utils.pad_sequences([[1] * len(r) for r in rows], 0).to(device)}
+    states = torch.zeros(model_in["input_ids"].shape, device=device)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        states[i, len(p) - 1:len(p) + len(a) - 1] = 1.0  # the logits at position t predict token t+1
+    return logprobs.answer_kl(output_logits(model, model_in, chunk=True), output_logits(ref, model_in, chunk=True),
+                              states)
 
 
 @torch.no_grad()

@@ -366,7 +366,8 @@ def evaluate_all(cfg, passthrough=None) -> None:
     # the test split is never flipped (data.flip_fraction): a noisy and a clean study share evaluations
     held_out = {k: v for k, v in pref_cfg["data"].items() if k not in ("flip_fraction", "flip_seed")}
     settings = {"datasets": names, "data": held_out, "n": n, "batch_size": int(cfg.eval.batch_size),
-                "beta": float(cfg.eval.beta), "max_new_tokens": int(cfg.eval.max_new_tokens)}
+                "beta": float(cfg.eval.beta), "max_new_tokens": int(cfg.eval.max_new_tokens),
+                "kl_ref": "per token, on the model's own greedy answers"}  # a new measure: evaluations redone
     rm = pipeline_stages.reward_model_of(cfg)
     if rm is not None:
         settings["reward_model"] = reward_model_key(rm)

@@ -30,7 +30,7 @@ from prefkd import comparison
 # Task columns come first, one per score name found in the eval.json files (task_<name>:
 # the data set's scorer, see prefkd/scorers.py); then these.
 COLUMNS = [("logp_accuracy", "held-out logp acc."), ("pref_accuracy", "pref. acc. (vs ref)"),
-           ("pref_margin", "pref. margin")]
+           ("pref_margin", "pref. margin"), ("kl_ref", "KL to ref. (per token, own answers)")]
 # a reward model's columns (eval.reward_model), shown when some model has them
 RM_COLUMNS = [("reward", "RM score"), ("reward_win_rate", "RM win rate vs SFT student")]
 FIXED = [("DPO teacher", "teacher_dpo"), ("SFT teacher", "teacher_sft"), ("SFT student", "student_sft")]

@@ -245,11 +245,17 @@ class InRunGeneration:
                                  **decoding, **self.generate_kwargs)
         finally:
             model.train(was_training)
-        eos, rows = self.tokenizer.eos_token_id, []
-        for row in out[:, ids.shape[1]:].cpu():
-            hits = (row == eos).nonzero()
-            rows.append(row[: int(hits[0]) + 1 if len(hits) else len(row)].clone())
-        return rows
+        return through_eos(out[:, ids.shape[1]:].cpu(), self.tokenizer.eos_token_id)
+
+
+def through_eos(generated: torch.Tensor, eos: int) -> List[torch.Tensor]:
+    """Each generated row [N, T] up to and including its first eos (the whole row without one):
+    what follows is padding, whichever id pads (a tokenizer may pad with its eos id)."""
+    rows = []
+    for row in generated:
+        hits = (row == eos).nonzero() if eos is not None else []
+        rows.append(row[: int(hits[0]) + 1 if len(hits) else len(row)].clone())
+    return rows
 
 
 def sample_and_score(batches, generate: Callable, tokenizer, scorer, device, n_wanted: int, world_size: int):

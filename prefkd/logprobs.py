@@ -157,6 +157,16 @@ def forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.
     return (p * (teacher_logp - student_logp)).sum(-1)
 
 
+def answer_kl(policy_logits, reference_logits, mask: torch.Tensor) -> torch.Tensor:
+    """[N] per-token KL(pi || pi_ref) averaged over each row's masked positions:
+    mean_t sum_a pi(a|s_t) (log pi(a|s_t) - log pi_ref(a|s_t)), the full distributions at every
+    state (not a one-sample estimate). Logits [N, L, V] (or LazyLogits), mask [N, L] of the
+    states that predict a response token."""
+    kl = chunked(lambda z, r: forward_kl(torch.log_softmax(z.float(), -1), torch.log_softmax(r.float(), -1))
+                 .unsqueeze(-1), policy_logits, reference_logits).squeeze(-1)
+    return (kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
 def teacher_topk_ids(teacher_logits: torch.Tensor, k, key: str) -> torch.LongTensor:
     """[N, L, V] teacher logits -> [N, L, k] ids of its top-k tokens at every position (chunked).
     `key` names the config entry in the error raised when k exceeds the vocabulary."""

@@ -116,3 +116,31 @@ def test_the_implicit_reward_uses_a_common_beta_not_the_runs(tmp_path):
     (tmp_path / "config.yaml").write_text("loss: {name: simpo, beta: 2.0}\nmax_length: 48\n")
     assert evaluate.resolve_settings(str(tmp_path))["beta"] == 0.1
     assert evaluate.resolve_settings(str(tmp_path), beta=2.0)["beta"] == 2.0
+
+
+def test_the_kl_to_the_reference_on_own_answers_equals_a_hand_computation():
+    """evaluate.own_answer_kl: per answer, the mean over its tokens (through the first eos) of the
+    full-distribution KL(pi || ref) at the state before each; computed here row by row without
+    padding, against the batched, padded computation."""
+    import types
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model, ref = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    tok = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    prompts = [[5, 6, 7], [8, 9]]
+    answers = [[3, 4, 2, 0], [4, 4, 4, 4]]  # the first stops at its eos (2), the second runs to the limit
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    batch = {"prompt_input_ids": ids, "prompt_attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]])}
+    generated = torch.cat([ids, torch.tensor(answers)], dim=1)
+    got = evaluate.own_answer_kl(model, ref, batch, generated, tok)
+    kept = [[3, 4, 2], [4, 4, 4, 4]]
+    with torch.no_grad():
+        for i, (p, a) in enumerate(zip(prompts, kept)):
+            row = torch.tensor([p + a])
+            lp, lr = (torch.log_softmax(m(row).logits[0].double(), -1) for m in (model, ref))
+            kls = [float((lp[t].exp() * (lp[t] - lr[t])).sum()) for t in range(len(p) - 1, len(p) + len(a) - 1)]
+            assert got[i].item() == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert torch.allclose(evaluate.own_answer_kl(model, model, batch, generated, tok), torch.zeros(2), atol=1e-6)

@@ -227,12 +227,17 @@ def test_pipeline_on_a_task_of_ones_own(tmp_path, capfd, restore_threads):
     assert "n_examples: 16" in (out / "teacher_sft" / "config.yaml").read_text()  # ... the others kept
     table = (out / "results.md").read_text().split("\n\n")[0].splitlines()  # the table, not the notes under it
     assert table[0] == ("| method | seeds | task correct | task letters | held-out logp acc. | pref. acc. (vs ref) "
-                        "| pref. margin (common β = 0.1) |")
+                        "| pref. margin (common β = 0.1) | KL to ref. (per token, own answers) |")
     assert [r.split("|")[1].strip() for r in table[2:]] == ["DPO teacher", "SFT teacher", "SFT student", "dpo"]
     for row, run in zip(table[2:], ["teacher_dpo", "teacher_sft", "student_sft", "methods/dpo_seed0"]):
         ev = json.loads((out / run / "eval.json").read_text())
         cells = [c.strip() for c in row.split("|")[3:5]]
         assert cells == [f"{ev['task_correct']:.3f}", f"{ev['task_letters']:.3f}"] and "±" not in row
+        # the KL to the reference: the DPO teacher against its SFT model, the methods against the SFT
+        # student; an SFT row has no reference
+        kl = row.split("|")[-2].strip()
+        assert kl == (f"{ev['kl_ref']:.3f}" if run in ("teacher_dpo", "methods/dpo_seed0") else "-")
+        assert run not in ("teacher_dpo", "methods/dpo_seed0") or ev["kl_ref"] > 0
     assert "scorer of local: " + SCORER in printed
     assert "WARNING" not in printed
 
@@ -343,6 +348,22 @@ def test_the_paper_table2_preset_has_the_papers_three_pairs():
                                                       ("llama8b", "llama3b")]
     assert groups[1].reuse.teacher_dpo == pipeline_stages.stage_dirs(groups[0])["teacher_dpo"]  # one Mistral teacher
     assert list(pipeline_stages.method_overrides(groups[2])) == ["dpo", "simpo", "dckd", "tvkd", "tvkd_released"]
+
+
+def test_the_clean_teacher_noise_study_flips_only_the_students_pairs():
+    cfg, _ = pipeline.parse_args(["preset=noise_clean_teacher"])
+    groups = pipeline.group_configs(cfg)
+    assert [g.pref_data.options.flip_fraction for g in groups] == [0.0, 0.2, 0.4] and int(cfg.seeds) == 5
+    clean = pipeline_stages.stage_dirs(groups[0])
+    for g in groups[1:]:
+        assert g.out.endswith("_clean_teacher") and dict(g.reuse) == {s: clean[s] for s in (
+            "teacher_sft", "teacher_dpo", "student_sft")}
+        ov = pipeline_stages.stage_overrides(g, [])
+        assert not {"teacher_sft", "teacher_dpo", "student_sft"} & set(ov)  # trained once, clean, in flip0
+        assert f"teacher.archive={clean['teacher_dpo']}" in ov["methods/tvkd"]
+        assert f"data.flip_fraction={g.pref_data.options.flip_fraction}" in ov["methods/tvkd"]
+    noisy = pipeline.group_configs(pipeline.parse_args(["preset=noise"])[0])
+    assert "teacher_dpo" in pipeline_stages.stage_overrides(noisy[1], [])  # preset=noise retrains it on flipped pairs
 
 
 def test_the_table5_preset_is_the_paper_ablation_over_the_embedded_preset():
